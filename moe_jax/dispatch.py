@@ -1,0 +1,215 @@
+"""Moving tokens into expert buffers and back: one interface, three implementations.
+
+    buffer_EXD = dispatcher.dispatch(x_GSD, routing)       # X = rows per expert
+    y_GSD      = dispatcher.combine(out_EXD, routing)
+
+EinsumDispatcher (Switch/GShard): one-hot `dispatch_GSEC` and weighted `combine_GSEC` tensors,
+    `buffer_EGCD = einsum('gsec,gsd->egcd')`. Costs 2 * G * S * E * C * D flops per direction;
+    relative to the experts' 2 * (2 or 3) * D * F flops per slot that is about S / (2F) or
+    S / (3F) extra per direction for (non-)gated experts: cheap for small groups, dominant for large.
+GatherDispatcher: index gathers into an expert-major `[E, G * C, D]` buffer. Its gradients are
+    gathers too (the routing keeps both the slot -> token and token -> slot maps), so neither
+    direction scatters; no flops beyond the experts and one weighted sum over K.
+SortedDispatcher (dropless): choices stably sorted by expert, each expert's rows padded to a
+    multiple of a block size; `[rows, D]` plus per-expert group sizes, for grouped matmuls.
+
+Both capacity paths give identical outputs and gradients where nothing is dropped.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import struct
+
+from moe_jax.routing import Routing, SoftRouting
+from moe_jax.types import Array
+
+
+# ---- gather primitives whose transposes are gathers (valid because the maps are injective) ----
+
+def _take_rows(a_ND: Array, idx: Array) -> Array:
+    """a[idx] along axis 0; every index is in bounds by construction (the padding row included)."""
+    return a_ND.at[idx].get(mode="promise_in_bounds")
+
+
+def _pad_row(a_ND: Array) -> Array:
+    return jnp.concatenate([a_ND, jnp.zeros((1,) + a_ND.shape[1:], a_ND.dtype)], axis=0)
+
+
+@jax.custom_vjp
+def gather_rows(x_TD: Array, row_token_M: Array, token_slot_TK: Array) -> Array:
+    """buffer[m] = x[row_token[m]] (0 where row_token[m] == T).
+
+    token_slot_TK lists, for each token, the K rows that read it (M where none): the inverse map,
+    so the gradient dx[t] = sum_k dbuffer[token_slot[t, k]] is a gather, not a scatter-add.
+    """
+    return _take_rows(_pad_row(x_TD), row_token_M)
+
+
+def _gather_rows_fwd(x_TD, row_token_M, token_slot_TK):
+    return gather_rows(x_TD, row_token_M, token_slot_TK), (row_token_M, token_slot_TK)
+
+
+def _gather_rows_bwd(res, g_MD):
+    row_token_M, token_slot_TK = res
+    g_TKD = _take_rows(_pad_row(g_MD), token_slot_TK)
+    return g_TKD.sum(axis=1), None, None
+
+
+gather_rows.defvjp(_gather_rows_fwd, _gather_rows_bwd)
+
+
+@jax.custom_vjp
+def gather_choices(out_MD: Array, token_slot_TK: Array, row_choice_M: Array) -> Array:
+    """picked[t, k] = out[token_slot[t, k]] (0 where token_slot == M), as `[T, K, D]`.
+
+    row_choice_M is the inverse, t * K + k reading row m (T * K where none); the gradient
+    dout[m] = dpicked[row_choice[m]] is then a gather.
+    """
+    return _take_rows(_pad_row(out_MD), token_slot_TK)
+
+
+def _gather_choices_fwd(out_MD, token_slot_TK, row_choice_M):
+    return gather_choices(out_MD, token_slot_TK, row_choice_M), (token_slot_TK, row_choice_M)
+
+
+def _gather_choices_bwd(res, g_TKD):
+    token_slot_TK, row_choice_M = res
+    T, K, D = g_TKD.shape
+    g_MD = _take_rows(_pad_row(g_TKD.reshape(T * K, D)), row_choice_M)
+    return g_MD, None, None
+
+
+gather_choices.defvjp(_gather_choices_fwd, _gather_choices_bwd)
+
+
+def weighted_sum_over_choices(picked_TKD: Array, weight_TK: Array) -> Array:
+    """y[t] = sum_k w[t, k] * picked[t, k], accumulated in float32 where inputs are lower precision."""
+    y = jnp.einsum("tkd,tk->td", picked_TKD, weight_TK.astype(picked_TKD.dtype),
+                   preferred_element_type=jnp.float32)
+    return y.astype(picked_TKD.dtype)
+
+
+# ---- capacity paths ----
+
+def _global_maps(routing: Routing):
+    """Maps of the expert-major `[E, G, C]` buffer in global token numbering (t = g * S + s)."""
+    G, S, K = routing.slot_GSK.shape
+    E, C = routing.num_experts, routing.capacity
+    M, T = E * G * C, G * S
+    g_G11 = jnp.arange(G, dtype=jnp.int32)[:, None, None]
+    dropped = routing.slot_GSK >= E * C
+    e_GSK, c_GSK = routing.slot_GSK // C, routing.slot_GSK % C
+    token_slot_TK = jnp.where(dropped, M, e_GSK * (G * C) + g_G11 * C + c_GSK).reshape(T, K)
+    src_EGC = jnp.swapaxes(routing.src_GEC, 0, 1)
+    empty = src_EGC >= S * K
+    g_1G1 = jnp.arange(G, dtype=jnp.int32)[None, :, None]
+    row_token_M = jnp.where(empty, T, g_1G1 * S + src_EGC // K).reshape(M)
+    row_choice_M = jnp.where(empty, T * K, g_1G1 * S * K + src_EGC).reshape(M)
+    return token_slot_TK, row_token_M, row_choice_M
+
+
+class GatherDispatcher:
+    """Index dispatch into an expert-major `[E, G * C, D]` buffer; gathers both ways."""
+
+    def dispatch(self, x_GSD: Array, routing: Routing) -> Array:
+        G, S, D = x_GSD.shape
+        E, C = routing.num_experts, routing.capacity
+        token_slot_TK, row_token_M, _ = _global_maps(routing)
+        buffer_MD = gather_rows(x_GSD.reshape(G * S, D), row_token_M, token_slot_TK)
+        return buffer_MD.reshape(E, G * C, D)
+
+    def combine(self, out_EXD: Array, routing: Routing) -> Array:
+        G, S, K = routing.slot_GSK.shape
+        E, X, D = out_EXD.shape
+        token_slot_TK, _, row_choice_M = _global_maps(routing)
+        picked_TKD = gather_choices(out_EXD.reshape(E * X, D), token_slot_TK, row_choice_M)
+        return weighted_sum_over_choices(picked_TKD, routing.weight_GSK.reshape(G * S, K)).reshape(G, S, D)
+
+
+class EinsumDispatcher:
+    """Switch/GShard one-hot einsum dispatch; also the only path for Soft MoE's dense routing."""
+
+    def dispatch(self, x_GSD: Array, routing: Routing | SoftRouting) -> Array:
+        G, S, D = x_GSD.shape
+        dispatch_GSEC = routing.dispatch_tensor(x_GSD.dtype)
+        buffer_EGCD = jnp.einsum("gsec,gsd->egcd", dispatch_GSEC, x_GSD)
+        E, _, C, _ = buffer_EGCD.shape
+        return buffer_EGCD.reshape(E, G * C, D)
+
+    def combine(self, out_EXD: Array, routing: Routing | SoftRouting) -> Array:
+        E, X, D = out_EXD.shape
+        combine_GSEC = routing.combine_tensor(out_EXD.dtype)
+        G, C = combine_GSEC.shape[0], combine_GSEC.shape[-1]
+        y = jnp.einsum("gsec,egcd->gsd", combine_GSEC, out_EXD.reshape(E, G, C, D),
+                       preferred_element_type=jnp.float32)
+        return y.astype(out_EXD.dtype)
+
+
+def make_dispatcher(kind: str):
+    if kind == "gather":
+        return GatherDispatcher()
+    if kind == "einsum":
+        return EinsumDispatcher()
+    raise ValueError(f"dispatch={kind!r} is not 'gather' or 'einsum'.")
+
+
+# ---- dropless: sorted by expert ----
+
+@struct.dataclass
+class SortedRouting:
+    """Dropless routing: every choice served, rows sorted by expert and padded per expert.
+
+    token_slot_TK: <int32>[T, K] row of choice k of token t in the sorted buffer.
+    row_token_M / row_choice_M: <int32>[M] token (T = padding) and t * K + k (T * K = padding) of each row.
+    group_sizes_E: <int32>[E] rows of each expert, padding included (multiples of `block_size`).
+    weight_TK, expert_TK: the router's weights and choices.
+    M = round_up(T * K + E * (block_size - 1), block_size) is static: the worst case of padding.
+    """
+
+    token_slot_TK: Array
+    row_token_M: Array
+    row_choice_M: Array
+    group_sizes_E: Array
+    weight_TK: Array
+    expert_TK: Array
+    num_experts: int = struct.field(pytree_node=False)
+    block_size: int = struct.field(pytree_node=False)
+
+
+def sort_choices(expert_TK: Array, weight_TK: Array, num_experts: int, block_size: int = 1) -> SortedRouting:
+    """Sorts the T * K choices by expert (stable: token order within an expert), padding each
+    expert's rows to a multiple of `block_size` so a block of rows never straddles two experts."""
+    T, K = expert_TK.shape
+    E, b = num_experts, block_size
+    N = T * K
+    M = -(-(N + E * (b - 1)) // b) * b
+    flat_expert_N = expert_TK.reshape(N).astype(jnp.int32)
+    order_N = jnp.argsort(flat_expert_N, stable=True).astype(jnp.int32)
+    counts_E = jnp.bincount(flat_expert_N, length=E).astype(jnp.int32)
+    padded_E = -(-counts_E // b) * b
+    start_E = jnp.cumsum(padded_E) - padded_E
+    unpadded_start_E = jnp.cumsum(counts_E) - counts_E
+    sorted_expert_N = flat_expert_N[order_N]
+    rank_N = jnp.arange(N, dtype=jnp.int32) - unpadded_start_E[sorted_expert_N]
+    row_of_sorted_N = start_E[sorted_expert_N] + rank_N
+    token_slot_N = jnp.zeros((N,), jnp.int32).at[order_N].set(row_of_sorted_N)
+    row_choice_M = jnp.full((M + 1,), N, jnp.int32).at[row_of_sorted_N].set(order_N)[:M]
+    row_token_M = jnp.where(row_choice_M < N, row_choice_M // K, T)
+    # The padding left over at the end belongs to the last expert, so group sizes sum to M.
+    group_sizes_E = padded_E.at[E - 1].add(M - padded_E.sum())
+    return SortedRouting(
+        token_slot_TK=token_slot_N.reshape(T, K), row_token_M=row_token_M, row_choice_M=row_choice_M,
+        group_sizes_E=group_sizes_E, weight_TK=weight_TK, expert_TK=expert_TK.astype(jnp.int32),
+        num_experts=E, block_size=b)
+
+
+class SortedDispatcher:
+    """Dropless dispatch: `[M, D]` rows sorted by expert, for grouped matmul backends."""
+
+    def dispatch(self, x_TD: Array, routing: SortedRouting) -> Array:
+        return gather_rows(x_TD, routing.row_token_M, routing.token_slot_TK)
+
+    def combine(self, out_MD: Array, routing: SortedRouting) -> Array:
+        picked_TKD = gather_choices(out_MD, routing.token_slot_TK, routing.row_choice_M)
+        return weighted_sum_over_choices(picked_TKD, routing.weight_TK)

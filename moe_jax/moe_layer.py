@@ -1,0 +1,175 @@
+"""`MoELayer`: router -> dispatch -> experts -> combine, plus shared experts. Replaces a transformer FFN.
+
+    y, aux = layer(x_BLD, train=True, rng=key)       # aux.losses, aux.metrics
+    loss = task_loss + aux.losses["aux_loss"]       # the weighted sum; the layer never adds it itself
+
+Tokens are routed within groups (`MoEConfig.grouping`, `group_size`):
+  tokens    groups of consecutive tokens of the flattened [B * L] batch (default: one sequence).
+            Token choice is causal per token, but capacity is not: whether a choice is dropped
+            depends on the choices of tokens earlier in the group and, with k-major priority or
+            top_prob priority, later ones too.
+  position  groups of the tokens at one position across sequences (Krajewski et al. 2024): nothing a
+            token's routing depends on comes from a later position of any sequence, so expert
+            choice and capacity drops are causal.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+from flax import nnx, struct
+
+from moe_jax import dispatch as dispatch_lib
+from moe_jax import losses as losses_lib
+from moe_jax.config import MoEConfig
+from moe_jax.experts import Experts, FeedForward
+from moe_jax.flops import layer_flops
+from moe_jax.routers import Router
+from moe_jax.routing import balance_probs
+from moe_jax.types import Array
+
+
+@struct.dataclass
+class MoEAux:
+    """What the layer reports besides its output: losses (raw and weighted) and routing metrics."""
+
+    losses: dict
+    metrics: dict
+
+
+def group_tokens(x_BLX: Array, cfg: MoEConfig) -> Array:
+    """[B, L, ...] -> [G, S, ...] per `cfg.grouping` / `cfg.group_size` (error names the field)."""
+    B, L = x_BLX.shape[:2]
+    rest = x_BLX.shape[2:]
+    if cfg.grouping == "tokens":
+        S = cfg.group_size or L
+        if (B * L) % S:
+            raise ValueError(
+                f"MoEConfig.group_size={S} does not divide the {B * L} tokens of a [{B}, {L}] batch; "
+                "choose a group size that divides batch * length.")
+        return x_BLX.reshape((B * L // S, S) + rest)
+    S = cfg.group_size or B
+    if B % S:
+        raise ValueError(
+            f"MoEConfig.group_size={S} does not divide the batch of {B} sequences (grouping='position' "
+            "groups the same position across sequences); choose a group size that divides the batch.")
+    x_LBX = jnp.swapaxes(x_BLX, 0, 1)
+    return x_LBX.reshape((L * B // S, S) + rest)
+
+
+def ungroup_tokens(x_GSX: Array, cfg: MoEConfig, B: int, L: int) -> Array:
+    rest = x_GSX.shape[2:]
+    if cfg.grouping == "tokens":
+        return x_GSX.reshape((B, L) + rest)
+    return jnp.swapaxes(x_GSX.reshape((L, B) + rest), 0, 1)
+
+
+class MoELayer(nnx.Module):
+    """Mixture-of-Experts FFN (Shazeer et al. 2017; GShard; Switch; DeepSeekMoE; Qwen-MoE)."""
+
+    def __init__(self, cfg: MoEConfig, *, dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
+        self.cfg = cfg
+        self.dtype = dtype
+        self.router = Router(cfg, rngs=rngs)
+        self.experts = Experts(
+            cfg.num_routed_experts, cfg.d_model, cfg.expert_d_ff, activation=cfg.activation,
+            use_bias=cfg.expert_bias, init_scale=cfg.expert_init_scale, dtype=dtype,
+            param_dtype=param_dtype, rngs=rngs)
+        shared, shared_gate = None, None
+        if cfg.num_shared_experts:
+            shared = FeedForward(cfg.d_model, cfg.shared_width, activation=cfg.activation,
+                                 init_scale=cfg.expert_init_scale, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+            if cfg.shared_expert_gate:
+                init = nnx.initializers.lecun_normal()
+                shared_gate = nnx.Param(init(rngs.params(), (cfg.d_model, 1), param_dtype))
+        self.shared = nnx.data(shared)
+        self.shared_gate_D1 = nnx.data(shared_gate)
+
+    def __call__(self, x_BLD: Array, *, train: bool = False, rng: Optional[Array] = None,
+                 token_ids_BL: Optional[Array] = None) -> tuple[Array, MoEAux]:
+        """x_BLD <dtype>[B, L, D] -> (y_BLD, MoEAux). `rng` turns on router noise (training only)."""
+        cfg = self.cfg
+        B, L, D = x_BLD.shape
+        if D != cfg.d_model:
+            raise ValueError(f"MoELayer: input width {D} != MoEConfig.d_model={cfg.d_model}.")
+        x_GSD = group_tokens(x_BLD, cfg).astype(self.dtype)
+        G, S, _ = x_GSD.shape
+        token_ids_GS = None if token_ids_BL is None else group_tokens(token_ids_BL, cfg)
+        logits_GSE = self.router.logits(x_GSD, rng if train else None)
+
+        if cfg.capacity_factor_for(train) is None:
+            y_GSD, expert_GSK = self._dropless(x_GSD, logits_GSE, token_ids_GS)
+            served_E = jax.nn.one_hot(expert_GSK, cfg.num_routed_experts, dtype=jnp.float32).sum(axis=(0, 1, 2))
+            dropped_GSK = jnp.zeros(expert_GSK.shape, jnp.bool_)
+            unserved_GS = jnp.zeros((G, S), jnp.bool_)
+        else:
+            routing, expert_GSK = self.router.route(logits_GSE, train=train, token_ids_GS=token_ids_GS)
+            dispatcher = dispatch_lib.make_dispatcher(cfg.dispatch)
+            buffer_EXD = dispatcher.dispatch(x_GSD, routing)
+            y_GSD = dispatcher.combine(self.experts(buffer_EXD), routing)
+            served_E, dropped_GSK, unserved_GS = (
+                routing.tokens_per_expert_E(), routing.dropped_GSK, routing.unserved_GS())
+
+        if self.shared is not None:
+            shared_TD = self.shared(x_GSD.reshape(G * S, D))
+            if self.shared_gate_D1 is not None:
+                gate_T1 = jax.nn.sigmoid(x_GSD.reshape(G * S, D) @ self.shared_gate_D1[...].astype(self.dtype))
+                shared_TD = gate_T1 * shared_TD
+            y_GSD = y_GSD + shared_TD.reshape(G, S, D)
+
+        aux = self._aux(logits_GSE, expert_GSK, served_E, dropped_GSK, unserved_GS, B, L, train)
+        return ungroup_tokens(y_GSD, cfg, B, L).astype(x_BLD.dtype), aux
+
+    def _dropless(self, x_GSD, logits_GSE, token_ids_GS):
+        cfg = self.cfg
+        G, S, D = x_GSD.shape
+        expert_GSK, weight_GSK, _ = self.router.choices(logits_GSE, token_ids_GS)
+        K = expert_GSK.shape[-1]
+        block = cfg.dropless_block_size if cfg.expert_backend == "blocked" else 1
+        sorted_routing = dispatch_lib.sort_choices(
+            expert_GSK.reshape(G * S, K), weight_GSK.reshape(G * S, K), cfg.num_routed_experts, block)
+        dispatcher = dispatch_lib.SortedDispatcher()
+        rows_MD = dispatcher.dispatch(x_GSD.reshape(G * S, D), sorted_routing)
+        out_MD = self.experts.grouped(rows_MD, sorted_routing.group_sizes_E, backend=cfg.expert_backend,
+                                      block_size=block)
+        return dispatcher.combine(out_MD, sorted_routing).reshape(G, S, D), expert_GSK
+
+    def _aux(self, logits_GSE, expert_GSK, served_E, dropped_GSK, unserved_GS, B, L, train) -> MoEAux:
+        """Losses and metrics. expert_GSK: the router's token choices before capacity (None for
+        expert choice and Soft MoE, which have none: they are balanced by construction, so their
+        balance loss is reported as 0)."""
+        cfg = self.cfg
+        G, S, _ = logits_GSE.shape
+        E, T = cfg.num_routed_experts, G * S
+        zero = jnp.zeros((), jnp.float32)
+        if cfg.router == "soft":  # router distribution over experts: softmax of each expert's best slot logit
+            expert_logits_GSE = logits_GSE.reshape(G, S, E, cfg.soft_slots_per_expert).max(-1)
+        else:
+            expert_logits_GSE = logits_GSE
+        probs_GSE = balance_probs(expert_logits_GSE, cfg.score_fn)
+        has_router = cfg.router != "hash"
+        z_loss = losses_lib.router_z_loss(logits_GSE.reshape(T, -1)) if has_router else zero
+        balance = zero
+        if expert_GSK is not None and has_router:
+            K = expert_GSK.shape[-1]
+            if cfg.balance_loss_scope == "group":
+                p, e = probs_GSE, expert_GSK
+            elif cfg.balance_loss_scope == "sequence":
+                p, e = ungroup_tokens(probs_GSE, cfg, B, L), ungroup_tokens(expert_GSK, cfg, B, L)
+            else:
+                p, e = probs_GSE.reshape(1, T, E), expert_GSK.reshape(1, T, K)
+            balance = losses_lib.load_balancing_loss(p, e, E)
+        losses = {
+            "balance_loss": balance,
+            "z_loss": z_loss,
+            "aux_loss": cfg.balance_loss_coef * balance + cfg.z_loss_coef * z_loss,
+        }
+        routed_E = served_E if expert_GSK is None else (
+            jax.nn.one_hot(expert_GSK, E, dtype=jnp.float32).sum(axis=(0, 1, 2)))
+        metrics = losses_lib.routing_metrics(
+            probs_TE=probs_GSE.reshape(T, E), routed_E=routed_E, served_E=served_E,
+            dropped_TK=dropped_GSK.reshape(T, -1), unserved_T=unserved_GS.reshape(T))
+        for name, value in layer_flops(cfg, num_tokens=T, group_size=S, train=train).items():
+            metrics[name] = jnp.asarray(value, jnp.float32)
+        return MoEAux(losses=losses, metrics=metrics)

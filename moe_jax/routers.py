@@ -1,0 +1,93 @@
+"""The router module: gate weights in float32, training noise, and the choice of routing strategy.
+
+All routing math lives in routing.py and capacity.py; this module only owns parameters and RNG use.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from moe_jax import capacity as capacity_lib
+from moe_jax import routing as routing_lib
+from moe_jax.config import MoEConfig
+from moe_jax.types import Array
+
+
+class RouterBias(nnx.Variable):
+    """DeepSeek-V3's expert correction bias: state updated by a rule, not by the optimizer."""
+
+
+class Router(nnx.Module):
+    """x -> float32 logits -> routing. Gate weight `w_DE` (Soft MoE: `w_DN`, N = E * slots)."""
+
+    def __init__(self, cfg: MoEConfig, *, rngs: nnx.Rngs):
+        self.cfg = cfg
+        E = cfg.num_routed_experts
+        out = E * cfg.soft_slots_per_expert if cfg.router == "soft" else E
+        init = nnx.initializers.variance_scaling(cfg.router_init_scale, "fan_in", "truncated_normal")
+        self.w_DE = nnx.data(None if cfg.router == "hash" else nnx.Param(init(rngs.params(), (cfg.d_model, out), jnp.float32)))
+        self.correction_bias_E = nnx.data(RouterBias(jnp.zeros((E,), jnp.float32)) if cfg.use_correction_bias else None)
+
+    def logits(self, x_GSD: Array, rng: Optional[Array] = None) -> Array:
+        """<float32>[G, S, E]. Noise (Switch jitter on the input, Gaussian on the logits) only with an rng.
+
+        Hash routing has no gate: its logits are zeros (uniform probabilities in the metrics).
+        """
+        cfg = self.cfg
+        if self.w_DE is None:
+            return jnp.zeros(x_GSD.shape[:2] + (cfg.num_routed_experts,), jnp.float32)
+        x_GSD = x_GSD.astype(jnp.float32)
+        if rng is not None:
+            jitter_rng, noise_rng = jax.random.split(rng)
+            if cfg.jitter_eps > 0:
+                x_GSD = x_GSD * jax.random.uniform(
+                    jitter_rng, x_GSD.shape, jnp.float32, 1.0 - cfg.jitter_eps, 1.0 + cfg.jitter_eps)
+        logits_GSE = jnp.einsum("gsd,de->gse", x_GSD, self.w_DE[...], precision=jax.lax.Precision.HIGHEST)
+        if rng is not None and cfg.logit_noise_std > 0:
+            logits_GSE = logits_GSE + cfg.logit_noise_std * jax.random.normal(noise_rng, logits_GSE.shape)
+        return logits_GSE
+
+    def choices(self, logits_GSE: Array, token_ids_GS: Optional[Array]) -> tuple[Array, Array, Optional[Array]]:
+        """Token choice: (expert_GSK, weight_GSK, selection scores used to rank fallback experts)."""
+        cfg = self.cfg
+        E, k = cfg.num_routed_experts, cfg.top_k
+        if cfg.router == "hash":
+            if token_ids_GS is None:
+                raise ValueError("MoEConfig.router='hash' routes by token id: pass token_ids to the layer.")
+            expert_GSK, weight_GSK = routing_lib.hash_choices(token_ids_GS, E, k)
+            return expert_GSK, weight_GSK, None
+        bias_E = None if self.correction_bias_E is None else self.correction_bias_E[...]
+        expert_GSK, weight_GSK = routing_lib.top_k_choices(
+            logits_GSE, k, score_fn=cfg.score_fn, topk_order=cfg.topk_order, normalize=cfg.normalize_topk,
+            routed_scaling_factor=cfg.routed_scaling_factor, correction_bias_E=bias_E,
+            n_groups=cfg.n_expert_groups, topk_groups=cfg.topk_groups)
+        selection_GSE = None
+        if cfg.overflow == "reroute":
+            selection_GSE = routing_lib.scores_from_logits(logits_GSE, cfg.score_fn)
+            if bias_E is not None:
+                selection_GSE = selection_GSE + bias_E
+            if cfg.n_expert_groups > 1:
+                selection_GSE = routing_lib.group_limited_mask(selection_GSE, cfg.n_expert_groups, cfg.topk_groups)
+        return expert_GSK, weight_GSK, selection_GSE
+
+    def route(self, logits_GSE: Array, *, train: bool, token_ids_GS: Optional[Array] = None):
+        """Capacity routing for the fixed-buffer paths: returns (Routing | SoftRouting, expert_GSK or None).
+
+        expert_GSK is the router's own token choice before capacity (for f_i in the balance loss).
+        """
+        cfg = self.cfg
+        S = logits_GSE.shape[1]
+        C = cfg.capacity(S, train)
+        if cfg.router == "soft":
+            return routing_lib.soft_routing(logits_GSE, cfg.num_routed_experts), None
+        if cfg.router == "expert_choice":
+            return routing_lib.expert_choice_routing(logits_GSE, C), None
+        expert_GSK, weight_GSK, selection_GSE = self.choices(logits_GSE, token_ids_GS)
+        routing = capacity_lib.assign_capacity(
+            expert_GSK, weight_GSK, num_experts=cfg.num_routed_experts, capacity=C, priority=cfg.priority,
+            overflow=cfg.overflow, nominal_capacity=cfg.nominal_capacity(S, train),
+            selection_GSE=selection_GSE, max_rounds=cfg.max_reroute_rounds)
+        return routing, expert_GSK

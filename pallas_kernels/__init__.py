@@ -1,0 +1,1 @@
+"""Pallas kernels for the routed expert matmuls (grouped matmul). Empty until its own issue lands."""

@@ -1,0 +1,24 @@
+"""Install moe_jax: `pip install -e ".[test]"`."""
+from setuptools import find_packages, setup
+
+setup(
+    name="moe_jax",
+    version="0.1.0",
+    description="Mixture-of-Experts transformers in JAX/Flax NNX: routers, dispatch, experts, kernels.",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["moe_jax", "moe_jax.*", "pallas_kernels", "pallas_kernels.*"]),
+    install_requires=[
+        "jax>=0.10.2",
+        "flax>=0.12.8",
+        "numpy",
+        "ml-collections",
+    ],
+    extras_require={
+        "test": ["pytest", "hypothesis"],
+        # Hugging Face parity fixtures are regenerated with these (CPU torch only):
+        #   pip install torch==2.13.0 transformers==5.23.0
+        "hf": ["torch==2.13.0", "transformers==5.23.0"],
+    },
+)

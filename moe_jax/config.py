@@ -159,6 +159,10 @@ class MoEConfig:
         _positive("num_shared_experts", self.num_shared_experts, allow_zero=True)
         if self.shared_d_ff is not None:
             _positive("shared_d_ff", self.shared_d_ff)
+        if self.shared_expert_gate and not self.num_shared_experts:
+            raise ValueError(
+                "MoEConfig.shared_expert_gate=True gates the shared experts, but num_shared_experts=0; "
+                "set num_shared_experts >= 1 or shared_expert_gate=False.")
         if self.router == "soft" and self.dispatch != "einsum":
             raise ValueError("MoEConfig.router='soft' mixes every token into every slot: set dispatch='einsum'.")
         dropless = self.capacity_factor is None or self.eval_capacity_factor is None

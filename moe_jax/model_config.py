@@ -1,0 +1,210 @@
+"""`ModelConfig`: the typed, validated fields of a decoder-only (MoE) transformer, and its derived values.
+
+Which layers are MoE, the head widths, what the KV cache holds per token: computed here and nowhere
+else. Validated on construction, so a bad field fails with a message naming the field and the fix
+before anything is traced or compiled.
+
+MoE placement: layer i (0-based) is an MoE layer iff `moe` is set, i >= first_dense_layers and
+(i - first_dense_layers) % moe_every == 0. So
+    moe_every=1, first_dense_layers=0   every layer is MoE (Mixtral)
+    moe_every=1, first_dense_layers=3   DeepSeek-V3 (first 3 layers dense)
+    moe_every=2, first_dense_layers=1   Switch / GShard: the odd layers 1, 3, 5, ... are MoE
+    moe_every=2, first_dense_layers=0   layers 0, 2, 4, ...
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping, Optional
+
+import jax.numpy as jnp
+
+from moe_jax.config import ACTIVATIONS, MoEConfig
+
+NORMS = ("rmsnorm", "layernorm")
+ATTENTIONS = ("mha", "mla")
+DTYPES = ("float32", "bfloat16")
+
+
+def _err(field: str, value, fix: str) -> ValueError:
+    return ValueError(f"ModelConfig.{field}={value!r}: {fix}")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """A decoder-only transformer: pre-norm blocks of attention + FFN (dense `FeedForward` or `MoELayer`).
+
+    Attention: 'mha' is multi-head / grouped-query attention with RoPE on the whole head
+    (num_kv_heads < num_heads: GQA, Ainslie et al. 2023); 'mla' is DeepSeek-V2's Multi-head Latent
+    Attention (arXiv 2405.04434): keys and values come from a per-token latent c_KV of width
+    kv_lora_rank (RMS-normalised), re-expanded per head into qk_nope_head_dim keys and v_head_dim
+    values, plus one RoPE key of width qk_rope_head_dim shared by all heads; queries are compressed to
+    q_lora_rank first when it is set.
+    """
+
+    vocab_size: int
+    d_model: int
+    num_layers: int
+    num_heads: int
+    d_ff: int  # hidden width of the dense FFN layers
+    num_kv_heads: Optional[int] = None  # GQA key/value heads; None = num_heads (MHA). 'mha' only.
+    head_dim: Optional[int] = None  # None = d_model // num_heads
+    activation: str = "swiglu"  # dense FFN activation (MoE experts take theirs from MoEConfig)
+    norm: str = "rmsnorm"  # rmsnorm | layernorm
+    norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    max_seq_len: int = 2048
+
+    attention: str = "mha"  # mha (incl. GQA) | mla
+    q_lora_rank: Optional[int] = None  # MLA: query latent width; None = no query compression
+    kv_lora_rank: Optional[int] = None  # MLA: width of the cached latent c_KV (required for 'mla')
+    qk_nope_head_dim: Optional[int] = None  # MLA: per-head key/query width without RoPE; None = head_dim
+    qk_rope_head_dim: Optional[int] = None  # MLA: decoupled RoPE key/query width (required for 'mla')
+    v_head_dim: Optional[int] = None  # MLA: per-head value width; None = head_dim
+
+    moe: Optional[MoEConfig] = None  # None = dense model
+    moe_every: int = 1  # P: every P-th layer after the dense prefix is MoE
+    first_dense_layers: int = 0  # N: the first N layers are dense
+    moe_output_norm: bool = False  # normalise the MoE output before the residual add (fine-grained experts)
+
+    tie_embeddings: bool = False  # logits = x @ embed^T instead of a separate unembedding
+    dtype: str = "float32"  # compute dtype; the router and the logits are float32 regardless
+    param_dtype: str = "float32"
+
+    def __post_init__(self):
+        for name in ("vocab_size", "d_model", "num_layers", "num_heads", "d_ff", "max_seq_len"):
+            if not getattr(self, name) > 0:
+                raise _err(name, getattr(self, name), "must be > 0.")
+        for name, allowed in (("activation", ACTIVATIONS), ("norm", NORMS), ("attention", ATTENTIONS),
+                              ("dtype", DTYPES), ("param_dtype", DTYPES)):
+            if getattr(self, name) not in allowed:
+                raise _err(name, getattr(self, name), f"set {name} to one of {allowed}.")
+        if not self.norm_eps > 0:
+            raise _err("norm_eps", self.norm_eps, "must be > 0 (e.g. 1e-6).")
+        if not self.rope_theta > 0:
+            raise _err("rope_theta", self.rope_theta, "must be > 0 (e.g. 10000.0).")
+        if self.head_dim is None and self.d_model % self.num_heads:
+            raise _err("num_heads", self.num_heads,
+                       f"does not divide d_model={self.d_model}; choose one that does or set head_dim.")
+        if self.head_dim is not None and not self.head_dim > 0:
+            raise _err("head_dim", self.head_dim, "must be > 0, or None for d_model // num_heads.")
+        if self.attention == "mha":
+            self._check_mha()
+        else:
+            self._check_mla()
+        self._check_moe()
+
+    def _check_mha(self):
+        for name in ("q_lora_rank", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim"):
+            if getattr(self, name) is not None:
+                raise _err(name, getattr(self, name),
+                           "is a Multi-head Latent Attention field; set attention='mla' or leave it None.")
+        kv = self.kv_heads
+        if not kv > 0 or self.num_heads % kv:
+            raise _err("num_kv_heads", self.num_kv_heads,
+                       f"must be > 0 and divide num_heads={self.num_heads} (each kv head serves "
+                       "num_heads / num_kv_heads query heads); None means num_heads.")
+        if self.qk_head_dim % 2:
+            raise _err("head_dim", self.qk_head_dim, "must be even: RoPE rotates pairs of features.")
+
+    def _check_mla(self):
+        if self.num_kv_heads is not None:
+            raise _err("num_kv_heads", self.num_kv_heads,
+                       "does not apply to attention='mla' (keys/values come from the shared latent); "
+                       "leave it None.")
+        for name in ("kv_lora_rank", "qk_rope_head_dim"):
+            if getattr(self, name) is None:
+                raise _err(name, None, "is required for attention='mla' (DeepSeek-V2: kv_lora_rank=512, "
+                                       "qk_rope_head_dim=64).")
+        for name in ("q_lora_rank", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim"):
+            value = getattr(self, name)
+            if value is not None and not value > 0:
+                raise _err(name, value, "must be > 0.")
+        if self.qk_rope_head_dim % 2:
+            raise _err("qk_rope_head_dim", self.qk_rope_head_dim, "must be even: RoPE rotates pairs of features.")
+
+    def _check_moe(self):
+        if self.moe_every < 1:
+            raise _err("moe_every", self.moe_every, "must be >= 1 (1 = every layer after the dense prefix).")
+        if not 0 <= self.first_dense_layers <= self.num_layers:
+            raise _err("first_dense_layers", self.first_dense_layers, f"must be in [0, num_layers={self.num_layers}].")
+        if self.moe is None:
+            return
+        if not isinstance(self.moe, MoEConfig):
+            raise _err("moe", type(self.moe).__name__, "must be a MoEConfig or None (use ModelConfig.from_dict "
+                                                       "to build one from a mapping).")
+        if self.moe.d_model != self.d_model:
+            raise _err("moe", f"MoEConfig(d_model={self.moe.d_model})",
+                       f"its d_model must equal ModelConfig.d_model={self.d_model}.")
+        if not self.moe_layer_indices:
+            raise _err("first_dense_layers", self.first_dense_layers,
+                       f"leaves no MoE layer among {self.num_layers}; lower it, or set moe=None for a dense model.")
+
+    @classmethod
+    def from_dict(cls, fields: Mapping[str, Any]) -> "ModelConfig":
+        """From a plain mapping (e.g. `ml_collections.ConfigDict.to_dict()`); `moe` may be a mapping too."""
+        fields = dict(fields)
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(fields) - known)
+        if unknown:
+            raise ValueError(f"ModelConfig has no field(s) {unknown}; known fields: {sorted(known)}.")
+        moe = fields.get("moe")
+        if isinstance(moe, Mapping):
+            fields["moe"] = MoEConfig(**dict(moe))
+        return cls(**fields)
+
+    # ---- derived values: the one place they are computed ----
+    @property
+    def kv_heads(self) -> int:
+        return self.num_kv_heads or self.num_heads
+
+    @property
+    def base_head_dim(self) -> int:
+        return self.head_dim or self.d_model // self.num_heads
+
+    @property
+    def qk_head_dim(self) -> int:
+        """Width of one query/key head (MLA: nope + rope parts)."""
+        if self.attention == "mla":
+            return self.nope_head_dim + self.qk_rope_head_dim
+        return self.base_head_dim
+
+    @property
+    def nope_head_dim(self) -> int:
+        return self.qk_nope_head_dim or self.base_head_dim
+
+    @property
+    def value_head_dim(self) -> int:
+        if self.attention == "mla":
+            return self.v_head_dim or self.base_head_dim
+        return self.base_head_dim
+
+    @property
+    def rope_dim(self) -> int:
+        """Features per head that RoPE rotates."""
+        return self.qk_rope_head_dim if self.attention == "mla" else self.base_head_dim
+
+    @property
+    def moe_layer_indices(self) -> tuple[int, ...]:
+        if self.moe is None:
+            return ()
+        N, P = self.first_dense_layers, self.moe_every
+        return tuple(i for i in range(N, self.num_layers) if (i - N) % P == 0)
+
+    def is_moe_layer(self, i: int) -> bool:
+        return i in self.moe_layer_indices
+
+    @property
+    def cache_numbers_per_token(self) -> int:
+        """Numbers one layer's decode cache holds per token: MHA/GQA 2 * num_kv_heads * head_dim (K and V);
+        MLA kv_lora_rank + qk_rope_head_dim (the latent c_KV and the shared RoPE key)."""
+        if self.attention == "mla":
+            return self.kv_lora_rank + self.qk_rope_head_dim
+        return self.kv_heads * (self.qk_head_dim + self.value_head_dim)
+
+    @property
+    def compute_dtype(self):
+        return jnp.dtype(self.dtype)
+
+    @property
+    def params_dtype(self):
+        return jnp.dtype(self.param_dtype)

@@ -1,0 +1,186 @@
+"""`Transformer`: a decoder-only language model of pre-norm blocks, dense `FeedForward` or `MoELayer` FFNs.
+
+    model = Transformer(cfg, rngs=nnx.Rngs(params=0))
+    logits_BLV, aux = model(tokens_BL, train=True, rng=key)   # <float32>[B, L, V], ModelAux
+    loss = cross_entropy(logits_BLV, targets_BL) + aux.aux_loss
+
+    cache = model.init_cache(batch_size, max_len)             # fixed size: one trace per shape
+    logits_BLV, cache = model.decode(tokens_BL, cache)         # prefill (L tokens) or one step (L = 1)
+
+Block i: x += Attn(Norm(x)); x += FFN_i(Norm(x)) with FFN_i an `MoELayer` for i in
+`cfg.moe_layer_indices` (optionally followed by a norm, `moe_output_norm`), else a dense FFN.
+Parameters are `cfg.param_dtype`; activations `cfg.dtype`; router logits and output logits float32.
+
+Decoding runs the MoE layers with train=False on the tokens of that call. Routing is per token, but
+capacity is per group: with `grouping='tokens'`, a decode step's group is the one new token of each
+sequence, whereas the full forward pass routes the whole sequence as one group, where a token can lose
+its slot to earlier tokens. The two agree token by token when nothing is dropped (dropless, or an
+eval capacity of at least the group size: eval_capacity_factor >= E / k), or with `grouping='position'`,
+whose groups (one position across the batch) are the same in both.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+from flax import nnx, struct
+
+from moe_jax.attention import make_attention
+from moe_jax.experts import FeedForward
+from moe_jax.model_config import ModelConfig
+from moe_jax.moe_layer import MoELayer
+from moe_jax.types import Array
+
+
+@struct.dataclass
+class ModelAux:
+    """aux_loss: <float32>[] sum over MoE layers of their weighted aux loss (`losses['aux_loss']`).
+    layers: one dict per MoE layer in depth order: {"layer": index, "losses": {...}, "metrics": {...}}.
+    layer_indices: the same indices, static (python ints even under jit)."""
+
+    aux_loss: Array
+    layers: tuple
+    layer_indices: tuple = struct.field(pytree_node=False, default=())
+
+
+@struct.dataclass
+class DecodeCache:
+    """Per-layer attention caches (`KVCache` or `LatentCache`) and `index`, <int32>[]: positions filled."""
+
+    layers: tuple
+    index: Array
+
+    @property
+    def max_len(self) -> int:
+        return jax.tree.leaves(self.layers[0])[0].shape[1]
+
+    def numbers_per_token(self) -> int:
+        """Cached numbers per token per layer (summed over the layer's arrays)."""
+        leaves = jax.tree.leaves(self.layers[0])
+        B, M = leaves[0].shape[:2]
+        return sum(x.size for x in leaves) // (B * M)
+
+
+def make_norm(cfg: ModelConfig, dim: int, *, rngs: nnx.Rngs) -> nnx.Module:
+    kind = nnx.RMSNorm if cfg.norm == "rmsnorm" else nnx.LayerNorm
+    return kind(dim, epsilon=cfg.norm_eps, dtype=cfg.compute_dtype, param_dtype=cfg.params_dtype, rngs=rngs)
+
+
+class Block(nnx.Module):
+    """Pre-norm transformer block: attention, then a dense FFN or an MoE layer."""
+
+    def __init__(self, cfg: ModelConfig, layer_index: int, *, rngs: nnx.Rngs):
+        self.layer_index = layer_index
+        self.is_moe = cfg.is_moe_layer(layer_index)
+        self.attn_norm = make_norm(cfg, cfg.d_model, rngs=rngs)
+        self.attn = make_attention(cfg, rngs=rngs)
+        self.ffn_norm = make_norm(cfg, cfg.d_model, rngs=rngs)
+        dt, pd = cfg.compute_dtype, cfg.params_dtype
+        moe_norm = None
+        if self.is_moe:
+            self.ffn = MoELayer(cfg.moe, dtype=dt, param_dtype=pd, rngs=rngs)
+            if cfg.moe_output_norm:
+                moe_norm = make_norm(cfg, cfg.d_model, rngs=rngs)
+        else:
+            self.ffn = FeedForward(cfg.d_model, cfg.d_ff, activation=cfg.activation, dtype=dt, param_dtype=pd,
+                                   rngs=rngs)
+        self.moe_norm = nnx.data(moe_norm)
+
+    def __call__(self, x_BLD: Array, positions_BL: Array, tokens_BL: Array, *, train: bool,
+                 rng: Optional[Array], cache=None, index=None):
+        h_BLD, cache = self.attn(self.attn_norm(x_BLD), positions_BL, cache, index)
+        x_BLD = x_BLD + h_BLD.astype(x_BLD.dtype)
+        y_BLD = self.ffn_norm(x_BLD)
+        aux = None
+        if self.is_moe:
+            y_BLD, aux = self.ffn(y_BLD, train=train, rng=rng, token_ids_BL=tokens_BL)
+            if self.moe_norm is not None:
+                y_BLD = self.moe_norm(y_BLD)
+        else:
+            B, L, D = y_BLD.shape
+            y_BLD = self.ffn(y_BLD.reshape(B * L, D)).reshape(B, L, D)
+        return x_BLD + y_BLD.astype(x_BLD.dtype), aux, cache
+
+
+class Transformer(nnx.Module):
+    """Decoder-only MoE transformer (GShard / Switch / Mixtral / DeepSeek-V2,V3 layouts, per `ModelConfig`)."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        self.cfg = cfg
+        V, D, pd = cfg.vocab_size, cfg.d_model, cfg.params_dtype
+        # std 1/sqrt(D): tied logits x_final . e_v then start with unit variance, like the untied head's.
+        embed_init = nnx.initializers.normal(stddev=D ** -0.5)
+        self.embed_VD = nnx.Param(embed_init(rngs.params(), (V, D), pd))
+        self.blocks = nnx.List([Block(cfg, i, rngs=rngs) for i in range(cfg.num_layers)])
+        self.final_norm = make_norm(cfg, D, rngs=rngs)
+        unembed = None
+        if not cfg.tie_embeddings:
+            unembed = nnx.Param(nnx.initializers.lecun_normal()(rngs.params(), (D, V), pd))
+        self.unembed_DV = nnx.data(unembed)
+
+    def moe_layers(self) -> list[tuple[int, MoELayer]]:
+        """(layer index, MoELayer) for every MoE layer, in depth order (the order of `ModelAux.layers`)."""
+        return [(b.layer_index, b.ffn) for b in self.blocks if b.is_moe]
+
+    def _check_tokens(self, tokens_BL: Array, max_len: int, what: str) -> None:
+        if tokens_BL.ndim != 2:
+            raise ValueError(f"Transformer: tokens must be [batch, length] integers, got shape {tokens_BL.shape}.")
+        if not jnp.issubdtype(tokens_BL.dtype, jnp.integer):
+            raise ValueError(f"Transformer: tokens must be integer ids, got dtype {tokens_BL.dtype}.")
+        if tokens_BL.shape[1] > max_len:
+            raise ValueError(f"Transformer: {tokens_BL.shape[1]} tokens exceed {what}={max_len}; "
+                             f"shorten the input or raise {what}.")
+
+    def __call__(self, tokens_BL: Array, *, train: bool = False,
+                 rng: Optional[Array] = None) -> tuple[Array, ModelAux]:
+        """tokens_BL <int>[B, L] -> (logits <float32>[B, L, V], ModelAux). `rng` drives router noise (train)."""
+        self._check_tokens(tokens_BL, self.cfg.max_seq_len, "ModelConfig.max_seq_len")
+        B, L = tokens_BL.shape
+        positions_BL = jnp.broadcast_to(jnp.arange(L, dtype=jnp.int32), (B, L))
+        logits_BLV, aux, _ = self._forward(tokens_BL, positions_BL, train=train, rng=rng)
+        return logits_BLV, aux
+
+    def init_cache(self, batch_size: int, max_len: Optional[int] = None) -> DecodeCache:
+        """An empty fixed-size cache of `max_len` positions (default `cfg.max_seq_len`), in the compute dtype."""
+        max_len = self.cfg.max_seq_len if max_len is None else max_len
+        if not 0 < max_len <= self.cfg.max_seq_len:
+            raise ValueError(f"Transformer.init_cache: max_len={max_len} must be in [1, ModelConfig.max_seq_len="
+                             f"{self.cfg.max_seq_len}].")
+        layers = tuple(b.attn.init_cache(batch_size, max_len) for b in self.blocks)
+        return DecodeCache(layers=layers, index=jnp.zeros((), jnp.int32))
+
+    def decode(self, tokens_BL: Array, cache: DecodeCache) -> tuple[Array, DecodeCache]:
+        """Feed L tokens at positions [cache.index, cache.index + L) (eval mode): (logits <float32>[B, L, V],
+        cache advanced by L). The caller keeps cache.index + L <= cache.max_len."""
+        self._check_tokens(tokens_BL, cache.max_len, "the cache length")
+        B, L = tokens_BL.shape
+        positions_BL = jnp.broadcast_to(cache.index + jnp.arange(L, dtype=jnp.int32), (B, L))
+        logits_BLV, _, layers = self._forward(tokens_BL, positions_BL, train=False, rng=None, cache=cache)
+        return logits_BLV, DecodeCache(layers=layers, index=cache.index + L)
+
+    def _forward(self, tokens_BL, positions_BL, *, train, rng, cache: Optional[DecodeCache] = None):
+        cfg = self.cfg
+        dt = cfg.compute_dtype
+        x_BLD = jnp.take(self.embed_VD[...], tokens_BL, axis=0).astype(dt)
+        layer_aux, new_layers = [], []
+        for i, block in enumerate(self.blocks):
+            layer_rng = None if rng is None else jax.random.fold_in(rng, i)
+            layer_cache = None if cache is None else cache.layers[i]
+            index = None if cache is None else cache.index
+            x_BLD, aux, layer_cache = block(x_BLD, positions_BL, tokens_BL, train=train, rng=layer_rng,
+                                            cache=layer_cache, index=index)
+            new_layers.append(layer_cache)
+            if aux is not None:
+                layer_aux.append({"layer": i, "losses": aux.losses, "metrics": aux.metrics})
+        x_BLD = self.final_norm(x_BLD)
+        if self.unembed_DV is None:
+            logits_BLV = jnp.einsum("bld,vd->blv", x_BLD, self.embed_VD[...].astype(dt),
+                                    preferred_element_type=jnp.float32)
+        else:
+            logits_BLV = jnp.einsum("bld,dv->blv", x_BLD, self.unembed_DV[...].astype(dt),
+                                    preferred_element_type=jnp.float32)
+        aux_loss = sum((a["losses"]["aux_loss"].astype(jnp.float32) for a in layer_aux), jnp.zeros((), jnp.float32))
+        aux = ModelAux(aux_loss=aux_loss, layers=tuple(layer_aux),
+                       layer_indices=tuple(a["layer"] for a in layer_aux))
+        return logits_BLV.astype(jnp.float32), aux, tuple(new_layers)

@@ -91,7 +91,8 @@ def load_local_data(cfg: DataConfig) -> StreamLMData:
     records = {split: builder.read_split_records(sources[split]) for split in SPLITS}
     if cfg.tokenizer == "byte":
         tokenizer = ByteTokenizer()
-        tokens = {split: np.frombuffer("".join(recs).encode("utf-8"), dtype=np.uint8) for split, recs in records.items()}
+        tokens = {split: np.frombuffer("".join(recs).encode("utf-8"), dtype=np.uint8)
+                  for split, recs in records.items()}
     else:
         tokenizer, tokens = _bpe_tokens(cfg, name, records)
     info = {

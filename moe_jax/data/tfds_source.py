@@ -103,6 +103,8 @@ def _texts(source, indices) -> list[str]:
 def load_tfds_data(cfg: DataConfig) -> RecordLMData:
     import tensorflow_datasets as tfds
 
+    from moe_jax.data import builder as _  # noqa: F401  registers moe_jax_text, so its builds read by name too
+
     try:
         builder = tfds.builder(cfg.tfds_name, data_dir=cfg.data_dir)
     except tfds.core.registered.DatasetNotFoundError:

@@ -12,11 +12,21 @@ setup(
     install_requires=[
         "jax>=0.10.2",
         "flax>=0.12.8",
+        "optax>=0.2.8",
+        "orbax-checkpoint>=0.12.8",
+        "ml-collections>=1.1.0",
+        "absl-py",
         "numpy",
-        "ml-collections",
+        # Offline data through TFDS's array_record files and tfds.data_source (TensorFlow not needed).
+        "tensorflow-datasets==4.9.10",
+        "array_record>=0.5",
+        "tensorboardX",  # TensorBoard event files without TensorFlow
+        "tqdm",
+        "matplotlib",
     ],
     extras_require={
-        "test": ["pytest", "hypothesis"],
+        "test": ["pytest", "hypothesis", "tokenizers==0.23.3"],
+        "bpe": ["tokenizers==0.23.3"],
         # Hugging Face parity fixtures are regenerated with these (CPU torch only):
         #   pip install torch==2.13.0 transformers==5.23.0
         "hf": ["torch==2.13.0", "transformers==5.23.0"],

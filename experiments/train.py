@@ -1,0 +1,54 @@
+r"""Train an MoE language model from an ml_collections config.
+
+    python -m experiments.train --config=configs/default.py --workdir=/tmp/moe_default
+    python -m experiments.train --config=configs/mixtral.py:tiny --config.model.num_experts=16 --workdir=...
+    python -m experiments.train --config=configs/default.py --print_config   # the fields, then exit
+
+Any field can be overridden with --config.<section>.<field>=value (sections: model, data, train; run
+with --print_config to list them). The config is validated into typed dataclasses before anything is
+built: a bad field fails with its name and the fix. Re-running on the same workdir resumes from the
+latest checkpoint.
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+from absl import app, flags
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file, optionally :arg.",
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and plots (resumed if it exists).")
+_PRINT = flags.DEFINE_bool("print_config", False, "Print the resolved config and the derived values, then exit.")
+
+
+def main(argv):
+    del argv
+    from moe_jax.train.run_config import build_run_config
+
+    try:
+        run = build_run_config(_CONFIG.value)
+    except ValueError as e:
+        sys.exit(f"Invalid config: {e}")
+    if _PRINT.value:
+        from moe_jax.params import count_params
+
+        print(_CONFIG.value)
+        counts = count_params(run.model)
+        print("derived:", {k: f"{v:,}" for k, v in counts.items()})
+        if run.model.moe is not None:
+            m = run.model.moe
+            print(f"derived: routed experts {m.num_routed_experts}, k {m.top_k}, expert width {m.expert_d_ff}, "
+                  f"train capacity/group {m.capacity(m.group_size or run.data.seq_len, True)}")
+        return
+    if not _WORKDIR.value:
+        sys.exit("--workdir is required (an empty or existing directory; an existing run there is resumed).")
+    from moe_jax.train.loop import train
+
+    train(run, _WORKDIR.value)
+
+
+if __name__ == "__main__":
+    flags.mark_flag_as_required("config")
+    app.run(main)

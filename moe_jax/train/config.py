@@ -1,0 +1,64 @@
+"""`TrainConfig`: optimizer, schedule, loop cadence and checkpointing fields, validated on construction."""
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional
+
+SCHEDULES = ("cosine", "wsd", "constant")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """The training loop's typed fields (a ConfigDict's `train` section becomes this at the boundary).
+
+    Schedules (optax): `cosine` = linear warmup then cosine decay to `end_lr_fraction * lr`;
+    `wsd` = warmup-stable-decay (Hagele et al. 2024): warmup, constant, then a linear decay over the last
+    `decay_fraction` of the steps; `constant` = warmup then constant.
+    """
+
+    steps: int = 200
+    learning_rate: float = 3e-3
+    warmup_steps: int = 20
+    schedule: str = "cosine"
+    end_lr_fraction: float = 0.1
+    decay_fraction: float = 0.2  # wsd only
+    weight_decay: float = 0.1  # applied to matrices only (not norms, biases, router biases)
+    b1: float = 0.9
+    b2: float = 0.95
+    grad_clip: Optional[float] = 1.0  # global-norm clipping; None = off
+    seed: int = 0
+    log_every: int = 10
+    eval_every: int = 100
+    eval_batches: int = 4
+    checkpoint_every: int = 100
+    keep_checkpoints: int = 3
+    sample_tokens: int = 200  # text sampled at the end of a run (0 = none)
+    sample_prompt: str = "ROMEO:"
+    sample_temperature: float = 0.8
+    progress: bool = True  # tqdm progress bar on the console
+
+    def __post_init__(self):
+        def bad(field, why):
+            raise ValueError(f"config.train.{field}={getattr(self, field)!r} {why}")
+
+        for field in ("steps", "log_every", "eval_every", "checkpoint_every", "keep_checkpoints"):
+            if getattr(self, field) < 1:
+                bad(field, "must be >= 1.")
+        if not self.learning_rate > 0:
+            bad("learning_rate", "must be > 0.")
+        if not 0 <= self.warmup_steps <= self.steps:
+            bad("warmup_steps", f"must be in [0, steps={self.steps}].")
+        if self.schedule not in SCHEDULES:
+            bad("schedule", f"is not one of {SCHEDULES}; set config.train.schedule to one of them.")
+        if not 0 <= self.end_lr_fraction <= 1:
+            bad("end_lr_fraction", "must be in [0, 1].")
+        if not 0 < self.decay_fraction <= 1:
+            bad("decay_fraction", "must be in (0, 1].")
+        if self.weight_decay < 0:
+            bad("weight_decay", "must be >= 0.")
+        if self.grad_clip is not None and not self.grad_clip > 0:
+            bad("grad_clip", "must be > 0, or None to turn clipping off.")
+        if self.eval_batches < 0 or self.sample_tokens < 0:
+            bad("eval_batches" if self.eval_batches < 0 else "sample_tokens", "must be >= 0.")
+        if not self.sample_temperature >= 0:
+            bad("sample_temperature", "must be >= 0 (0 = greedy).")

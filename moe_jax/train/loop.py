@@ -1,0 +1,206 @@
+"""The training loop: build, resume, train with periodic eval and checkpoints, summarise.
+
+    summary = train(run_cfg, workdir)
+
+Files in `workdir`: config.json, checkpoints/ (orbax), metrics.jsonl, tensorboard/, summary.json,
+training.png, sample.txt. Running the same command again on the same workdir resumes from the latest
+checkpoint (or returns at once if the run already finished) and reaches the same losses as an
+uninterrupted run: batches and RNG keys are pure functions of (seed, step).
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from moe_jax.data import make_lm_data
+from moe_jax.params import count_params
+from moe_jax.train.checkpoint import Checkpoints
+from moe_jax.train.metrics import MetricWriter, read_jsonl, to_python
+from moe_jax.train.plots import plot_run
+from moe_jax.train.run_config import RunConfig, model_record
+from moe_jax.train.state import init_state, learning_rate_schedule, make_optimizer
+from moe_jax.train.step import make_eval_step, make_train_step
+from moe_jax.transformer import Transformer
+
+MAX_CONSECUTIVE_SKIPS = 10
+
+
+def model_flops_per_token(run: RunConfig, counts: dict) -> float:
+    """Training FLOPs per token: 6 x active matmul parameters (the embedding lookup excluded, the output
+    projection included) + 6 x the attention score/value matmuls (PaLM, Chowdhery et al. 2022, App. B)."""
+    m = run.model
+    matmul_params = counts["active_per_token"] - counts["embedding"] + m.vocab_size * m.d_model
+    attn = 6 * m.num_layers * run.data.seq_len * m.num_heads * (m.qk_head_dim + m.value_head_dim)
+    return 6.0 * matmul_params + attn
+
+
+def _mean_metrics(rows: list[dict]) -> dict:
+    return {k: np.mean([np.asarray(r[k]) for r in rows], axis=0) for k in rows[0]}
+
+
+def evaluate(eval_step, state, data, num_batches: int) -> dict:
+    rows = [jax.device_get(eval_step(state, jnp.asarray(b))) for b in data.eval_batches(num_batches)]
+    out = _mean_metrics(rows)
+    out["ppl"] = math.exp(min(float(out["ce"]), 50.0))
+    out["bits_per_token"] = float(out["ce"]) / math.log(2)
+    return out
+
+
+def train(run: RunConfig, workdir: str, *, log=print) -> dict:
+    workdir = os.path.abspath(os.path.expanduser(workdir))
+    os.makedirs(workdir, exist_ok=True)
+    cfg, tcfg = run.model, run.train
+    data = make_lm_data(run.data)
+    if data.vocab_size > cfg.vocab_size:
+        raise ValueError(f"config.model.vocab_size={cfg.vocab_size} is smaller than the tokenizer's "
+                         f"{data.vocab_size} tokens; set config.model.vocab_size >= {data.vocab_size}.")
+    counts = count_params(cfg)
+    flops_per_token = model_flops_per_token(run, counts)
+    record = {"name": run.name, "model": model_record(cfg), "data": _plain(run.data), "train": _plain(run.train)}
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+        json.dump(record, f, indent=2)
+    log(f"[moe_jax] {run.name}: {counts['total']/1e6:.2f}M params, {counts['active_per_token']/1e6:.2f}M active "
+        f"per token; data {data.describe().get('corpus')}; workdir {workdir}")
+
+    model = Transformer(cfg, rngs=nnx.Rngs(params=tcfg.seed))
+    tx = make_optimizer(tcfg)
+    schedule = learning_rate_schedule(tcfg)
+    graphdef, state = init_state(model, tx)
+    del model
+    ckpt = Checkpoints(workdir, keep=tcfg.keep_checkpoints)
+    latest = ckpt.latest_step()
+    if latest is not None:
+        state = ckpt.restore(latest, state, expect_model=record["model"])
+        log(f"[moe_jax] resumed from step {latest} ({ckpt.directory})")
+    start = int(state.step)
+    train_step = make_train_step(graphdef, tx, schedule)
+    eval_step = make_eval_step(graphdef)
+    key = jax.random.PRNGKey(tcfg.seed)
+    writer = MetricWriter(workdir)
+    tokens_per_step = run.data.batch_size * run.data.seq_len
+
+    bar = None
+    if tcfg.progress and start < tcfg.steps:
+        from tqdm.auto import tqdm
+        bar = tqdm(total=tcfg.steps, initial=start, desc=run.name, unit="step", dynamic_ncols=True)
+    window, window_start, consecutive_skips, last_eval = [], time.perf_counter(), 0, None
+    compile_done_at = None
+    step = start
+    while step < tcfg.steps:
+        batch = jnp.asarray(data.train_batch(step))
+        state, metrics = train_step(state, batch, key)
+        step += 1
+        window.append(metrics)
+        if compile_done_at is None:  # the first step includes compilation: keep it out of throughput
+            jax.block_until_ready(state.step)
+            compile_done_at, window_start, window = time.perf_counter(), time.perf_counter(), []
+        if step % tcfg.log_every == 0 or step == tcfg.steps:
+            rows = jax.device_get(window) if window else [jax.device_get(metrics)]
+            now = time.perf_counter()
+            m = _mean_metrics(rows)
+            skipped_now = int(len(rows) - np.sum([r["applied"] for r in rows]))
+            consecutive_skips = consecutive_skips + skipped_now if skipped_now == len(rows) else 0
+            if window:
+                tps = len(window) * tokens_per_step / max(now - window_start, 1e-9)
+                m["tokens_per_s"] = tps
+                m["model_flops_per_s"] = tps * flops_per_token
+            m["tokens_seen"] = step * tokens_per_step
+            m["skipped_steps"] = float(jax.device_get(state.skipped))
+            writer.write(step, "train", m)
+            if skipped_now:
+                log(f"[moe_jax] step {step}: {skipped_now} step(s) had a non-finite loss or gradient and were "
+                    "not applied (parameters kept)")
+            if consecutive_skips >= MAX_CONSECUTIVE_SKIPS:
+                raise FloatingPointError(
+                    f"{consecutive_skips} consecutive steps were non-finite; stopping. The last good checkpoint "
+                    f"in {ckpt.directory} is intact. Lower config.train.learning_rate or check the data.")
+            if bar is not None:
+                bar.set_postfix(loss=f"{float(m['ce']):.3f}", tok_s=f"{m.get('tokens_per_s', 0):.0f}")
+            window, window_start = [], time.perf_counter()
+        if bar is not None:
+            bar.update(1)
+        if tcfg.eval_batches and (step % tcfg.eval_every == 0 or step == tcfg.steps):
+            last_eval = evaluate(eval_step, state, data, tcfg.eval_batches)
+            writer.write(step, "eval", last_eval)
+            window_start = time.perf_counter()
+        if step % tcfg.checkpoint_every == 0 or step == tcfg.steps:
+            ckpt.save(step, state, {"step": step, "model": record["model"]})
+            window_start = time.perf_counter()
+    if bar is not None:
+        bar.close()
+    if last_eval is None and tcfg.eval_batches:
+        last_eval = evaluate(eval_step, state, data, tcfg.eval_batches)
+    writer.close()
+    ckpt.close()
+    summary = summarise(run, workdir, state, graphdef, data, counts, last_eval, log)
+    return summary
+
+
+def _plain(dc) -> dict:
+    import dataclasses
+    return {f.name: to_python(v) if isinstance(v, (np.ndarray, jax.Array)) else v
+            for f in dataclasses.fields(dc) for v in [getattr(dc, f.name)]}
+
+
+def summarise(run, workdir, state, graphdef, data, counts, last_eval, log) -> dict:
+    records = read_jsonl(os.path.join(workdir, "metrics.jsonl"))
+    train_rows = [r for r in records if r["split"] == "train"]
+    final = train_rows[-1] if train_rows else {}
+    tps = [r["tokens_per_s"] for r in train_rows if "tokens_per_s" in r]
+    loads = {k: v for k, v in final.items() if k.endswith("/tokens_per_expert")}
+    summary = {
+        "name": run.name,
+        "steps": int(state.step),
+        "tokens_seen": int(state.step) * run.data.batch_size * run.data.seq_len,
+        "final_train_ce": final.get("ce"),
+        "final_eval_ce": None if last_eval is None else float(last_eval["ce"]),
+        "final_eval_bits_per_token": None if last_eval is None else float(last_eval["bits_per_token"]),
+        "tokens_per_s_median": float(np.median(tps)) if tps else None,
+        "skipped_steps": int(state.skipped),
+        "params_total": counts["total"],
+        "params_active_per_token": counts["active_per_token"],
+        "expert_load_final": loads,
+    }
+    if train_rows:
+        summary["plot"] = plot_run(records, os.path.join(workdir, "training.png"), title=run.name)
+    if run.train.sample_tokens:
+        from moe_jax.sampling import generate
+
+        model = nnx.merge(graphdef, state.params, state.rest)
+        prompt = data.encode(run.train.sample_prompt)[None, :]
+        ids = generate(model, jnp.asarray(prompt), max_new_tokens=run.train.sample_tokens,
+                       temperature=run.train.sample_temperature, rng=jax.random.PRNGKey(run.train.seed))
+        text = data.decode(np.asarray(ids)[0])
+        with open(os.path.join(workdir, "sample.txt"), "w", encoding="utf-8") as f:
+            f.write(text)
+        summary["sample"] = text
+    with open(os.path.join(workdir, "summary.json"), "w") as f:
+        json.dump(summary, f, indent=2)
+    log(format_summary(summary))
+    return summary
+
+
+def format_summary(s: dict) -> str:
+    lines = [f"== {s['name']}: {s['steps']} steps, {s['tokens_seen']:,} tokens =="]
+    lines.append(f"train ce {s['final_train_ce']:.4f} nats/token" if s["final_train_ce"] is not None else "train ce -")
+    if s["final_eval_ce"] is not None:
+        lines.append(f"eval  ce {s['final_eval_ce']:.4f} nats/token ({s['final_eval_bits_per_token']:.3f} bits/token)")
+    if s["tokens_per_s_median"]:
+        lines.append(f"throughput {s['tokens_per_s_median']:,.0f} tokens/s (median of logged windows)")
+    if s["skipped_steps"]:
+        lines.append(f"skipped (non-finite) steps: {s['skipped_steps']}")
+    for name, load in s["expert_load_final"].items():
+        share = np.asarray(load) / max(sum(load), 1e-9)
+        lines.append(f"{name}: " + " ".join(f"{x:.2f}" for x in share))
+    if "plot" in s:
+        lines.append(f"plot: {s['plot']}")
+    if "sample" in s:
+        lines.append("sample:\n" + s["sample"])
+    return "\n".join(lines)

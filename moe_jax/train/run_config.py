@@ -1,0 +1,187 @@
+"""ConfigDict -> typed, validated dataclasses: the one boundary between ml_collections and the code.
+
+A run config has three sections:
+  config.model  `ModelConfig` fields, plus the MoE layer's `MoEConfig` fields flattened into the same
+                section (so `--config.model.num_experts=16` works): `use_moe` turns the MoE layers on,
+                `moe_d_ff` is `MoEConfig.d_ff` (one expert's hidden width at granularity 1), `d_model` and
+                `activation` are shared by both.
+  config.data   `DataConfig` fields.
+  config.train  `TrainConfig` fields.
+Every key must be a known field: a typo fails with the section, the key and the known names, before
+anything is built or compiled.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import typing
+from typing import Any
+
+import ml_collections
+from ml_collections import config_dict
+
+from moe_jax.config import MoEConfig
+from moe_jax.data import DataConfig
+from moe_jax.model_config import ModelConfig
+from moe_jax.train.config import TrainConfig
+
+SECTIONS = ("model", "data", "train")
+MODEL_ONLY_KEYS = ("use_moe", "moe_d_ff")
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+    model: ModelConfig
+    data: DataConfig
+    train: TrainConfig
+    name: str = "run"
+
+
+def _fields(cls) -> set[str]:
+    return {f.name for f in dataclasses.fields(cls)}
+
+
+def _unknown(section: str, key: str, known: set[str]) -> ValueError:
+    close = difflib.get_close_matches(key, sorted(known), n=3)
+    hint = f" Did you mean {', '.join(close)}?" if close else ""
+    return ValueError(f"config.{section}.{key} is not a known field.{hint} Known fields: {', '.join(sorted(known))}.")
+
+
+def _field_types(cls) -> dict[str, tuple[type, bool]]:
+    """field -> (base type, optional) for the int / float / str / bool fields of a config dataclass."""
+    out = {}
+    for name, hint in typing.get_type_hints(cls).items():
+        args = typing.get_args(hint)
+        optional = type(None) in args
+        base = next((a for a in args if a is not type(None)), hint) if args else hint
+        if base in (int, float, str, bool):
+            out[name] = (base, optional)
+    return out
+
+
+def _check_types(cls, section: str, values: dict) -> None:
+    types = _field_types(cls)
+    for name, value in values.items():
+        if name not in types:
+            continue
+        base, optional = types[name]
+        if value is None:
+            if not optional:
+                raise ValueError(f"config.{section}.{name}=None is not allowed: give a {base.__name__}.")
+            continue
+        ok = isinstance(value, base) and not (base is not bool and isinstance(value, bool))
+        if base is float and isinstance(value, int) and not isinstance(value, bool):
+            ok = True
+        if not ok:
+            raise ValueError(f"config.{section}.{name}={value!r} must be a {base.__name__}"
+                             f"{' or None' if optional else ''}.")
+
+
+def _build(cls, section: str, values: dict) -> Any:
+    factories = {f.name for f in dataclasses.fields(cls) if f.default_factory is not dataclasses.MISSING}
+    values = {k: v for k, v in values.items() if not (v is None and k in factories)}  # None: use the factory
+    _check_types(cls, section, values)
+    try:
+        return cls(**values)
+    except TypeError as e:  # e.g. a missing required field
+        raise ValueError(f"config.{section}: {e}") from e
+
+
+def _defaults(cls, skip=()) -> dict:
+    """Every field of `cls` with a default, optional ones as `placeholder(object)` so that the command
+    line can set them to a value or to None (`--config.model.capacity_factor=None` means dropless)."""
+    types = _field_types(cls)
+    out = {}
+    for f in dataclasses.fields(cls):
+        if f.name in skip:
+            continue
+        if f.default_factory is not dataclasses.MISSING:  # computed at build time (e.g. data_dir)
+            out[f.name] = config_dict.FieldReference(None, field_type=object)
+            continue
+        if f.default is dataclasses.MISSING:
+            continue
+        optional = types.get(f.name, (None, True))[1]
+        out[f.name] = config_dict.FieldReference(f.default, field_type=object) if optional else f.default
+    return out
+
+
+def make_config_dict(name: str, model: dict, data: dict, train: dict) -> ml_collections.ConfigDict:
+    """A full run ConfigDict: every known field present (so each is overridable and listed by
+    --print_config), dataclass defaults filled in under the given values."""
+    model_defaults = {**_defaults(MoEConfig, skip=("d_model", "d_ff")), **_defaults(ModelConfig, skip=("moe",)),
+                      "use_moe": True}
+    sections = {}
+    for section, defaults, given in (("model", model_defaults, model), ("data", _defaults(DataConfig), data),
+                                     ("train", _defaults(TrainConfig), train)):
+        merged = dict(defaults)
+        for key, value in given.items():
+            if isinstance(merged.get(key), config_dict.FieldReference):
+                merged[key] = config_dict.FieldReference(value, field_type=object)
+            else:
+                merged[key] = value
+        if section == "model" and "moe_d_ff" not in merged:
+            merged["moe_d_ff"] = config_dict.FieldReference(None, field_type=object)
+        sections[section] = ml_collections.ConfigDict(merged)
+    config = ml_collections.ConfigDict()
+    config.name = name
+    for section, value in sections.items():
+        setattr(config, section, value)
+    return config
+
+
+def to_dict(config) -> dict:
+    return config.to_dict() if hasattr(config, "to_dict") else dict(config)
+
+
+def build_run_config(config) -> RunConfig:
+    """Validates a ConfigDict (or nested dict) into a `RunConfig`; raises ValueError naming the field."""
+    config = to_dict(config)
+    for section in config:
+        if section not in SECTIONS + ("name",):
+            raise ValueError(f"config.{section} is not a section; a run config has {SECTIONS} (and name).")
+    for section in SECTIONS:
+        if section not in config:
+            raise ValueError(f"config.{section} is missing; a run config needs the sections {SECTIONS}.")
+
+    model = dict(config["model"])
+    model_fields = _fields(ModelConfig) - {"moe"}
+    moe_fields = _fields(MoEConfig) - {"d_model", "d_ff"}
+    known = model_fields | moe_fields | set(MODEL_ONLY_KEYS)
+    for key in model:
+        if key not in known:
+            raise _unknown("model", key, known)
+    use_moe = bool(model.pop("use_moe", True))
+    moe_d_ff = model.pop("moe_d_ff", None)
+    moe_values = {k: model[k] for k in list(model) if k in moe_fields}
+    for k in moe_values:
+        if k not in model_fields:
+            model.pop(k)
+    moe = None
+    if use_moe:
+        if moe_d_ff is None:
+            raise ValueError("config.model.moe_d_ff is missing: set one expert's hidden width (or use_moe=False).")
+        if "d_model" not in model:
+            raise ValueError("config.model.d_model is missing.")
+        moe = _build(MoEConfig, "model", dict(d_model=model["d_model"], d_ff=moe_d_ff, **moe_values))
+    model_cfg = _build(ModelConfig, "model", dict(model, moe=moe))
+
+    data = dict(config["data"])
+    for key in data:
+        if key not in _fields(DataConfig):
+            raise _unknown("data", key, _fields(DataConfig))
+    train = dict(config["train"])
+    for key in train:
+        if key not in _fields(TrainConfig):
+            raise _unknown("train", key, _fields(TrainConfig))
+    return RunConfig(model=model_cfg, data=_build(DataConfig, "data", data),
+                     train=_build(TrainConfig, "train", train), name=str(config.get("name", "run")))
+
+
+def model_record(model_cfg: ModelConfig) -> dict:
+    """JSON-able description of the model config (stored in checkpoints to detect a mismatch)."""
+    def plain(v):
+        if dataclasses.is_dataclass(v):
+            return {f.name: plain(getattr(v, f.name)) for f in dataclasses.fields(v)}
+        return v if isinstance(v, (int, float, str, bool, type(None))) else str(v)
+
+    return plain(model_cfg)

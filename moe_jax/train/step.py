@@ -1,0 +1,84 @@
+"""The jitted train and eval steps.
+
+Train step: cross-entropy + the MoE layers' weighted auxiliary losses, AdamW update, then the
+aux-loss-free bias update of every router that has a correction bias (DeepSeek-V3, Wang et al. 2024:
+b_i += rate * sign(mean load - load_i), outside the gradient). A step whose loss or gradient norm is
+not finite is not applied (params, optimizer state and biases stay as they were) and is counted in
+`state.skipped`, so a NaN can never reach a checkpoint.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from moe_jax import losses as losses_lib
+from moe_jax.train.state import TrainState, split_model
+
+
+def cross_entropy(logits_BLV: jax.Array, targets_BL: jax.Array) -> jax.Array:
+    return optax.softmax_cross_entropy_with_integer_labels(logits_BLV.astype(jnp.float32), targets_BL).mean()
+
+
+def _layer_metrics(aux) -> dict:
+    """Per-MoE-layer scalars and vectors, keyed `moe/<layer>/<name>`."""
+    out = {}
+    for entry in aux.layers:
+        prefix = f"moe/{entry['layer']}/"
+        for name, value in entry["losses"].items():
+            out[prefix + name] = value
+        for name in ("tokens_per_expert", "dropped_fraction", "router_entropy", "load_cv", "dead_experts"):
+            if name in entry["metrics"]:
+                out[prefix + name] = entry["metrics"][name]
+    return out
+
+
+def make_train_step(graphdef, tx: optax.GradientTransformation, schedule):
+    """Returns `step(state, batch_BL1, key) -> (state, metrics)`, jitted with the state donated."""
+
+    def train_step(state: TrainState, batch_BL1: jax.Array, key: jax.Array):
+        rng = jax.random.fold_in(key, state.step)
+        inputs_BL, targets_BL = batch_BL1[:, :-1], batch_BL1[:, 1:]
+
+        def loss_fn(params):
+            model = nnx.merge(graphdef, params, state.rest)
+            logits_BLV, aux = model(inputs_BL, train=True, rng=rng)
+            ce = cross_entropy(logits_BLV, targets_BL)
+            return ce + aux.aux_loss, (ce, aux)
+
+        (loss, (ce, aux)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+        grad_norm = optax.tree.norm(grads)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+
+        model = nnx.merge(graphdef, params, state.rest)
+        for (_, layer), entry in zip(model.moe_layers(), aux.layers):
+            bias = layer.router.correction_bias_E
+            if bias is not None:
+                bias.value = losses_lib.update_correction_bias(
+                    bias.value, entry["metrics"]["routed_per_expert"], layer.cfg.bias_update_rate)
+        _, _, rest = split_model(model)
+
+        ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)
+        new_state = TrainState(
+            step=state.step + 1, params=keep(params, state.params), opt_state=keep(opt_state, state.opt_state),
+            rest=keep(rest, state.rest), skipped=state.skipped + (~ok).astype(jnp.int32))
+        metrics = {"loss": loss, "ce": ce, "aux_loss": aux.aux_loss, "grad_norm": grad_norm,
+                   "learning_rate": schedule(state.step), "applied": ok.astype(jnp.float32),
+                   **_layer_metrics(aux)}
+        return new_state, metrics
+
+    return jax.jit(train_step, donate_argnums=0)
+
+
+def make_eval_step(graphdef):
+    """Returns `eval_step(state, batch_BL1) -> {ce, aux_loss, moe/...}` (train=False: eval capacity factor)."""
+
+    def eval_step(state: TrainState, batch_BL1: jax.Array):
+        model = nnx.merge(graphdef, state.params, state.rest)
+        logits_BLV, aux = model(batch_BL1[:, :-1], train=False)
+        return {"ce": cross_entropy(logits_BLV, batch_BL1[:, 1:]), **_layer_metrics(aux)}
+
+    return jax.jit(eval_step)

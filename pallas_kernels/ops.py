@@ -73,9 +73,9 @@ def _check_backward_tiling(lhs, rhs, static: _Static):
         return
     m, k = lhs.shape
     n = rhs.shape[1] if static.transpose_rhs else rhs.shape[2]
-    tm, tk, tn = static.tiling
     common = dict(lowering=static.lowering, dtype=lhs.dtype)
-    kernel.resolve_tiling(static.tiling, m=m, k=k, n=n, kernel="gmm", **common)
+    kernel.resolve_tiling(static.tiling, m=m, k=k, n=n, kernel="gmm", **common)  # checks the form first
+    tm, tk, tn = static.tiling
     kernel.resolve_tiling((tm, tn, tk), m=m, k=n, n=k, kernel="gmm", **common)
     if static.transpose_rhs:
         kernel.resolve_tiling((tm, tn, tk), m=m, k=n, n=k, kernel="tgmm", **common)

@@ -25,6 +25,9 @@ _PRINT = flags.DEFINE_bool("print_config", False, "Print the resolved config and
 
 def main(argv):
     del argv
+    from absl import logging
+
+    logging.set_verbosity(logging.WARNING)  # orbax and TFDS log every save/read at INFO
     from moe_jax.train.run_config import build_run_config
 
     try:

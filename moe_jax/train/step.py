@@ -56,8 +56,8 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, schedule):
         for (_, layer), entry in zip(model.moe_layers(), aux.layers):
             bias = layer.router.correction_bias_E
             if bias is not None:
-                bias.value = losses_lib.update_correction_bias(
-                    bias.value, entry["metrics"]["routed_per_expert"], layer.cfg.bias_update_rate)
+                bias[...] = losses_lib.update_correction_bias(
+                    bias[...], entry["metrics"]["routed_per_expert"], layer.cfg.bias_update_rate)
         _, _, rest = split_model(model)
 
         ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)

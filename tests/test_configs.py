@@ -1,0 +1,73 @@
+"""Presets: full sizes match the published parameter counts (3%), tiny variants train; the CLI."""
+import importlib
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from moe_jax.params import count_params
+from moe_jax.train import loop as loop_lib
+from moe_jax.train.run_config import build_run_config
+
+PRESETS = ("switch", "mixtral", "qwen_moe", "grok1", "deepseek_v2", "deepseek_v3", "gpt4_rumoured")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.mark.parametrize("name", [p for p in PRESETS if p != "gpt4_rumoured"])
+def test_full_preset_matches_published_counts(name):
+    module = importlib.import_module(f"configs.{name}")
+    counts = count_params(build_run_config(module.get_config("full")).model)
+    assert module.PUBLISHED, name
+    for key, published in module.PUBLISHED.items():
+        assert abs(counts[key] / published - 1) < 0.03, (name, key, counts[key], published)
+
+
+def test_gpt4_rumoured_is_labelled_and_builds():
+    module = importlib.import_module("configs.gpt4_rumoured")
+    assert "RUMOUR" in module.__doc__.upper() and not hasattr(module, "PUBLISHED")
+    counts = count_params(build_run_config(module.get_config("full")).model)
+    assert counts["total"] > 1e12
+
+
+def test_preset_architecture_details():
+    v3 = build_run_config(importlib.import_module("configs.deepseek_v3").get_config("full")).model
+    assert v3.moe.score_fn == "sigmoid" and v3.moe.use_correction_bias and v3.moe.n_expert_groups == 8
+    assert v3.moe_layer_indices[0] == 3 and v3.attention == "mla" and v3.moe.num_shared_experts == 1
+    v2 = build_run_config(importlib.import_module("configs.deepseek_v2").get_config("full")).model
+    assert v2.moe_layer_indices[0] == 1 and v2.moe.num_shared_experts == 2 and v2.moe.top_k == 6
+    switch = build_run_config(importlib.import_module("configs.switch").get_config("full")).model
+    assert switch.moe.top_k == 1 and len(switch.moe_layer_indices) == 12
+
+
+@pytest.mark.parametrize("name", PRESETS)
+def test_tiny_preset_trains_a_few_steps(name, tmp_path):
+    config = importlib.import_module(f"configs.{name}").get_config("tiny")
+    config.data.corpus = "synthetic"
+    config.data.data_dir = str(tmp_path / "data")
+    config.data.seq_len, config.data.batch_size = 32, 2
+    config.model.num_layers = 2
+    config.train.update(dict(steps=3, warmup_steps=1, log_every=1, eval_batches=1, eval_every=3,
+                             sample_tokens=4, progress=False))
+    summary = loop_lib.train(build_run_config(config), str(tmp_path / "w"), log=lambda *_: None)
+    assert summary["steps"] == 3 and np.isfinite(summary["final_train_ce"]) and np.isfinite(summary["final_eval_ce"])
+    assert len(summary["sample"]) >= len(config.train.sample_prompt)
+
+
+def _cli(*args):
+    env = dict(os.environ, XLA_FLAGS="")
+    return subprocess.run([sys.executable, "-m", "experiments.train", *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_cli_override_and_bad_field():
+    out = _cli("--config=configs/mixtral.py:tiny", "--config.model.num_experts=16",
+               "--config.model.capacity_factor=None", "--config.model.eval_capacity_factor=None",
+               "--config.model.expert_backend=blocked", "--print_config")
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "num_experts: 16" in out.stdout and "routed experts 16" in out.stdout
+    bad = _cli("--config=configs/mixtral.py:tiny", "--config.model.num_experts_per_token=32", "--print_config")
+    assert bad.returncode != 0 and "num_experts_per_token" in bad.stderr
+    typo = _cli("--config=configs/default.py", "--config.model.num_expert=4", "--print_config")
+    assert typo.returncode != 0 and "num_expert" in typo.stderr

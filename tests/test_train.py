@@ -128,3 +128,31 @@ def test_bad_config_fields_are_named(tmp_path):
     config = base.make("bad", base.tiny_model(capacity_factor="big"), data=dict(corpus="synthetic"))
     with pytest.raises(ValueError, match="capacity_factor"):
         build_run_config(config)
+
+
+def test_train_step_updates_correction_bias_by_the_sign_rule():
+    """DeepSeek-V3 aux-loss-free balancing inside the step: b_i += rate * sign(mean load - load_i)."""
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from moe_jax.train.state import init_state, learning_rate_schedule, make_optimizer
+    from moe_jax.train.step import make_train_step
+    from moe_jax.transformer import Transformer
+
+    model_dict = base.tiny_model(d_model=32, num_layers=1, num_heads=2, d_ff=64, moe_d_ff=32, num_experts=4,
+                                 score_fn="sigmoid", use_correction_bias=True, bias_update_rate=0.25,
+                                 capacity_factor=None, eval_capacity_factor=None, expert_backend="ragged_dot",
+                                 max_seq_len=64)
+    run = build_run_config(base.make("b", model_dict, data=dict(corpus="synthetic", seq_len=16, batch_size=2),
+                                     train=dict(steps=2, warmup_steps=1)))
+    tx = make_optimizer(run.train)
+    graphdef, state = init_state(Transformer(run.model, rngs=nnx.Rngs(params=0)), tx)
+    step = make_train_step(graphdef, tx, learning_rate_schedule(run.train))
+    tokens = jnp.arange(2 * 17, dtype=jnp.int32).reshape(2, 17) % 200
+    before = np.asarray(jax.tree.leaves(state.rest)[0]).copy()
+    state, metrics = step(state, tokens, jax.random.PRNGKey(0))
+    after = np.asarray(jax.tree.leaves(state.rest)[0])
+    load = np.asarray(metrics["moe/0/tokens_per_expert"])  # dropless: served == routed
+    assert load.sum() == 2 * 16 * run.model.moe.top_k  # every choice of the 32 tokens is served
+    np.testing.assert_allclose(after - before, 0.25 * np.sign(load.mean() - load))
+    assert np.any(after != before)

@@ -1,0 +1,136 @@
+"""Train-step throughput of the default tiny MoE preset, as ratios measured side by side in one run.
+
+    python -m benchmarks.train_step [--config configs/default.py] [--json PATH] [--quick]
+
+Prints, all timed interleaved in the same process (median over rounds after a warm-up):
+  tokens/s of the MoE model's full train step (forward, backward, AdamW update, bias rules);
+  MFU-like ratio: the model's training FLOP/s (6 x active matmul parameters + attention, the same
+      accounting as the training loop's `model_flops_per_s`) divided by the FLOP/s of a large dense
+      float32 matmul measured in the same run (target >= 0.40 on the CPU);
+  the step time divided by that of the same model with a dense SwiGLU FFN of equal active parameters
+      (hidden k * expert width + shared width) in place of each MoE layer (target <= 1.15).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib.util
+import json
+import os
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from moe_jax.params import count_params
+from moe_jax.train.loop import model_flops_per_token
+from moe_jax.train.run_config import build_run_config
+from moe_jax.train.state import init_state, learning_rate_schedule, make_optimizer
+from moe_jax.train.step import make_train_step
+from moe_jax.transformer import Transformer
+
+
+def load_config(path: str):
+    spec = importlib.util.spec_from_file_location("bench_config", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(None)
+
+
+def dense_equivalent(model_cfg):
+    moe = model_cfg.moe
+    width = moe.top_k * moe.expert_d_ff + moe.shared_width
+    return dataclasses.replace(model_cfg, moe=None, d_ff=width, activation=moe.activation)
+
+
+def make_candidate(model_cfg, run, batch):
+    tx = make_optimizer(run.train)
+    graphdef, state = init_state(Transformer(model_cfg, rngs=nnx.Rngs(params=0)), tx)
+    step = make_train_step(graphdef, tx, learning_rate_schedule(run.train))
+    key = jax.random.PRNGKey(0)
+    holder = {"state": state}
+
+    def run_once():
+        holder["state"], metrics = step(holder["state"], batch, key)
+        jax.block_until_ready(metrics["loss"])
+
+    return run_once
+
+
+def make_matmul(n: int):
+    a = jax.random.normal(jax.random.PRNGKey(1), (n, n), jnp.float32)
+    b = jax.random.normal(jax.random.PRNGKey(2), (n, n), jnp.float32)
+    f = jax.jit(lambda a, b: a @ b)
+
+    def run_once():
+        jax.block_until_ready(f(a, b))
+
+    return run_once, 2.0 * n**3
+
+
+def time_interleaved(candidates: dict, rounds: int, warmup: int = 2) -> dict:
+    times = {name: [] for name in candidates}
+    names = list(candidates)
+    for r in range(warmup + rounds):
+        order = names[r % len(names):] + names[: r % len(names)]
+        for name in order:
+            t0 = time.perf_counter()
+            candidates[name]()
+            if r >= warmup:
+                times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    parser.add_argument("--config", default=os.path.join(root, "configs", "default.py"))
+    parser.add_argument("--json", default=None)
+    parser.add_argument("--quick", action="store_true", help="a smaller model and few rounds (smoke test)")
+    parser.add_argument("--rounds", type=int, default=None)
+    args = parser.parse_args(argv)
+
+    config = load_config(args.config)
+    if args.quick:
+        config.model.num_layers, config.data.seq_len, config.data.batch_size = 2, 32, 2
+    run = build_run_config(config)
+    B, L = run.data.batch_size, run.data.seq_len
+    batch = jax.random.randint(jax.random.PRNGKey(3), (B, L + 1), 0, run.model.vocab_size, jnp.int32)
+    dense_cfg = dense_equivalent(run.model)
+    matmul, matmul_flops = make_matmul(512 if args.quick else 2048)
+    candidates = {"moe": make_candidate(run.model, run, batch), "dense_equivalent": make_candidate(dense_cfg, run, batch),
+                  "matmul": matmul}
+    rounds = args.rounds or (3 if args.quick else 15)
+    t = time_interleaved(candidates, rounds)
+
+    counts = count_params(run.model)
+    flops_per_step = model_flops_per_token(run, counts) * B * L
+    tokens_per_s = B * L / t["moe"]
+    matmul_flops_per_s = matmul_flops / t["matmul"]
+    out = {
+        "config": args.config, "batch": B, "seq_len": L, "rounds": rounds, "device": str(jax.devices()[0]),
+        "params_total": counts["total"], "params_active_per_token": counts["active_per_token"],
+        "moe_step_s": t["moe"], "dense_equivalent_step_s": t["dense_equivalent"], "matmul_s": t["matmul"],
+        "tokens_per_s": tokens_per_s,
+        "model_flops_per_s": flops_per_step / t["moe"],
+        "matmul_flops_per_s": matmul_flops_per_s,
+        "mfu_vs_matmul": flops_per_step / t["moe"] / matmul_flops_per_s,
+        "moe_over_dense_equivalent": t["moe"] / t["dense_equivalent"],
+    }
+    print(f"train step, {run.name}: batch {B} x {L} tokens, {counts['total']/1e6:.2f}M params "
+          f"({counts['active_per_token']/1e6:.2f}M active), {rounds} interleaved rounds")
+    print(f"  tokens/s                                {tokens_per_s:12,.0f}")
+    print(f"  model FLOP/s / dense matmul FLOP/s      {out['mfu_vs_matmul']:12.3f}   (target >= 0.40; "
+          f"matmul {matmul_flops_per_s/1e9:.0f} GFLOP/s)")
+    print(f"  step time / dense-equivalent model      {out['moe_over_dense_equivalent']:12.3f}   (target <= 1.15)")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(out, f, indent=2)
+    return out
+
+
+if __name__ == "__main__":
+    main()

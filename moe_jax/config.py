@@ -16,7 +16,7 @@ TOPK_ORDERS = ("softmax_topk", "topk_softmax")
 OVERFLOW_POLICIES = ("drop", "reduced_weight", "reroute")
 PRIORITIES = ("position", "top_prob")
 DISPATCHES = ("gather", "einsum")
-EXPERT_BACKENDS = ("einsum", "ragged_dot", "blocked")
+EXPERT_BACKENDS = ("einsum", "ragged_dot", "blocked", "pallas")
 ACTIVATIONS = ("relu", "gelu", "silu", "swiglu", "geglu")
 GROUPINGS = ("tokens", "position")
 LOSS_SCOPES = ("group", "sequence", "batch")
@@ -76,7 +76,7 @@ class MoEConfig:
     overflow_buffer_factor: float = 2.0  # reduced_weight: buffer of ceil(factor * C) slots per expert
     max_reroute_rounds: Optional[int] = None  # reroute: None = E - k rounds (every expert can be tried)
     dispatch: str = "gather"  # gather (index) | einsum (Switch/GShard one-hot tensors)
-    expert_backend: str = "einsum"  # capacity paths: einsum; dropless: blocked | ragged_dot
+    expert_backend: str = "einsum"  # capacity paths: einsum; dropless: blocked | ragged_dot | pallas
     dropless_block_size: int = 64  # dropless blocked backend: rows per expert padded to this multiple
 
     # Experts.
@@ -168,7 +168,7 @@ class MoEConfig:
         dropless = self.capacity_factor is None or self.eval_capacity_factor is None
         if dropless and self.expert_backend == "einsum":
             raise ValueError(
-                "MoEConfig.capacity_factor=None (dropless) needs expert_backend='blocked' or 'ragged_dot'; "
+                "MoEConfig.capacity_factor=None (dropless) needs expert_backend='blocked', 'ragged_dot' or 'pallas'; "
                 "the 'einsum' backend runs fixed-capacity buffers.")
         if not dropless and self.expert_backend != "einsum":
             raise ValueError(

@@ -148,6 +148,10 @@ class MoEConfig:
             raise ValueError(
                 f"MoEConfig.topk_groups={self.topk_groups} groups of {self.experts_per_group} experts cannot "
                 f"supply k={self.top_k} experts; raise topk_groups.")
+        if self.overflow == "reroute" and self.router == "hash":
+            raise ValueError(
+                "MoEConfig.overflow='reroute' moves overflowed choices to the next-best expert by router score, "
+                "but router='hash' has no scores; use overflow='drop' or 'reduced_weight'.")
         if self.use_correction_bias and self.router != "top_k":
             raise ValueError("MoEConfig.use_correction_bias needs router='top_k'.")
         if self.topk_order == "topk_softmax" and self.score_fn != "softmax":

@@ -100,6 +100,7 @@ def test_shared_width():
     (dict(n_expert_groups=2, topk_groups=1, num_experts_per_token=3), "topk_groups"),  # 1 group of 2 < k 3
     (dict(n_expert_groups=2, router="hash"), "n_expert_groups"),
     (dict(use_correction_bias=True, router="expert_choice"), "use_correction_bias"),
+    (dict(router="hash", overflow="reroute"), "overflow"),  # no router scores to rank fallbacks
     (dict(topk_order="topk_softmax", score_fn="sigmoid"), "topk_order"),
     (dict(jitter_eps=1.0), "jitter_eps"),
     (dict(jitter_eps=-0.1), "jitter_eps"),

@@ -155,7 +155,7 @@ class ModelConfig:
     # ---- derived values: the one place they are computed ----
     @property
     def kv_heads(self) -> int:
-        return self.num_kv_heads or self.num_heads
+        return self.num_heads if self.num_kv_heads is None else self.num_kv_heads
 
     @property
     def base_head_dim(self) -> int:

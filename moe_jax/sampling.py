@@ -58,7 +58,8 @@ def _step(graphdef, state, token_B, cache, key, temperature, *, greedy, top_k):
 def _check(model: Transformer, prompt_BL, max_new_tokens, temperature, rng, top_k, cache_len) -> int:
     cfg = model.cfg
     if prompt_BL.ndim != 2 or prompt_BL.shape[1] < 1 or not jnp.issubdtype(prompt_BL.dtype, jnp.integer):
-        raise ValueError(f"generate: prompt must be <int>[batch, length >= 1], got {prompt_BL.dtype}{list(prompt_BL.shape)}.")
+        raise ValueError("generate: prompt must be <int>[batch, length >= 1], "
+                         f"got {prompt_BL.dtype}{list(prompt_BL.shape)}.")
     if max_new_tokens < 0:
         raise ValueError(f"generate: max_new_tokens={max_new_tokens} must be >= 0.")
     if not temperature >= 0:

@@ -58,8 +58,8 @@ def _reference_mha(x, positions, wq, wk, wv, wo, theta):
     x, wq, wk, wv, wo = (np.asarray(a, np.float64) for a in (x, wq, wk, wv, wo))
     B, L, _ = x.shape
     H, N, Q = wq.shape[1], wk.shape[1], wq.shape[2]
-    q = np.asarray(apply_rope(jnp.asarray(np.einsum("bld,dhq->blhq", x, wq), jnp.float32), positions, theta), np.float64)
-    k = np.asarray(apply_rope(jnp.asarray(np.einsum("bld,dnq->blnq", x, wk), jnp.float32), positions, theta), np.float64)
+    rope = lambda a: np.asarray(apply_rope(jnp.asarray(a, jnp.float32), positions, theta), np.float64)
+    q, k = rope(np.einsum("bld,dhq->blhq", x, wq)), rope(np.einsum("bld,dnq->blnq", x, wk))
     v = np.einsum("bld,dnv->blnv", x, wv)
     out = np.zeros((B, L, H, wv.shape[2]))
     for b in range(B):
@@ -119,7 +119,8 @@ def test_mla_matches_explicit_per_head_reference(q_lora_rank):
     q = np.einsum("bla,ahq->blhq", cq, p(mla.w_q_AHQ))
     q_nope, q_rope = q[..., :6], np.asarray(apply_rope(jnp.asarray(q[..., 6:], jnp.float32), pos, cfg.rope_theta))
     ckv = rms(xn @ p(mla.w_dkv_DC), p(mla.kv_norm.scale))  # [B, L, C=12]
-    k_rope = np.asarray(apply_rope(jnp.asarray(xn @ p(mla.w_kr_DP), jnp.float32)[:, :, None], pos, cfg.rope_theta))[:, :, 0]
+    k_rope = np.asarray(apply_rope(jnp.asarray(xn @ p(mla.w_kr_DP), jnp.float32)[:, :, None], pos, cfg.rope_theta))
+    k_rope = k_rope[:, :, 0]  # one RoPE key per position, shared by the heads
     k_nope = np.einsum("blc,cho->blho", ckv, p(mla.w_uk_CHO))
     v = np.einsum("blc,chv->blhv", ckv, p(mla.w_uv_CHV))
     out = np.zeros((B, L, 4, 5))

@@ -4,7 +4,6 @@ import math
 import time
 
 import jax
-import pytest
 from flax import nnx
 
 from moe_jax.config import MoEConfig

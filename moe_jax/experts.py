@@ -8,6 +8,8 @@ Backends:
   blocked     `[M, D]` sorted rows whose expert segments are padded to multiples of a block size:
               each block multiplies by its expert's weights (weights gathered per block). A dropless
               path that runs on the CPU at matmul speed, paying for the weight gather per block.
+  pallas      the `ragged_dot` form through `pallas_kernels.gmm`, a Pallas grouped-matmul kernel
+              (Mosaic on TPU, Triton on GPU, interpreted on CPU: correct there, not fast).
 """
 from __future__ import annotations
 
@@ -82,6 +84,10 @@ class Experts(nnx.Module):
         E = w_in.shape[0]
         if backend == "ragged_dot":
             matmul = lambda a, w: jax.lax.ragged_dot(a, w, group_sizes_E)
+        elif backend == "pallas":
+            from pallas_kernels import gmm  # imported here: Pallas loads only for the backend that uses it
+
+            matmul = lambda a, w: gmm(a, w, group_sizes_E)
         elif backend == "blocked":
             if M % block_size:
                 raise ValueError(f"blocked experts: {M} rows are not a multiple of block_size={block_size}.")
@@ -93,7 +99,7 @@ class Experts(nnx.Module):
                 a_NBI = a.reshape(M // block_size, block_size, a.shape[-1])
                 return jnp.einsum("nbi,nio->nbo", a_NBI, w[block_expert_N]).reshape(M, w.shape[-1])
         else:
-            raise ValueError(f"expert_backend={backend!r} is not 'ragged_dot' or 'blocked'.")
+            raise ValueError(f"expert_backend={backend!r} is not 'ragged_dot', 'pallas' or 'blocked'.")
         row_expert_M = None
         if b_in is not None:
             row_expert_M = jnp.repeat(jnp.arange(E), group_sizes_E, total_repeat_length=M)

@@ -43,6 +43,22 @@ def test_loss_decreases_and_summary_files(tmp_path):
         assert os.path.exists(tmp_path / "w" / name), name
     assert os.listdir(tmp_path / "w" / "tensorboard")
 
+    # Restore for evaluation: the restored model reproduces the run's final eval loss.
+    import jax.numpy as jnp
+
+    from moe_jax.data import make_lm_data
+    from moe_jax.train.restore import load_run
+    from moe_jax.train.step import cross_entropy
+
+    loaded = load_run(str(tmp_path / "w"))
+    assert loaded.step == 40
+    (batch,) = list(make_lm_data(loaded.run.data).eval_batches(1))
+    batch = jnp.asarray(batch)
+    ce = cross_entropy(loaded.model(batch[:, :-1], train=False)[0], batch[:, 1:])
+    np.testing.assert_allclose(float(ce), summary["final_eval_ce"], rtol=1e-5)
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        load_run(str(tmp_path / "nowhere"))
+
 
 def test_same_seed_same_losses_and_kill_resume_is_exact(tmp_path, monkeypatch):
     run = tiny_run(tmp_path)

@@ -29,8 +29,7 @@ CASES = ("switch", "mixtral", "qwen2_moe_norm", "qwen2_moe_nonorm", "deepseek_v3
 ATOL = 1e-5
 
 # Execution paths of our layer for a case that drops nothing: two capacity paths with a capacity
-# of S (nothing can drop) and the two dropless backends.
-NO_DROP_PATHS = ("gather", "einsum", "blocked", "ragged_dot")
+# of S (nothing can drop), "gather" and "einsum", and the two dropless backends "blocked" and "ragged_dot".
 
 
 def load_case(name: str) -> dict:
@@ -41,7 +40,7 @@ def load_case(name: str) -> dict:
 
 
 def config_for(arrays: dict, path: str) -> MoEConfig:
-    """Our config for a fixture case, on one execution path (see NO_DROP_PATHS)."""
+    """Our config for a fixture case, on one execution path: gather | einsum | blocked | ragged_dot."""
     m = arrays["meta"]
     L = m["seq_len"]
     common = dict(d_model=m["d_model"], d_ff=m["d_ff"], num_experts=m["num_experts"],
@@ -62,6 +61,8 @@ def config_for(arrays: dict, path: str) -> MoEConfig:
     else:
         common.update(capacity_factor=None, eval_capacity_factor=None, expert_backend=path,
                       dropless_block_size=4)
+    if m["case"] in ("mixtral", "qwen2_moe_norm", "qwen2_moe_nonorm"):
+        common.update(balance_loss_scope="batch")  # HF's statistics are over all N tokens
     if m["case"].startswith("qwen2_moe"):
         common.update(num_shared_experts=1, shared_d_ff=m["shared_d_ff"], shared_expert_gate=True)
     if m["case"] == "deepseek_v3":
@@ -100,6 +101,18 @@ def build_layer(arrays: dict, cfg: MoEConfig) -> MoELayer:
     return layer
 
 
+@nnx.jit
+def forward(layer: MoELayer, x_BLD):
+    """Everything compared, in one compiled call: logits, choices, output, aux, (capacity routing)."""
+    logits_GSE = layer.router.logits(x_BLD)  # groups = sequences in every case here (group_size = L)
+    expert_GSK, weight_GSK, _ = layer.router.choices(logits_GSE, None)
+    y_BLD, aux = layer(x_BLD, train=False)
+    routing = None
+    if layer.cfg.capacity_factor_for(False) is not None:
+        routing, _ = layer.router.route(logits_GSE, train=False)
+    return logits_GSE, expert_GSK, weight_GSK, y_BLD, aux, routing
+
+
 def check_case(arrays: dict, path: str) -> None:
     """Our layer with HF's weights reproduces HF's logits, choices, weights, output and losses."""
     m = arrays["meta"]
@@ -108,11 +121,9 @@ def check_case(arrays: dict, path: str) -> None:
     x_BLD = jnp.asarray(arrays["x"])
     B, L, D = x_BLD.shape
     N, E = B * L, m["num_experts"]
+    logits_GSE, expert_GSK, weight_GSK, y_BLD, aux, routing = forward(layer, x_BLD)
 
-    logits_GSE = layer.router.logits(x_BLD.reshape(B, L, D))  # groups = sequences here
     np.testing.assert_allclose(logits_GSE.reshape(N, E), arrays["router_logits"].reshape(N, E), atol=ATOL)
-
-    expert_GSK, weight_GSK, _ = layer.router.choices(logits_GSE, None)
     expert_NK = np.asarray(expert_GSK).reshape(N, -1)
     weight_NK = np.asarray(weight_GSK).reshape(N, -1)
     hf_idx, hf_w = arrays["topk_idx"], arrays["topk_weight"]
@@ -129,28 +140,26 @@ def check_case(arrays: dict, path: str) -> None:
         np.testing.assert_array_equal(expert_NK, hf_idx)
         np.testing.assert_allclose(weight_NK, hf_w, atol=ATOL)
 
-    y_BLD, aux = layer(x_BLD, train=False)
     np.testing.assert_allclose(np.asarray(y_BLD), arrays["y"], atol=ATOL)
     assert aux.metrics["dropped_fraction"] == (m.get("n_dropped", 0) / N)
 
     if m["case"] == "switch":
-        routing, _ = layer.router.route(logits_GSE, train=False)
         assert routing.capacity == m["capacity"] == 3
         np.testing.assert_array_equal(~np.asarray(routing.dropped_GSK)[..., 0], arrays["kept"])
         dropped = ~arrays["kept"]
         assert dropped.sum() == 3
         assert np.all(np.asarray(y_BLD)[dropped] == 0.0)  # exactly zero, not p * x
         # HF's per-sequence aux loss = E**2 mean_{b,e} f P = our balance loss with scope 'sequence'.
+        assert cfg.balance_loss_scope == "sequence"
         np.testing.assert_allclose(aux.losses["balance_loss"], arrays["aux_loss"], rtol=1e-5)
         np.testing.assert_allclose(aux.losses["z_loss"], arrays["z_loss"], rtol=1e-5)
     elif "aux_loss" in arrays:
-        # Mixtral / Qwen count f summed over the K choices: HF aux = K * our batch-scope balance loss.
-        batch_cfg = dataclasses.replace(cfg, balance_loss_scope="batch")
-        batch_layer = build_layer(arrays, batch_cfg)
-        _, batch_aux = batch_layer(x_BLD, train=False)
+        # Mixtral / Qwen count f summed over the K choices (f sums to K) over the whole batch:
+        # HF aux = K * our balance loss with scope 'batch' (ours: f sums to 1).
+        assert cfg.balance_loss_scope == "batch"
         K = m["top_k"]
-        np.testing.assert_allclose(K * batch_aux.losses["balance_loss"], arrays["aux_loss"], rtol=1e-5)
-        assert not np.isclose(batch_aux.losses["balance_loss"], arrays["aux_loss"], rtol=1e-3)
+        np.testing.assert_allclose(K * aux.losses["balance_loss"], arrays["aux_loss"], rtol=1e-5)
+        assert not np.isclose(aux.losses["balance_loss"], arrays["aux_loss"], rtol=1e-3)
 
 
 @pytest.mark.parametrize("path", ("gather", "einsum"))
@@ -158,8 +167,13 @@ def test_switch_fixture(path):
     check_case(load_case("switch"), path)
 
 
-@pytest.mark.parametrize("path", NO_DROP_PATHS)
-@pytest.mark.parametrize("case", ("mixtral", "qwen2_moe_norm", "qwen2_moe_nonorm", "deepseek_v3"))
+# Every case on two or three of the four execution paths; every path on at least two cases.
+@pytest.mark.parametrize("case,path", [
+    ("mixtral", "einsum"), ("mixtral", "ragged_dot"),
+    ("qwen2_moe_norm", "gather"), ("qwen2_moe_norm", "blocked"),
+    ("qwen2_moe_nonorm", "einsum"), ("qwen2_moe_nonorm", "ragged_dot"),
+    ("deepseek_v3", "gather"), ("deepseek_v3", "blocked"),
+])
 def test_no_drop_fixture(case, path):
     check_case(load_case(case), path)
 

@@ -20,6 +20,12 @@ from moe_jax import routing as routing_lib
 D, F = 8, 16
 
 
+@nnx.jit(static_argnames="train")
+def apply(layer: MoELayer, x, train=False, rng=None, token_ids=None):
+    """layer(...) compiled once per config: layers with equal configs share the compiled code."""
+    return layer(x, train=train, rng=rng, token_ids_BL=token_ids)
+
+
 def cfg(**kw) -> MoEConfig:
     c = dict(d_model=D, d_ff=F, num_experts=4, num_experts_per_token=2, min_capacity=1,
              capacity_factor=8.0, eval_capacity_factor=8.0)  # cf >= E / k: C = S, nothing drops
@@ -99,7 +105,7 @@ def test_layer_matches_loop_reference(kw):
         assert layer.experts.w_in_EDF[...].shape == (4 * c.granularity, D, F // c.granularity)
         assert c.top_k == 2 * c.granularity
     x = jax.random.normal(jax.random.key(1), (2, 8, D))
-    y, aux = layer(x, train=True)
+    y, aux = apply(layer, x, train=True)
     np.testing.assert_allclose(np.asarray(y), reference(layer, c, x), rtol=1e-5, atol=1e-5)
     assert float(aux.metrics["dropped_fraction"]) == 0.0
 
@@ -169,7 +175,7 @@ _PERM_LAYER = {}
 def test_permuting_tokens_permutes_outputs_when_nothing_drops(perm_l, perm_b, seed):
     if not _PERM_LAYER:
         _PERM_LAYER["layer"] = MoELayer(cfg(), rngs=nnx.Rngs(0))
-        _PERM_LAYER["run"] = nnx.jit(lambda layer, x: layer(x, train=True)[0])
+        _PERM_LAYER["run"] = lambda layer, x: apply(layer, x, train=True)[0]
     layer, run = _PERM_LAYER["layer"], _PERM_LAYER["run"]
     x = jax.random.normal(jax.random.key(seed), (B, L, D))
     pl, pb = np.asarray(perm_l), np.asarray(perm_b)
@@ -185,9 +191,9 @@ def test_capacity_drops_break_permutation_equivariance():
     # Three tokens pick e0 first: position order keeps t0, t1; reversed order keeps t2, t1.
     x = jnp.asarray(np.eye(D, dtype=np.float32)[[0, 0, 0, 1, 2, 3, 1, 2]])[None]
     x = x + 0.1 * jax.random.normal(jax.random.key(3), x.shape)
-    y = np.asarray(layer(x, train=True)[0])
+    y = np.asarray(apply(layer, x, train=True)[0])
     rev = np.arange(L)[::-1]
-    y_rev = np.asarray(layer(x[:, rev], train=True)[0])
+    y_rev = np.asarray(apply(layer, x[:, rev], train=True)[0])
     assert not np.allclose(y_rev, y[:, rev], atol=1e-6)
 
 
@@ -197,7 +203,7 @@ def test_expert_choice_each_expert_takes_c_and_unpicked_tokens_get_zero():
     c = cfg(router="expert_choice", capacity_factor=0.5, eval_capacity_factor=0.5)  # C = ceil(0.5*8*2/4) = 2
     layer = MoELayer(c, rngs=nnx.Rngs(0))
     x = jax.random.normal(jax.random.key(2), (B, L, D))
-    y, aux = layer(x, train=False)
+    y, aux = apply(layer, x, train=False)
     np.testing.assert_array_equal(aux.metrics["tokens_per_expert"], [B * 2] * 4)  # 2 per expert per group
     r = routing_lib.expert_choice_routing(layer.router.logits(x), 2)
     unpicked = np.asarray(r.unserved_GS())
@@ -215,11 +221,13 @@ def test_position_grouping_is_causal(kw):
     """Groups of one position across the batch: nothing at position <= t depends on positions > t."""
     Bc, Lc = 4, 6
     layer = MoELayer(cfg(grouping="position", **kw), rngs=nnx.Rngs(0))
-    x = jax.random.normal(jax.random.key(4), (Bc, Lc, D))
-    y = np.asarray(layer(x)[0])
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal((Bc, Lc, D)).astype(np.float32)
+    y = np.asarray(apply(layer, x)[0])
     for t in range(Lc - 1):
-        x2 = x.at[:, t + 1:].add(5.0 * jax.random.normal(jax.random.key(t), (Bc, Lc - t - 1, D)))
-        y2 = np.asarray(layer(x2)[0])
+        x2 = x.copy()
+        x2[:, t + 1:] += 5.0 * rng.standard_normal((Bc, Lc - t - 1, D)).astype(np.float32)
+        y2 = np.asarray(apply(layer, x2)[0])
         np.testing.assert_array_equal(y2[:, : t + 1], y[:, : t + 1])
         assert not np.array_equal(y2[:, t + 1:], y[:, t + 1:])
 
@@ -227,10 +235,12 @@ def test_position_grouping_is_causal(kw):
 def test_token_grouping_expert_choice_is_not_causal():
     """The counterpart: grouping tokens of a sequence lets a future token change an earlier output."""
     layer = MoELayer(cfg(router="expert_choice", capacity_factor=0.5, eval_capacity_factor=0.5), rngs=nnx.Rngs(0))
-    x = jax.random.normal(jax.random.key(4), (4, 6, D))
-    y = np.asarray(layer(x)[0])
-    x2 = x.at[:, 3:].add(5.0 * jax.random.normal(jax.random.key(9), (4, 3, D)))
-    assert not np.array_equal(np.asarray(layer(x2)[0])[:, :3], y[:, :3])
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal((4, 6, D)).astype(np.float32)
+    y = np.asarray(apply(layer, x)[0])
+    x2 = x.copy()
+    x2[:, 3:] += 5.0 * rng.standard_normal((4, 3, D)).astype(np.float32)
+    assert not np.array_equal(np.asarray(apply(layer, x2)[0])[:, :3], y[:, :3])
 
 
 # ---- hash routing through the layer ----
@@ -240,7 +250,7 @@ def test_hash_layer_routes_by_token_id():
     layer = MoELayer(c, rngs=nnx.Rngs(0))
     ids = jnp.asarray([[3, 7, 3, 11, 5, 7, 3, 2], [7, 7, 1, 0, 9, 3, 4, 4]])
     x = jax.random.normal(jax.random.key(1), (B, L, D))
-    y, aux = layer(x, token_ids_BL=ids)
+    y, aux = apply(layer, x, token_ids=ids)
     e, w = routing_lib.hash_choices(ids, 4, 2)
     # Reference: y = sum_k 1/2 * FFN_{e_k}(x) (C = S: nothing drops).
     ex = layer.experts
@@ -254,7 +264,7 @@ def test_hash_layer_routes_by_token_id():
                                         None, None, "swiglu")
     np.testing.assert_allclose(np.asarray(y), ref, rtol=1e-5, atol=1e-5)
     # The routing ignores x; equal ids get equal experts.
-    _, aux2 = layer(3.0 * x + 1.0, token_ids_BL=ids)
+    _, aux2 = apply(layer, 3.0 * x + 1.0, token_ids=ids)
     np.testing.assert_array_equal(aux.metrics["tokens_per_expert"], aux2.metrics["tokens_per_expert"])
     np.testing.assert_array_equal(e[0, 0], e[0, 2])
     np.testing.assert_array_equal(e[0, 1], e[1, 0])
@@ -266,13 +276,13 @@ def test_hash_layer_routes_by_token_id():
 def test_router_noise_only_in_training_with_rng():
     layer = MoELayer(cfg(jitter_eps=0.5, logit_noise_std=2.0, num_experts_per_token=1), rngs=nnx.Rngs(0))
     x = jax.random.normal(jax.random.key(1), (B, L, D))
-    eval_y = np.asarray(layer(x, train=False)[0])
-    np.testing.assert_array_equal(layer(x, train=False, rng=jax.random.key(0))[0], eval_y)
-    np.testing.assert_array_equal(layer(x, train=True)[0], eval_y)  # no rng: no noise
-    noisy = np.asarray(layer(x, train=True, rng=jax.random.key(0))[0])
+    eval_y = np.asarray(apply(layer, x, train=False)[0])
+    np.testing.assert_array_equal(apply(layer, x, train=False, rng=jax.random.key(0))[0], eval_y)
+    np.testing.assert_array_equal(apply(layer, x, train=True)[0], eval_y)  # no rng: no noise
+    noisy = np.asarray(apply(layer, x, train=True, rng=jax.random.key(0))[0])
     assert not np.allclose(noisy, eval_y)
-    np.testing.assert_array_equal(layer(x, train=True, rng=jax.random.key(0))[0], noisy)
-    assert not np.allclose(layer(x, train=True, rng=jax.random.key(1))[0], noisy)
+    np.testing.assert_array_equal(apply(layer, x, train=True, rng=jax.random.key(0))[0], noisy)
+    assert not np.allclose(apply(layer, x, train=True, rng=jax.random.key(1))[0], noisy)
 
 
 # ---- metrics on a hand-made case ----
@@ -288,7 +298,7 @@ def test_metrics_hand_case():
     layer.router.w_DE[...] = 10.0 * jnp.eye(4)
     e = np.array([0, 0, 0, 1, 1, 2, 0, 0])
     x = jnp.asarray(np.eye(4, dtype=np.float32)[e])[None]
-    y, aux = layer(x, train=True)
+    y, aux = apply(layer, x, train=True)
     m = aux.metrics
     np.testing.assert_array_equal(m["tokens_per_expert"], [2, 2, 1, 0])
     np.testing.assert_array_equal(m["routed_per_expert"], [5, 2, 1, 0])
@@ -318,7 +328,7 @@ def test_metrics_hand_case():
     assert np.all(np.asarray(y)[0, [2, 6, 7]] == 0.0)
     # With one-hot einsum dispatch, the executed FLOPs add 2 * 2 G S E C D = 2*2*1*8*4*2*4 = 1024
     # instead of the gather's 64: 256 + 1536 + 1024 = 2816.
-    _, aux_e = MoELayer(dataclasses.replace(c, dispatch="einsum"), rngs=nnx.Rngs(0))(x, train=True)
+    _, aux_e = apply(MoELayer(dataclasses.replace(c, dispatch="einsum"), rngs=nnx.Rngs(0)), x, train=True)
     assert float(aux_e.metrics["executed_flops"]) == 2816
 
 
@@ -330,8 +340,8 @@ def test_balance_loss_scopes_differ_as_defined():
     layer.router.w_DE[...] = 20.0 * jnp.eye(2)  # token one-hot(e) -> expert e with probability ~1
     x = jnp.asarray(np.eye(2, dtype=np.float32)[np.array([[0, 0, 0, 0], [1, 1, 1, 1]])])
     # Sequence scope: each sequence has f = P = one-hot -> 2 each; mean 2 (= E, the maximum).
-    np.testing.assert_allclose(layer(x)[1].losses["balance_loss"], 2.0, rtol=1e-6)
+    np.testing.assert_allclose(apply(layer, x)[1].losses["balance_loss"], 2.0, rtol=1e-6)
     # Batch scope: f = P = [1/2, 1/2] -> 2 * (1/4 + 1/4) = 1 (the minimum).
     batch = MoELayer(dataclasses.replace(c, balance_loss_scope="batch"), rngs=nnx.Rngs(0))
     batch.router.w_DE[...] = 20.0 * jnp.eye(2)
-    np.testing.assert_allclose(batch(x)[1].losses["balance_loss"], 1.0, rtol=1e-6)
+    np.testing.assert_allclose(apply(batch, x)[1].losses["balance_loss"], 1.0, rtol=1e-6)

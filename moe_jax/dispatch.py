@@ -17,6 +17,8 @@ Both capacity paths give identical outputs and gradients where nothing is droppe
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import jax
 import jax.numpy as jnp
 from flax import struct
@@ -25,69 +27,83 @@ from moe_jax.routing import Routing, SoftRouting
 from moe_jax.types import Array
 
 
-# ---- gather primitives whose transposes are gathers (valid because the maps are injective) ----
+# ---- gathers whose transposes are gathers (valid because the maps are injective) ----
+#
+# An index equal to the number of rows (T for tokens, M for buffer rows, T * K for choices) means
+# "none": the gather clamps it and masks the row to 0 inside the same fusion, so no padded copy of
+# an operand is ever made. The backward passes read the inverse maps, so neither direction scatters.
+# Sums over the K choices are unrolled into K gathered terms: XLA:CPU then emits one elementwise
+# loop fusion, where a reduce over the K axis becomes a separate (YNNPACK) reduction over a
+# materialised `[T, K, D]` tensor, about twice as slow.
 
-def _take_rows(a_ND: Array, idx: Array) -> Array:
-    """a[idx] along axis 0; every index is in bounds by construction (the padding row included)."""
-    return a_ND.at[idx].get(mode="promise_in_bounds")
+def _rows(a_ND: Array, idx: Array) -> Array:
+    """a[idx] along axis 0, 0 where idx == len(a) (the "none" index); any shape of idx."""
+    n = a_ND.shape[0]
+    picked = a_ND.at[jnp.minimum(idx, n - 1)].get(mode="promise_in_bounds")
+    return jnp.where((idx < n)[..., None], picked, jnp.zeros((), a_ND.dtype))
 
 
-def _pad_row(a_ND: Array) -> Array:
-    return jnp.concatenate([a_ND, jnp.zeros((1,) + a_ND.shape[1:], a_ND.dtype)], axis=0)
+def _sum_over_choices(a_ND: Array, idx_TK: Array, weight_TK: Optional[Array] = None) -> Array:
+    """sum_k w[t, k] * a[idx[t, k]] (w = 1 if None), accumulated in float32: `[T, D]`."""
+    total = None
+    for k in range(idx_TK.shape[1]):
+        term = _rows(a_ND, idx_TK[:, k]).astype(jnp.float32)
+        if weight_TK is not None:
+            term = term * weight_TK[:, k, None].astype(jnp.float32)
+        total = term if total is None else total + term
+    return total.astype(a_ND.dtype)
 
 
 @jax.custom_vjp
-def gather_rows(x_TD: Array, row_token_M: Array, token_slot_TK: Array) -> Array:
-    """buffer[m] = x[row_token[m]] (0 where row_token[m] == T).
+def dispatch_rows(x_TD: Array, row_token_M: Array, token_slot_TK: Array) -> Array:
+    """buffer[m] = x[row_token[m]] (0 where row_token[m] == T): `[M, D]`.
 
     token_slot_TK lists, for each token, the K rows that read it (M where none): the inverse map,
     so the gradient dx[t] = sum_k dbuffer[token_slot[t, k]] is a gather, not a scatter-add.
     """
-    return _take_rows(_pad_row(x_TD), row_token_M)
+    return _rows(x_TD, row_token_M)
 
 
-def _gather_rows_fwd(x_TD, row_token_M, token_slot_TK):
-    return gather_rows(x_TD, row_token_M, token_slot_TK), (row_token_M, token_slot_TK)
+def _dispatch_rows_fwd(x_TD, row_token_M, token_slot_TK):
+    return _rows(x_TD, row_token_M), token_slot_TK
 
 
-def _gather_rows_bwd(res, g_MD):
-    row_token_M, token_slot_TK = res
-    g_TKD = _take_rows(_pad_row(g_MD), token_slot_TK)
-    return g_TKD.sum(axis=1), None, None
+def _dispatch_rows_bwd(token_slot_TK, g_MD):
+    return _sum_over_choices(g_MD, token_slot_TK), None, None
 
 
-gather_rows.defvjp(_gather_rows_fwd, _gather_rows_bwd)
+dispatch_rows.defvjp(_dispatch_rows_fwd, _dispatch_rows_bwd)
 
 
 @jax.custom_vjp
-def gather_choices(out_MD: Array, token_slot_TK: Array, row_choice_M: Array) -> Array:
-    """picked[t, k] = out[token_slot[t, k]] (0 where token_slot == M), as `[T, K, D]`.
+def combine_rows(out_MD: Array, weight_TK: Array, token_slot_TK: Array, row_choice_M: Array) -> Array:
+    """y[t] = sum_k weight[t, k] * out[token_slot[t, k]] (terms with token_slot == M are 0): `[T, D]`.
 
-    row_choice_M is the inverse, t * K + k reading row m (T * K where none); the gradient
-    dout[m] = dpicked[row_choice[m]] is then a gather.
+    row_choice_M is the inverse map, t * K + k for the choice row m serves (T * K where none), so
+    both gradients are gathers over the M rows: dout[m] = weight[t, k] * dy[t] and, from the same
+    gathered dy rows, <dy[t], out[m]>, which is dweight[t, k] once gathered back by token_slot.
     """
-    return _take_rows(_pad_row(out_MD), token_slot_TK)
+    return _sum_over_choices(out_MD, token_slot_TK, weight_TK)
 
 
-def _gather_choices_fwd(out_MD, token_slot_TK, row_choice_M):
-    return gather_choices(out_MD, token_slot_TK, row_choice_M), (token_slot_TK, row_choice_M)
+def _combine_rows_fwd(out_MD, weight_TK, token_slot_TK, row_choice_M):
+    y_TD = _sum_over_choices(out_MD, token_slot_TK, weight_TK)
+    return y_TD, (out_MD, weight_TK, token_slot_TK, row_choice_M)
 
 
-def _gather_choices_bwd(res, g_TKD):
-    token_slot_TK, row_choice_M = res
-    T, K, D = g_TKD.shape
-    g_MD = _take_rows(_pad_row(g_TKD.reshape(T * K, D)), row_choice_M)
-    return g_MD, None, None
+def _combine_rows_bwd(res, g_TD):
+    out_MD, weight_TK, token_slot_TK, row_choice_M = res
+    T, K = weight_TK.shape
+    f32 = jnp.float32
+    g_MD = _rows(g_TD, jnp.where(row_choice_M < T * K, row_choice_M // K, T)).astype(f32)
+    weight_M1 = _rows(weight_TK.reshape(T * K, 1), row_choice_M).astype(f32)
+    g_out_MD = (g_MD * weight_M1).astype(out_MD.dtype)
+    g_weight_M1 = jnp.sum(g_MD * out_MD.astype(f32), axis=-1, keepdims=True)
+    g_weight_TK = _rows(g_weight_M1, token_slot_TK)[..., 0].astype(weight_TK.dtype)
+    return g_out_MD, g_weight_TK, None, None
 
 
-gather_choices.defvjp(_gather_choices_fwd, _gather_choices_bwd)
-
-
-def weighted_sum_over_choices(picked_TKD: Array, weight_TK: Array) -> Array:
-    """y[t] = sum_k w[t, k] * picked[t, k], accumulated in float32 where inputs are lower precision."""
-    y = jnp.einsum("tkd,tk->td", picked_TKD, weight_TK.astype(picked_TKD.dtype),
-                   preferred_element_type=jnp.float32)
-    return y.astype(picked_TKD.dtype)
+combine_rows.defvjp(_combine_rows_fwd, _combine_rows_bwd)
 
 
 # ---- capacity paths ----
@@ -116,15 +132,16 @@ class GatherDispatcher:
         G, S, D = x_GSD.shape
         E, C = routing.num_experts, routing.capacity
         token_slot_TK, row_token_M, _ = _global_maps(routing)
-        buffer_MD = gather_rows(x_GSD.reshape(G * S, D), row_token_M, token_slot_TK)
+        buffer_MD = dispatch_rows(x_GSD.reshape(G * S, D), row_token_M, token_slot_TK)
         return buffer_MD.reshape(E, G * C, D)
 
     def combine(self, out_EXD: Array, routing: Routing) -> Array:
         G, S, K = routing.slot_GSK.shape
         E, X, D = out_EXD.shape
         token_slot_TK, _, row_choice_M = _global_maps(routing)
-        picked_TKD = gather_choices(out_EXD.reshape(E * X, D), token_slot_TK, row_choice_M)
-        return weighted_sum_over_choices(picked_TKD, routing.weight_GSK.reshape(G * S, K)).reshape(G, S, D)
+        y_TD = combine_rows(out_EXD.reshape(E * X, D), routing.weight_GSK.reshape(G * S, K), token_slot_TK,
+                            row_choice_M)
+        return y_TD.reshape(G, S, D)
 
 
 class EinsumDispatcher:
@@ -163,6 +180,7 @@ class SortedRouting:
     token_slot_TK: <int32>[T, K] row of choice k of token t in the sorted buffer.
     row_token_M / row_choice_M: <int32>[M] token (T = padding) and t * K + k (T * K = padding) of each row.
     group_sizes_E: <int32>[E] rows of each expert, padding included (multiples of `block_size`).
+    counts_E: <int32>[E] choices routed to each expert (its rows before padding).
     weight_TK, expert_TK: the router's weights and choices.
     M = round_up(T * K + E * (block_size - 1), block_size) is static: the worst case of padding.
     """
@@ -171,6 +189,7 @@ class SortedRouting:
     row_token_M: Array
     row_choice_M: Array
     group_sizes_E: Array
+    counts_E: Array
     weight_TK: Array
     expert_TK: Array
     num_experts: int = struct.field(pytree_node=False)
@@ -200,7 +219,7 @@ def sort_choices(expert_TK: Array, weight_TK: Array, num_experts: int, block_siz
     group_sizes_E = padded_E.at[E - 1].add(M - padded_E.sum())
     return SortedRouting(
         token_slot_TK=token_slot_N.reshape(T, K), row_token_M=row_token_M, row_choice_M=row_choice_M,
-        group_sizes_E=group_sizes_E, weight_TK=weight_TK, expert_TK=expert_TK.astype(jnp.int32),
+        group_sizes_E=group_sizes_E, counts_E=counts_E, weight_TK=weight_TK, expert_TK=expert_TK.astype(jnp.int32),
         num_experts=E, block_size=b)
 
 
@@ -208,8 +227,7 @@ class SortedDispatcher:
     """Dropless dispatch: `[M, D]` rows sorted by expert, for grouped matmul backends."""
 
     def dispatch(self, x_TD: Array, routing: SortedRouting) -> Array:
-        return gather_rows(x_TD, routing.row_token_M, routing.token_slot_TK)
+        return dispatch_rows(x_TD, routing.row_token_M, routing.token_slot_TK)
 
     def combine(self, out_MD: Array, routing: SortedRouting) -> Array:
-        picked_TKD = gather_choices(out_MD, routing.token_slot_TK, routing.row_choice_M)
-        return weighted_sum_over_choices(picked_TKD, routing.weight_TK)
+        return combine_rows(out_MD, routing.weight_TK, routing.token_slot_TK, routing.row_choice_M)

@@ -5,13 +5,21 @@ Backends:
   einsum      `[E, X, D]` capacity buffers, one batched matmul per weight (`'exd,edf->exf'`).
   ragged_dot  `[M, D]` rows sorted by expert + group sizes: `jax.lax.ragged_dot` (exact, and the form
               accelerators run well; on CPU XLA computes every group densely, so it is a reference).
-  blocked     `[M, D]` sorted rows whose expert segments are padded to multiples of a block size:
-              each block multiplies by its expert's weights (weights gathered per block). A dropless
-              path that runs on the CPU at matmul speed, paying for the weight gather per block.
+  blocked     `[M, D]` sorted rows whose expert segments are padded to multiples of a block size
+              (dropless, Gale et al. 2023 "MegaBlocks"): a loop over experts and, inside, over the
+              blocks an expert really holds (`counts_E`), each block running the whole FFN with that
+              expert's weights sliced once per expert. Work is proportional to the rows routed plus
+              under one block of padding per expert, never to the static worst-case buffer; the
+              block's hidden activations stay in cache, and no per-block weight copy is made.
+              Its backward is a second pair of loops (custom_vjp) that accumulates each expert's
+              weight gradients in place.
   pallas      the `ragged_dot` form through `pallas_kernels.gmm`, a Pallas grouped-matmul kernel
               (Mosaic on TPU, Triton on GPU, interpreted on CPU: correct there, not fast).
 """
 from __future__ import annotations
+
+import functools
+from typing import Optional
 
 import jax
 import jax.numpy as jnp
@@ -34,6 +42,134 @@ def _init(scale: float):
     """Fan-in scaled truncated normal (Switch Transformer: scale 0.1 for a stable router/experts)."""
     return nnx.initializers.variance_scaling(scale, "fan_in", "truncated_normal", in_axis=-2, out_axis=-1,
                                               batch_axis=(0,))
+
+
+# ---- the blocked dropless FFN: loops over experts and their blocks, custom_vjp ----
+
+_STEP_ROWS = 512  # rows per matmul step where an expert has them: fewer steps, fewer gradient accumulations
+
+
+def block_ladder(block: int, num_rows: int) -> tuple[int, ...]:
+    """Step sizes, largest first: block * 2^L (the largest such <= max(block, min(512, num_rows))),
+    halving down to block.
+
+    An expert holding `rows` (a multiple of `block`) runs rows // big steps of the largest size, then
+    at most one step of each smaller size: the binary digits of its remainder. Padding stays under
+    one `block` per expert while most rows run in large, efficient matmuls.
+    """
+    sizes = [block]
+    while sizes[-1] * 2 <= min(_STEP_ROWS, num_rows):
+        sizes.append(sizes[-1] * 2)
+    return tuple(reversed(sizes))
+
+
+def _steps(rows: Array, start: Array, ladder: tuple[int, ...]):
+    """(size, first row, number of steps) of each rung of the ladder, for one expert's rows."""
+    big = ladder[0]
+    out = [(big, start, rows // big)]
+    for size in ladder[1:]:
+        out.append((size, start + (rows // (2 * size)) * (2 * size), (rows // size) % 2))
+    return out
+
+
+def _activated(activation: str, d_ff: int, hg_bN: Array) -> Array:
+    """act(g) * h from the concatenated pre-activations [h | g] (gated), or act(h)."""
+    act = activation_fn(activation)
+    if hg_bN.shape[-1] == 2 * d_ff:
+        return act(hg_bN[:, d_ff:]) * hg_bN[:, :d_ff]
+    return act(hg_bN)
+
+
+def _expert_slice(p: dict, e: Array) -> dict:
+    """Expert e's slice of every weight: one dynamic slice per expert, none per block."""
+    return jax.tree.map(lambda w: jax.lax.dynamic_index_in_dim(w, e, 0, keepdims=False), p)
+
+
+def _blocked_forward(activation, block, x_MD, p, start_E, rows_E):
+    """y_MD and the concatenated pre-activations hg_MN of the rows processed; 0 elsewhere."""
+    M, D = x_MD.shape
+    E, F, _ = p["w_out"].shape
+    N = p["w_cat"].shape[-1]
+    dtype = x_MD.dtype
+
+    def expert(e, carry):
+        w = _expert_slice(p, e)
+
+        def step(size, base, j, carry):
+            y_MD, hg_MN = carry
+            r = base + j * size
+            x_bD = jax.lax.dynamic_slice_in_dim(x_MD, r, size)
+            hg_bN = x_bD @ w["w_cat"]
+            if w["b_cat"] is not None:
+                hg_bN = hg_bN + w["b_cat"]
+            y_bD = _activated(activation, F, hg_bN) @ w["w_out"]
+            if w["b_out"] is not None:
+                y_bD = y_bD + w["b_out"]
+            y_MD = jax.lax.dynamic_update_slice_in_dim(y_MD, y_bD.astype(dtype), r, 0)
+            hg_MN = jax.lax.dynamic_update_slice_in_dim(hg_MN, hg_bN.astype(dtype), r, 0)
+            return y_MD, hg_MN
+
+        for size, base, n in _steps(rows_E[e], start_E[e], block_ladder(block, x_MD.shape[0])):
+            carry = jax.lax.fori_loop(0, n, functools.partial(step, size, base), carry)
+        return carry
+
+    return jax.lax.fori_loop(0, E, expert, (jnp.zeros((M, D), dtype), jnp.zeros((M, N), dtype)))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def blocked_ffn(activation: str, block: int, x_MD: Array, p: dict, start_E: Array, rows_E: Array) -> Array:
+    """Dropless expert FFN over rows sorted by expert: `<dtype>[M, D] -> [M, D]`.
+
+    p: {"w_cat": [E, D, N], "w_out": [E, F, D], "b_cat": [E, N] or None, "b_out": [E, D] or None},
+    where N = 2F holds [w_in | w_gate] for gated activations (one matmul computes both
+    pre-activations) and N = F holds w_in otherwise. Expert e owns rows
+    [start_E[e], start_E[e] + rows_E[e]), rows_E a multiple of `block`; rows of no expert come back 0.
+    """
+    return _blocked_forward(activation, block, x_MD, p, start_E, rows_E)[0]
+
+
+def _blocked_ffn_fwd(activation, block, x_MD, p, start_E, rows_E):
+    y_MD, hg_MN = _blocked_forward(activation, block, x_MD, p, start_E, rows_E)
+    return y_MD, (x_MD, p, start_E, rows_E, hg_MN)
+
+
+def _blocked_ffn_bwd(activation, block, res, dy_MD):
+    x_MD, p, start_E, rows_E, hg_MN = res
+    F = p["w_out"].shape[1]
+    f32 = jnp.float32
+    wgrad = lambda a, b: jnp.matmul(a.T, b, preferred_element_type=f32)  # [b, I]^T [b, O] -> [I, O]
+
+    def expert(e, carry):
+        dx_MD, dp = carry
+        w = _expert_slice(p, e)
+
+        def step(size, base, j, carry):
+            dx_MD, dw = carry
+            r = base + j * size
+            rows = lambda a: jax.lax.dynamic_slice_in_dim(a, r, size)
+            x_bD, dy_bD, hg_bN = rows(x_MD), rows(dy_MD), rows(hg_MN)
+            a_bF, activated_vjp = jax.vjp(functools.partial(_activated, activation, F), hg_bN)
+            (dhg_bN,) = activated_vjp(dy_bD @ w["w_out"].T)
+            dx_bD = (dhg_bN @ w["w_cat"].T).astype(dx_MD.dtype)
+            dx_MD = jax.lax.dynamic_update_slice_in_dim(dx_MD, dx_bD, r, 0)
+            new = {"w_cat": wgrad(x_bD, dhg_bN), "w_out": wgrad(a_bF, dy_bD),
+                   "b_cat": None if w["b_cat"] is None else dhg_bN.astype(f32).sum(0),
+                   "b_out": None if w["b_out"] is None else dy_bD.astype(f32).sum(0)}
+            return dx_MD, jax.tree.map(jnp.add, dw, new)
+
+        carry = (dx_MD, jax.tree.map(lambda v: jnp.zeros(v.shape, f32), w))
+        for size, base, n in _steps(rows_E[e], start_E[e], block_ladder(block, x_MD.shape[0])):
+            carry = jax.lax.fori_loop(0, n, functools.partial(step, size, base), carry)
+        dx_MD, dw = carry
+        put = lambda acc, g: jax.lax.dynamic_update_index_in_dim(acc, g.astype(acc.dtype), e, 0)
+        return dx_MD, jax.tree.map(put, dp, dw)
+
+    init = (jnp.zeros_like(x_MD), jax.tree.map(jnp.zeros_like, p))
+    dx_MD, dp = jax.lax.fori_loop(0, p["w_out"].shape[0], expert, init)
+    return dx_MD, dp, None, None
+
+
+blocked_ffn.defvjp(_blocked_ffn_fwd, _blocked_ffn_bwd)
 
 
 class Experts(nnx.Module):
@@ -75,31 +211,38 @@ class Experts(nnx.Module):
             y_EXD = y_EXD + b_out[:, None, :]
         return y_EXD
 
-    def grouped(self, x_MD: Array, group_sizes_E: Array, *, backend: str, block_size: int) -> Array:
-        """Rows sorted by expert `[M, D]` with `group_sizes_E` (summing to M) -> `[M, D]`."""
+    def grouped(self, x_MD: Array, group_sizes_E: Array, *, backend: str, block_size: int,
+                counts_E: Optional[Array] = None) -> Array:
+        """Rows sorted by expert `[M, D]` with `group_sizes_E` (summing to M) -> `[M, D]`.
+
+        blocked: group sizes must be multiples of `block_size`; `counts_E` (rows each expert really
+        holds, before padding) lets it skip the padding blocks, else every block of every group runs.
+        """
+        M = x_MD.shape[0]
+        if backend == "blocked":
+            if M % block_size:
+                raise ValueError(f"blocked experts: {M} rows are not a multiple of block_size={block_size}; "
+                                 "pad the rows (dispatch.sort_choices does) or change dropless_block_size.")
+            w_in, w_gate, w_out, b_in, b_out = self._weights()
+            w_cat = w_in if w_gate is None else jnp.concatenate([w_in, w_gate], axis=-1)
+            b_cat = b_in if (b_in is None or w_gate is None) else jnp.concatenate([b_in, jnp.zeros_like(b_in)], -1)
+            p = {"w_cat": w_cat, "w_out": w_out, "b_cat": b_cat, "b_out": b_out}
+            group_sizes_E = group_sizes_E.astype(jnp.int32)
+            start_E = jnp.cumsum(group_sizes_E) - group_sizes_E
+            held_E = group_sizes_E if counts_E is None else counts_E.astype(jnp.int32)
+            rows_E = -(-held_E // block_size) * block_size
+            return blocked_ffn(self.activation, block_size, x_MD.astype(self.dtype), p, start_E, rows_E)
+        if backend not in ("ragged_dot", "pallas"):
+            raise ValueError(f"expert_backend={backend!r} is not 'ragged_dot', 'pallas' or 'blocked'.")
         w_in, w_gate, w_out, b_in, b_out = self._weights()
         act = activation_fn(self.activation)
         x_MD = x_MD.astype(self.dtype)
-        M = x_MD.shape[0]
         E = w_in.shape[0]
-        if backend == "ragged_dot":
-            matmul = lambda a, w: jax.lax.ragged_dot(a, w, group_sizes_E)
-        elif backend == "pallas":
+        matmul = lambda a, w: jax.lax.ragged_dot(a, w, group_sizes_E)
+        if backend == "pallas":
             from pallas_kernels import gmm  # imported here: Pallas loads only for the backend that uses it
 
             matmul = lambda a, w: gmm(a, w, group_sizes_E)
-        elif backend == "blocked":
-            if M % block_size:
-                raise ValueError(f"blocked experts: {M} rows are not a multiple of block_size={block_size}.")
-            block_start_N = jnp.arange(0, M, block_size)
-            block_expert_N = jnp.clip(
-                jnp.searchsorted(jnp.cumsum(group_sizes_E), block_start_N, side="right"), 0, E - 1)
-
-            def matmul(a, w):
-                a_NBI = a.reshape(M // block_size, block_size, a.shape[-1])
-                return jnp.einsum("nbi,nio->nbo", a_NBI, w[block_expert_N]).reshape(M, w.shape[-1])
-        else:
-            raise ValueError(f"expert_backend={backend!r} is not 'ragged_dot', 'pallas' or 'blocked'.")
         row_expert_M = None
         if b_in is not None:
             row_expert_M = jnp.repeat(jnp.arange(E), group_sizes_E, total_repeat_length=M)

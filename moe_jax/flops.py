@@ -1,10 +1,19 @@
-"""FLOP accounting of one MoE layer's forward pass (multiply-adds count 2), from the config alone.
+"""FLOP accounting of one MoE layer, from the config alone (multiply-adds count 2).
 
 useful_flops:   what the model needs: the router, k expert FFNs per token, the shared experts.
 executed_flops: what the configured path computes: every capacity slot (padding included), the
                 one-hot dispatch/combine einsums, or the dropless path's per-expert block padding.
 Elementwise work (activations, softmax) is not counted; it is small next to the matmuls.
-A backward pass costs about twice the forward for each term.
+
+`layer_flops` counts the forward pass; `layer_train_flops` forward plus backward, where every
+matmul with a trainable or differentiated operand on each side costs twice its forward again
+(gradients of both operands), except the one-hot dispatch einsum, whose one-hot operand is a
+constant (once again: the input gradient). For the einsum path this agrees with XLA's
+`cost_analysis()` of the compiled step within a few percent (benchmarks/moe_layer.py checks it).
+
+One-hot einsum dispatch and combine cost 2 * G * S * E * C * D each; relative to the useful expert
+FLOPs of gated experts (6 * D * F per token and choice) that is 2 * cf * S / (3F) forward and
+5 * cf * S / (9F) forward+backward: it grows linearly with the group size S.
 """
 from __future__ import annotations
 
@@ -15,36 +24,77 @@ def ffn_flops_per_token(d_model: int, d_ff: int, gated: bool) -> int:
     return 2 * d_model * d_ff * (3 if gated else 2)
 
 
-def layer_flops(cfg: MoEConfig, *, num_tokens: int, group_size: int, train: bool) -> dict[str, int]:
-    T, S, D = num_tokens, group_size, cfg.d_model
+def dense_train_flops(d_model: int, d_ff: int, *, num_tokens: int, gated: bool) -> int:
+    """Forward+backward FLOPs of a dense FFN (the dense-equivalent baseline): 3x the forward."""
+    return 3 * num_tokens * ffn_flops_per_token(d_model, d_ff, gated)
+
+
+def _terms(cfg: MoEConfig, *, num_tokens: int, group_size: int, train: bool) -> dict[str, tuple[int, float]]:
+    """Forward FLOPs of each executed term and the factor its backward adds (backward = factor * forward)."""
+    T, S, D, K = num_tokens, group_size, cfg.d_model, cfg.top_k
     G = T // S
     E = cfg.num_routed_experts
     per_row = ffn_flops_per_token(D, cfg.expert_d_ff, cfg.gated)
     router_out = E * cfg.soft_slots_per_expert if cfg.router == "soft" else E
-    router = 0 if cfg.router == "hash" else 2 * T * D * router_out
+    terms = {"router": (0 if cfg.router == "hash" else 2 * T * D * router_out, 2.0)}
     shared = T * ffn_flops_per_token(D, cfg.shared_width, cfg.gated) if cfg.num_shared_experts else 0
     if cfg.shared_expert_gate:
         shared += 2 * T * D
+    terms["shared"] = (shared, 2.0)
 
     C = cfg.capacity(S, train)
-    dispatch = 0
     if C is None:  # dropless: sorted rows, each expert padded to a block multiple (static worst case)
         b = cfg.dropless_block_size if cfg.expert_backend == "blocked" else 1
-        rows = -(-(T * cfg.top_k + E * (b - 1)) // b) * b
-        useful_rows = T * cfg.top_k
-        dispatch = 2 * T * cfg.top_k * D  # weighted sum over the k choices
+        rows = -(-(T * K + E * (b - 1)) // b) * b
+        terms["experts"] = (rows * per_row, 2.0)
+        # y = sum_k w * out: forward T K D multiply-adds; backward d_out = w * g, d_w = <g, out>.
+        terms["dispatch"] = (2 * T * K * D, 1.5)
     else:
-        rows = E * G * C
-        if cfg.router in ("expert_choice", "soft"):
-            useful_rows = rows  # every slot holds a token (or a token mixture)
-        else:
-            useful_rows = T * cfg.top_k
+        terms["experts"] = (E * G * C * per_row, 2.0)
         if cfg.dispatch == "einsum":
-            dispatch = 2 * (2 * G * S * E * C * D)  # dispatch and combine one-hot einsums
+            one_einsum = 2 * G * S * E * C * D
+            # dispatch: its backward is the input gradient only (the one-hot is a constant, except for
+            # Soft MoE's dispatch weights); combine: gradients of the expert outputs and the weights.
+            dispatch_bwd = 2.0 if cfg.router == "soft" else 1.0
+            terms["dispatch"] = (2 * one_einsum, (dispatch_bwd + 2.0) / 2)
         else:
-            dispatch = 2 * T * cfg.top_k * D
+            terms["dispatch"] = (2 * T * K * D, 1.5)
+    return terms
+
+
+def _useful_forward(cfg: MoEConfig, *, num_tokens: int, group_size: int, train: bool, terms) -> int:
+    T, S = num_tokens, group_size
+    per_row = ffn_flops_per_token(cfg.d_model, cfg.expert_d_ff, cfg.gated)
+    C = cfg.capacity(S, train)
+    if C is not None and cfg.router in ("expert_choice", "soft"):
+        useful_rows = cfg.num_routed_experts * (T // S) * C  # every slot holds a token (or a token mixture)
+    else:
+        useful_rows = T * cfg.top_k
+    return terms["router"][0] + useful_rows * per_row + terms["shared"][0]
+
+
+def layer_flops(cfg: MoEConfig, *, num_tokens: int, group_size: int, train: bool) -> dict[str, int]:
+    """Forward FLOPs: router_flops, useful_flops, executed_flops."""
+    terms = _terms(cfg, num_tokens=num_tokens, group_size=group_size, train=train)
     return {
-        "router_flops": router,
-        "useful_flops": router + useful_rows * per_row + shared,
-        "executed_flops": router + rows * per_row + dispatch + shared,
+        "router_flops": terms["router"][0],
+        "useful_flops": _useful_forward(cfg, num_tokens=num_tokens, group_size=group_size, train=train,
+                                        terms=terms),
+        "executed_flops": sum(f for f, _ in terms.values()),
+    }
+
+
+def layer_train_flops(cfg: MoEConfig, *, num_tokens: int, group_size: int) -> dict[str, int]:
+    """Forward+backward FLOPs of a training step (capacity of `capacity_factor`), and the forward alone.
+
+    useful_flops is 3x the forward's useful FLOPs (each matmul's forward and both operand gradients).
+    """
+    terms = _terms(cfg, num_tokens=num_tokens, group_size=group_size, train=True)
+    useful = _useful_forward(cfg, num_tokens=num_tokens, group_size=group_size, train=True, terms=terms)
+    forward = sum(f for f, _ in terms.values())
+    return {
+        "useful_flops": 3 * useful,
+        "executed_flops": int(sum(f * (1 + bwd) for f, bwd in terms.values())),
+        "forward_useful_flops": useful,
+        "forward_executed_flops": forward,
     }

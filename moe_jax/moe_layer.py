@@ -132,7 +132,7 @@ class MoELayer(nnx.Module):
         dispatcher = dispatch_lib.SortedDispatcher()
         rows_MD = dispatcher.dispatch(x_GSD.reshape(G * S, D), sorted_routing)
         out_MD = self.experts.grouped(rows_MD, sorted_routing.group_sizes_E, backend=cfg.expert_backend,
-                                      block_size=block)
+                                      block_size=block, counts_E=sorted_routing.counts_E)
         return dispatcher.combine(out_MD, sorted_routing).reshape(G, S, D), expert_GSK
 
     def _aux(self, logits_GSE, expert_GSK, served_E, dropped_GSK, unserved_GS, B, L, train) -> MoEAux:

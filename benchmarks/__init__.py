@@ -1,0 +1,1 @@
+"""Measured comparisons, printed as ratios measured side by side in one run (`python -m benchmarks.<name>`)."""

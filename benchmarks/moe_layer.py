@@ -1,0 +1,344 @@
+"""Forward+backward time of the MoE layer's dispatch paths, as ratios to a dense FFN of equal active parameters.
+
+    python -m benchmarks.moe_layer                      # E=8, k=2, T=8192, D=512, F=1024, SwiGLU, float32
+    python -m benchmarks.moe_layer --json out.json      # also write every figure
+    python -m benchmarks.moe_layer --quick              # a small shape, for smoke tests (seconds)
+
+Every candidate is jit-compiled once, then all of them are timed interleaved: each round runs each
+candidate once (the order rotates between rounds), and a candidate's time is the median over the
+rounds after a warm-up. Ratios divide medians taken in the same run, so load from other processes
+on the machine shifts numerator and denominator alike; a second figure divides the fastest rounds.
+
+The step differentiates `0.5 * sum(y ** 2)` with respect to all parameters and the input: with
+`sum(y)` XLA deletes a dense FFN's output matmul and the comparison is skewed.
+
+Candidates:
+  dense            `FeedForward` with hidden width k * F: the same active parameters, no routing.
+  gather / einsum  capacity paths (index gathers / Switch-GShard one-hot einsums) for every capacity
+                   factor and group size; `dropped` is the fraction of choices that found no room.
+  dropless         tokens sorted by expert, each expert padded to a block multiple (no capacity).
+  hf_mixtral       Hugging Face transformers' `MixtralSparseMoeBlock` (eager experts, torch threads = 2),
+  torch_dense      and a torch SwiGLU FFN of hidden width k * F; only where torch and transformers import.
+
+FLOPs: `xla` is XLA's `cost_analysis()` of the compiled step (every matmul and elementwise op it
+executes); `own` is `moe_jax.flops.layer_train_flops`, the layer's own accounting from its config.
+Both are divided by the useful FLOPs (router, k expert FFNs per token). XLA counts one iteration of
+a loop body, so for loop-based paths (dropless `blocked`) its figure is reported but not compared.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import re
+import statistics
+import sys
+import time
+from typing import Callable, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from moe_jax.config import MoEConfig
+from moe_jax.experts import FeedForward
+from moe_jax.flops import dense_train_flops, layer_train_flops
+from moe_jax.moe_layer import MoELayer
+
+
+@dataclasses.dataclass(frozen=True)
+class Shape:
+    batch: int
+    length: int
+    d_model: int
+    d_ff: int
+    num_experts: int
+    k: int
+    group_sizes: tuple[int, ...]
+    capacity_factors: tuple[float, ...]
+    block_size: int
+    repeats: int
+
+    @property
+    def tokens(self) -> int:
+        return self.batch * self.length
+
+
+FULL = Shape(batch=8, length=1024, d_model=512, d_ff=1024, num_experts=8, k=2, group_sizes=(512, 4096),
+             capacity_factors=(1.0, 1.25), block_size=256, repeats=7)
+QUICK = Shape(batch=2, length=128, d_model=64, d_ff=128, num_experts=4, k=2, group_sizes=(64,),
+              capacity_factors=(1.0, 1.25), block_size=32, repeats=3)
+
+
+@dataclasses.dataclass
+class Candidate:
+    name: str
+    run: Callable[[], None]  # one forward+backward step, blocking until it is done
+    info: dict
+    times: list = dataclasses.field(default_factory=list)  # wall-clock seconds of each run
+    cpu_times: list = dataclasses.field(default_factory=list)  # process CPU seconds (all threads) of each run
+    ratios: list = dataclasses.field(default_factory=list)  # per round: time / the bracketing dense runs
+    cpu_ratios: list = dataclasses.field(default_factory=list)
+
+
+# ---- JAX candidates ----
+
+def _cost_flops(compiled) -> float:
+    cost = compiled.cost_analysis()
+    if isinstance(cost, (list, tuple)):
+        cost = cost[0]
+    return float(cost["flops"])
+
+
+def _jax_candidate(name: str, module: nnx.Module, apply: Callable, x, info: dict) -> Candidate:
+    """Compiles the forward+backward step of `apply(module, x) -> y or (y, MoEAux)` once; records XLA's
+    FLOPs of the step and of the forward alone, and the fraction of dropped choices."""
+    graphdef, params = nnx.split(module)
+
+    def forward(params, x):
+        out = apply(nnx.merge(graphdef, params), x)
+        return out if isinstance(out, tuple) else (out, None)
+
+    def loss(params, x):
+        return 0.5 * jnp.sum(jnp.square(forward(params, x)[0]))
+
+    step = jax.jit(jax.value_and_grad(loss, argnums=(0, 1))).lower(params, x).compile()
+    def forward_and_drops(params, x):
+        y, aux = forward(params, x)
+        return y, (None if aux is None else aux.metrics["dropped_fraction"])
+
+    fwd = jax.jit(forward_and_drops).lower(params, x).compile()
+    info = dict(info, xla_train_flops=_cost_flops(step), xla_forward_flops=_cost_flops(fwd))
+    dropped = fwd(params, x)[1]
+    if dropped is not None:
+        info["dropped_fraction"] = float(dropped)
+    return Candidate(name, lambda: jax.block_until_ready(step(params, x)), info)
+
+
+def _moe_config(shape: Shape, **fields) -> MoEConfig:
+    return MoEConfig(d_model=shape.d_model, d_ff=shape.d_ff, num_experts=shape.num_experts,
+                     num_experts_per_token=shape.k, activation="swiglu", **fields)
+
+
+def _moe_candidate(name: str, shape: Shape, x_BLD, cfg: MoEConfig, group_size: int, info: dict) -> Candidate:
+    layer = MoELayer(cfg, rngs=nnx.Rngs(0))
+    own = layer_train_flops(cfg, num_tokens=shape.tokens, group_size=group_size)
+    info = dict(info, own_train_flops=own["executed_flops"], useful_train_flops=own["useful_flops"],
+                own_forward_flops=own["forward_executed_flops"], useful_forward_flops=own["forward_useful_flops"])
+    return _jax_candidate(name, layer, lambda m, x: m(x, train=True), x_BLD, info)
+
+
+def jax_candidates(shape: Shape, x_BLD, only: Optional[re.Pattern], ragged_dot: bool) -> list[Candidate]:
+    T, D = shape.tokens, shape.d_model
+    wanted = lambda name: only is None or name == "dense" or only.search(name)
+    out = []
+    dense = FeedForward(D, shape.k * shape.d_ff, activation="swiglu", rngs=nnx.Rngs(0))
+    dense_flops = dense_train_flops(D, shape.k * shape.d_ff, num_tokens=T, gated=True)
+    out.append(_jax_candidate("dense", dense, lambda m, x: m(x.reshape(T, D)), x_BLD,
+                              dict(path="dense", own_train_flops=dense_flops, useful_train_flops=dense_flops)))
+    for cf in shape.capacity_factors:
+        for S in shape.group_sizes:
+            for dispatch in ("gather", "einsum"):
+                name = f"{dispatch}_cf{cf:g}_S{S}"
+                if not wanted(name):
+                    continue
+                cfg = _moe_config(shape, capacity_factor=cf, eval_capacity_factor=cf, group_size=S,
+                                  dispatch=dispatch, expert_backend="einsum")
+                out.append(_moe_candidate(name, shape, x_BLD, cfg, S, dict(
+                    path=dispatch, capacity_factor=cf, group_size=S, capacity=cfg.capacity(S, True))))
+    backends = ("blocked", "ragged_dot") if ragged_dot else ("blocked",)
+    for backend in backends:
+        name = f"dropless_{backend}"
+        if not wanted(name):
+            continue
+        block = shape.block_size if backend == "blocked" else 1
+        cfg = _moe_config(shape, capacity_factor=None, eval_capacity_factor=None, expert_backend=backend,
+                          dropless_block_size=block)
+        out.append(_moe_candidate(name, shape, x_BLD, cfg, T, dict(
+            path=f"dropless_{backend}", block_size=block)))
+    return out
+
+
+# ---- torch candidates (Hugging Face's Mixtral block and a dense SwiGLU FFN) ----
+
+def torch_candidates(shape: Shape, x_np: np.ndarray) -> list[Candidate]:
+    """Empty where torch or transformers does not import (the table then says so)."""
+    try:
+        import torch
+        import transformers
+        from transformers import MixtralConfig
+        from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
+    except ImportError:
+        return []
+    torch.set_num_threads(2)
+    torch.manual_seed(0)
+    D, F, E, K = shape.d_model, shape.d_ff, shape.num_experts, shape.k
+    hf_cfg = MixtralConfig(hidden_size=D, intermediate_size=F, num_local_experts=E, num_experts_per_tok=K,
+                           hidden_act="silu", router_jitter_noise=0.0, experts_implementation="eager")
+    block = MixtralSparseMoeBlock(hf_cfg).float()
+    with torch.no_grad():  # fan-in scaled normals, like ours; the block's parameters start uninitialised
+        block.gate.weight.normal_(0.0, D ** -0.5)
+        block.experts.gate_up_proj.normal_(0.0, D ** -0.5)
+        block.experts.down_proj.normal_(0.0, F ** -0.5)
+
+    class DenseSwiGLU(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.gate_up = torch.nn.Linear(D, 2 * K * F, bias=False)
+            self.down = torch.nn.Linear(K * F, D, bias=False)
+
+        def forward(self, x):
+            gate, up = self.gate_up(x).chunk(2, dim=-1)
+            return self.down(torch.nn.functional.silu(gate) * up)
+
+    dense = DenseSwiGLU().float()
+    x = torch.tensor(x_np, dtype=torch.float32, requires_grad=True)
+
+    def step(module):
+        def run():
+            module.zero_grad(set_to_none=True)
+            x.grad = None
+            y = module(x)
+            (0.5 * y.square().sum()).backward()
+        return run
+
+    versions = dict(torch=torch.__version__, transformers=transformers.__version__, threads=torch.get_num_threads())
+    return [Candidate("hf_mixtral", step(block), dict(path="hf_mixtral", **versions)),
+            Candidate("torch_dense", step(dense), dict(path="torch_dense", **versions))]
+
+
+# ---- timing and report ----
+
+def _timed(c: Candidate) -> tuple[float, float]:
+    t0, c0 = time.perf_counter(), time.process_time()
+    c.run()
+    wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+    c.times.append(wall)
+    c.cpu_times.append(cpu)
+    return wall, cpu
+
+
+def time_interleaved(reference: Candidate, candidates: list[Candidate], repeats: int, warmup: int = 1) -> None:
+    """Rounds of `reference, c1, reference, c2, ..., reference` (the candidates' order rotates).
+
+    Besides its raw times, each candidate records, per round, its time divided by the mean of the
+    two reference runs around it: load from other processes changes slowly next to one step, so
+    these bracketed ratios are steadier than a ratio of medians over a whole round.
+    """
+    for _ in range(warmup):
+        for c in [reference] + candidates:
+            c.run()
+    for r in range(repeats):
+        shift = r % max(len(candidates), 1)
+        before = _timed(reference)
+        for c in candidates[shift:] + candidates[:shift]:
+            wall, cpu = _timed(c)
+            after = _timed(reference)
+            c.ratios.append(wall / (0.5 * (before[0] + after[0])))
+            c.cpu_ratios.append(cpu / (0.5 * (before[1] + after[1])))
+            before = after
+
+
+def summarize(shape: Shape, reference: Candidate, candidates: list[Candidate]) -> dict:
+    med = statistics.median
+    rows = {}
+    for c in [reference] + candidates:
+        row = dict(c.info, median_s=med(c.times), min_s=min(c.times), times_s=c.times,
+                   cpu_median_s=med(c.cpu_times), cpu_times_s=c.cpu_times)
+        if c is reference:
+            row.update(time_vs_dense=1.0, cpu_time_vs_dense=1.0, time_vs_dense_of_medians=1.0)
+        else:
+            row.update(time_vs_dense=med(c.ratios), cpu_time_vs_dense=med(c.cpu_ratios),
+                       time_vs_dense_of_medians=med(c.times) / med(reference.times),
+                       ratios=c.ratios, cpu_ratios=c.cpu_ratios)
+        if "useful_train_flops" in row:
+            useful = row["useful_train_flops"]
+            row["xla_executed_over_useful"] = row["xla_train_flops"] / useful
+            row["own_executed_over_useful"] = row["own_train_flops"] / useful
+            row["own_over_xla"] = row["own_train_flops"] / row["xla_train_flops"]
+            if "own_forward_flops" in row:
+                row["own_over_xla_forward"] = row["own_forward_flops"] / row["xla_forward_flops"]
+        rows[c.name] = row
+    hf = {}
+    if "hf_mixtral" in rows:
+        rel = lambda name: rows[name]["time_vs_dense"]
+        hf["hf_over_torch_dense"] = rel("hf_mixtral") / rel("torch_dense")
+        hf["torch_dense_over_jax_dense"] = rel("torch_dense")
+        for name, row in rows.items():
+            if name not in ("hf_mixtral", "torch_dense"):
+                hf[f"hf_over_{name}"] = rel("hf_mixtral") / row["time_vs_dense"]
+    F = shape.d_ff
+    einsum_overhead = {  # executed/useful - 1 of the one-hot dispatch + combine einsums, forward+backward
+        f"cf{cf:g}_S{S}": 5 * cf * S / (9 * F) for cf in shape.capacity_factors for S in shape.group_sizes}
+    return dict(shape=dataclasses.asdict(shape), jax=jax.__version__, backend=jax.default_backend(),
+                devices=jax.device_count(), rows=rows, hf=hf,
+                einsum_overhead_formula="5 * cf * S / (9 * F) of the useful FLOPs (forward 2 cf S / (3F))",
+                einsum_overhead_predicted=einsum_overhead)
+
+
+def print_table(summary: dict) -> None:
+    s = summary["shape"]
+    print(f"\nMoE layer forward+backward, T={s['batch'] * s['length']} D={s['d_model']} F={s['d_ff']} "
+          f"E={s['num_experts']} k={s['k']} SwiGLU float32, {summary['backend']}, "
+          f"median of {s['repeats']} interleaved rounds (loss 0.5*sum(y^2))")
+    head = (f"{'candidate':22s} {'t/dense':>8s} {'cpu/dns':>7s} {'xla ex/use':>10s} {'own ex/use':>10s} "
+            f"{'own/xla':>8s} {'dropped':>8s}")
+    print(head)
+    print("-" * len(head))
+    fmt = lambda v, spec: format(v, spec) if v is not None else "-".rjust(int(re.match(r"\d+", spec).group()))
+    for name, r in summary["rows"].items():
+        if r["path"] in ("hf_mixtral", "torch_dense"):
+            continue
+        own_xla = r["own_over_xla"] if r["path"] != "dropless_blocked" else None
+        print(f"{name:22s} {r['time_vs_dense']:8.3f} {r['cpu_time_vs_dense']:7.3f} "
+              f"{r['xla_executed_over_useful']:10.3f} {r['own_executed_over_useful']:10.3f} "
+              f"{fmt(own_xla, '8.3f')} {fmt(r.get('dropped_fraction'), '8.4f')}")
+    print("einsum path overhead (own accounting): forward+backward 5*cf*S/(9F), forward 2*cf*S/(3F) of useful FLOPs")
+    hf = summary["hf"]
+    if not hf:
+        print("torch / transformers not importable: Hugging Face comparison skipped "
+              "(pip install torch==2.13.0 transformers==5.23.0)")
+        return
+    print(f"Hugging Face MixtralSparseMoeBlock (eager, torch threads 2): {hf['hf_over_torch_dense']:.3f}x a torch "
+          f"dense FFN; torch dense / JAX dense {hf['torch_dense_over_jax_dense']:.3f}")
+    for key, v in hf.items():
+        if key.startswith("hf_over_") and key != "hf_over_torch_dense":
+            print(f"  HF time / {key[len('hf_over_'):]:22s} {v:6.3f}")
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--json", help="write every figure to this path")
+    parser.add_argument("--quick", action="store_true", help="a small shape (smoke test)")
+    parser.add_argument("--repeats", type=int, help="timed rounds (default: 7, quick: 3)")
+    parser.add_argument("--block-size", type=int, help="dropless block size (default: 256, quick: 32)")
+    parser.add_argument("--only", help="regex: time only the candidates it matches (plus dense)")
+    parser.add_argument("--no-torch", action="store_true", help="skip the Hugging Face / torch candidates")
+    parser.add_argument("--ragged-dot", action="store_true",
+                        help="also time the dropless ragged_dot backend (dense per group on CPU: slow)")
+    args = parser.parse_args(argv)
+    shape = QUICK if args.quick else FULL
+    if args.repeats is not None:
+        if args.repeats < 1:
+            parser.error(f"--repeats={args.repeats} must be >= 1")
+        shape = dataclasses.replace(shape, repeats=args.repeats)
+    if args.block_size is not None:
+        shape = dataclasses.replace(shape, block_size=args.block_size)
+    only = re.compile(args.only) if args.only else None
+    x_np = np.asarray(jax.random.normal(jax.random.PRNGKey(0), (shape.batch, shape.length, shape.d_model)))
+    candidates = jax_candidates(shape, jnp.asarray(x_np), only, args.ragged_dot)
+    if not args.no_torch and (only is None or only.search("hf_mixtral")):
+        candidates += torch_candidates(shape, x_np)
+    time_interleaved(candidates[0], candidates[1:], shape.repeats)
+    summary = summarize(shape, candidates[0], candidates[1:])
+    print_table(summary)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(summary, f, indent=1, default=float)
+    return summary
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -167,12 +167,11 @@ def test_switch_fixture(path):
     check_case(load_case("switch"), path)
 
 
-# Every case on two or three of the four execution paths; every path on at least two cases.
+# Every case on at least one of the four execution paths, every path on two cases (with Switch).
 @pytest.mark.parametrize("case,path", [
     ("mixtral", "einsum"), ("mixtral", "ragged_dot"),
-    ("qwen2_moe_norm", "gather"), ("qwen2_moe_norm", "blocked"),
-    ("qwen2_moe_nonorm", "einsum"), ("qwen2_moe_nonorm", "ragged_dot"),
-    ("deepseek_v3", "gather"), ("deepseek_v3", "blocked"),
+    ("qwen2_moe_norm", "blocked"), ("qwen2_moe_nonorm", "gather"),
+    ("deepseek_v3", "blocked"), ("deepseek_v3", "ragged_dot"),
 ])
 def test_no_drop_fixture(case, path):
     check_case(load_case(case), path)

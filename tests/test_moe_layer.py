@@ -2,7 +2,6 @@
 expert choice and causality, hash routing, router noise, and the metrics on a hand-made case."""
 from __future__ import annotations
 
-import dataclasses
 import math
 
 import hypothesis.strategies as st
@@ -92,8 +91,7 @@ def reference(layer: MoELayer, c: MoEConfig, x_BLD) -> np.ndarray:
 
 @pytest.mark.parametrize("kw", [
     dict(activation="relu", expert_bias=True, num_experts_per_token=1),
-    dict(activation="gelu"),
-    dict(activation="geglu", num_shared_experts=2, shared_d_ff=12),
+    dict(activation="geglu", num_shared_experts=2, shared_d_ff=12),  # exact (erf) GELU
     dict(activation="swiglu", granularity=2, num_shared_experts=1, shared_expert_gate=True, normalize_topk=True),
     dict(activation="silu", score_fn="sigmoid", normalize_topk=True, routed_scaling_factor=2.5, expert_bias=True),
 ])
@@ -326,22 +324,3 @@ def test_metrics_hand_case():
     assert float(m["executed_flops"]) == 1856
     # Dropped tokens (t2, t6, t7) give exactly 0.
     assert np.all(np.asarray(y)[0, [2, 6, 7]] == 0.0)
-    # With one-hot einsum dispatch, the executed FLOPs add 2 * 2 G S E C D = 2*2*1*8*4*2*4 = 1024
-    # instead of the gather's 64: 256 + 1536 + 1024 = 2816.
-    _, aux_e = apply(MoELayer(dataclasses.replace(c, dispatch="einsum"), rngs=nnx.Rngs(0)), x, train=True)
-    assert float(aux_e.metrics["executed_flops"]) == 2816
-
-
-def test_balance_loss_scopes_differ_as_defined():
-    # Two sequences routed in opposite directions: per sequence each is unbalanced, the batch is not.
-    c = MoEConfig(d_model=2, d_ff=4, num_experts=2, num_experts_per_token=1, capacity_factor=2.0,
-                  eval_capacity_factor=2.0, min_capacity=1, balance_loss_scope="sequence")
-    layer = MoELayer(c, rngs=nnx.Rngs(0))
-    layer.router.w_DE[...] = 20.0 * jnp.eye(2)  # token one-hot(e) -> expert e with probability ~1
-    x = jnp.asarray(np.eye(2, dtype=np.float32)[np.array([[0, 0, 0, 0], [1, 1, 1, 1]])])
-    # Sequence scope: each sequence has f = P = one-hot -> 2 each; mean 2 (= E, the maximum).
-    np.testing.assert_allclose(apply(layer, x)[1].losses["balance_loss"], 2.0, rtol=1e-6)
-    # Batch scope: f = P = [1/2, 1/2] -> 2 * (1/4 + 1/4) = 1 (the minimum).
-    batch = MoELayer(dataclasses.replace(c, balance_loss_scope="batch"), rngs=nnx.Rngs(0))
-    batch.router.w_DE[...] = 20.0 * jnp.eye(2)
-    np.testing.assert_allclose(apply(batch, x)[1].losses["balance_loss"], 1.0, rtol=1e-6)

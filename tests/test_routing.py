@@ -215,17 +215,22 @@ def _router(**kw):
     return Router(MoEConfig(**base), rngs=nnx.Rngs(0))
 
 
+@nnx.jit
+def _logits(router, x, rng=None):
+    return router.logits(x, rng)
+
+
 @pytest.mark.parametrize("kw", [dict(jitter_eps=0.1), dict(logit_noise_std=1.0)])
 def test_router_noise_only_with_rng(kw):
     router = _router(**kw)
     x = jax.random.normal(jax.random.key(1), (2, 4, 8))
-    clean = router.logits(x)
-    np.testing.assert_array_equal(router.logits(x), clean)  # no rng: deterministic
+    clean = _logits(router, x)
+    np.testing.assert_array_equal(_logits(router, x), clean)  # no rng: deterministic
     np.testing.assert_allclose(clean, jnp.einsum("gsd,de->gse", x, router.w_DE[...]), rtol=1e-6)
-    a = router.logits(x, jax.random.key(2))
-    b = router.logits(x, jax.random.key(3))
+    a = _logits(router, x, jax.random.key(2))
+    b = _logits(router, x, jax.random.key(3))
     assert not np.allclose(a, clean) and not np.allclose(a, b)
-    np.testing.assert_array_equal(router.logits(x, jax.random.key(2)), a)  # same key, same noise
+    np.testing.assert_array_equal(_logits(router, x, jax.random.key(2)), a)  # same key, same noise
     if "jitter_eps" in kw:
         # Input multiplied by U(0.9, 1.1): each logit moves by at most 0.1 * sum_d |x_d w_de|.
         bound = 0.1 * jnp.einsum("gsd,de->gse", jnp.abs(x), jnp.abs(router.w_DE[...]))
@@ -235,7 +240,7 @@ def test_router_noise_only_with_rng(kw):
 def test_router_without_noise_ignores_rng():
     router = _router()
     x = jax.random.normal(jax.random.key(1), (2, 4, 8))
-    np.testing.assert_array_equal(router.logits(x, jax.random.key(2)), router.logits(x))
+    np.testing.assert_array_equal(_logits(router, x, jax.random.key(2)), _logits(router, x))
 
 
 def test_hash_router_has_no_gate():

@@ -160,6 +160,10 @@ class MoEConfig:
             raise ValueError(f"MoEConfig.jitter_eps={self.jitter_eps} must be in [0, 1).")
         _positive("logit_noise_std", self.logit_noise_std, allow_zero=True)
         _positive("soft_slots_per_expert", self.soft_slots_per_expert)
+        _positive("router_init_scale", self.router_init_scale)
+        _positive("expert_init_scale", self.expert_init_scale)
+        for name in ("bias_update_rate", "balance_loss_coef", "z_loss_coef"):
+            _positive(name, getattr(self, name), allow_zero=True)
         _positive("num_shared_experts", self.num_shared_experts, allow_zero=True)
         if self.shared_d_ff is not None:
             _positive("shared_d_ff", self.shared_d_ff)

@@ -109,6 +109,11 @@ def test_shared_width():
     (dict(overflow_buffer_factor=0.5), "overflow_buffer_factor"),
     (dict(max_reroute_rounds=-1), "max_reroute_rounds"),
     (dict(soft_slots_per_expert=0), "soft_slots_per_expert"),
+    (dict(router_init_scale=0.0), "router_init_scale"),
+    (dict(expert_init_scale=-0.1), "expert_init_scale"),
+    (dict(bias_update_rate=-1e-3), "bias_update_rate"),  # a negative rate would invert the sign rule
+    (dict(balance_loss_coef=-1e-2), "balance_loss_coef"),
+    (dict(z_loss_coef=-1e-3), "z_loss_coef"),
     (dict(num_shared_experts=-1), "num_shared_experts"),
     (dict(num_shared_experts=1, shared_d_ff=0), "shared_d_ff"),
     (dict(shared_expert_gate=True), "shared_expert_gate"),  # a gate without shared experts

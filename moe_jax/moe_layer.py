@@ -38,6 +38,22 @@ class MoEAux:
     metrics: dict
 
 
+@struct.dataclass
+class RoutingStats:
+    """What `MoELayer._aux` needs from a forward pass (G groups of S tokens, K choices, E experts).
+
+    logits_GSE: <float32>[G, S, E] router logits.  expert_GSK: <int32>[G, S, K] the router's token
+    choices before capacity (None for expert choice and Soft MoE).  served_E: <float32>[E] choices each
+    expert served.  dropped_GSK: <bool>[G, S, K].  unserved_GS: <bool>[G, S].
+    """
+
+    logits_GSE: Array
+    expert_GSK: Optional[Array]
+    served_E: Array
+    dropped_GSK: Array
+    unserved_GS: Array
+
+
 def group_tokens(x_BLX: Array, cfg: MoEConfig) -> Array:
     """[B, L, ...] -> [G, S, ...] per `cfg.grouping` / `cfg.group_size` (error names the field)."""
     B, L = x_BLX.shape[:2]
@@ -86,13 +102,30 @@ class MoELayer(nnx.Module):
         self.shared = nnx.data(shared)
         self.shared_gate_D1 = nnx.data(shared_gate)
 
+    # Set by `moe_jax.sharding.apply_expert_parallel` (static, part of the graphdef): runs `forward`
+    # under shard_map with the expert buffers sent through all_to_all. None: one device does it all.
+    expert_parallel = None
+
     def __call__(self, x_BLD: Array, *, train: bool = False, rng: Optional[Array] = None,
                  token_ids_BL: Optional[Array] = None) -> tuple[Array, MoEAux]:
         """x_BLD <dtype>[B, L, D] -> (y_BLD, MoEAux). `rng` turns on router noise (training only)."""
+        B, L, D = x_BLD.shape
+        if D != self.cfg.d_model:
+            raise ValueError(f"MoELayer: input width {D} != MoEConfig.d_model={self.cfg.d_model}.")
+        if self.expert_parallel is not None:
+            return self.expert_parallel(self, x_BLD, train=train, rng=rng, token_ids_BL=token_ids_BL)
+        y_BLD, stats = self.forward(x_BLD, train=train, rng=rng, token_ids_BL=token_ids_BL)
+        return y_BLD, self._aux(stats, B, L, train)
+
+    def forward(self, x_BLD: Array, *, train: bool, rng: Optional[Array] = None,
+                token_ids_BL: Optional[Array] = None, run_experts=None) -> tuple[Array, RoutingStats]:
+        """The layer without its losses and metrics: (y_BLD, RoutingStats).
+
+        run_experts: capacity buffers `[E, X, D] -> [E, X, D]` through the experts; default `self.experts`
+        (the expert-parallel path sends the buffers to the devices holding the experts and back).
+        """
         cfg = self.cfg
         B, L, D = x_BLD.shape
-        if D != cfg.d_model:
-            raise ValueError(f"MoELayer: input width {D} != MoEConfig.d_model={cfg.d_model}.")
         x_GSD = group_tokens(x_BLD, cfg).astype(self.dtype)
         G, S, _ = x_GSD.shape
         token_ids_GS = None if token_ids_BL is None else group_tokens(token_ids_BL, cfg)
@@ -107,7 +140,7 @@ class MoELayer(nnx.Module):
             routing, expert_GSK = self.router.route(logits_GSE, train=train, token_ids_GS=token_ids_GS)
             dispatcher = dispatch_lib.make_dispatcher(cfg.dispatch)
             buffer_EXD = dispatcher.dispatch(x_GSD, routing)
-            y_GSD = dispatcher.combine(self.experts(buffer_EXD), routing)
+            y_GSD = dispatcher.combine((run_experts or self.experts)(buffer_EXD), routing)
             served_E, dropped_GSK, unserved_GS = (
                 routing.tokens_per_expert_E(), routing.dropped_GSK, routing.unserved_GS())
 
@@ -118,8 +151,9 @@ class MoELayer(nnx.Module):
                 shared_TD = gate_T1 * shared_TD
             y_GSD = y_GSD + shared_TD.reshape(G, S, D)
 
-        aux = self._aux(logits_GSE, expert_GSK, served_E, dropped_GSK, unserved_GS, B, L, train)
-        return ungroup_tokens(y_GSD, cfg, B, L).astype(x_BLD.dtype), aux
+        stats = RoutingStats(logits_GSE=logits_GSE, expert_GSK=expert_GSK, served_E=served_E,
+                             dropped_GSK=dropped_GSK, unserved_GS=unserved_GS)
+        return ungroup_tokens(y_GSD, cfg, B, L).astype(x_BLD.dtype), stats
 
     def _dropless(self, x_GSD, logits_GSE, token_ids_GS):
         cfg = self.cfg
@@ -135,11 +169,18 @@ class MoELayer(nnx.Module):
                                       block_size=block, counts_E=sorted_routing.counts_E)
         return dispatcher.combine(out_MD, sorted_routing).reshape(G, S, D), expert_GSK
 
-    def _aux(self, logits_GSE, expert_GSK, served_E, dropped_GSK, unserved_GS, B, L, train) -> MoEAux:
-        """Losses and metrics. expert_GSK: the router's token choices before capacity (None for
+    def _aux(self, stats: RoutingStats, B: int, L: int, train: bool, balance_shards: int = 1) -> MoEAux:
+        """Losses and metrics. stats.expert_GSK: the router's token choices before capacity (None for
         expert choice and Soft MoE, which have none: they are balanced by construction, so their
-        balance loss is reported as 0)."""
+        balance loss is reported as 0).
+
+        balance_shards: with balance_loss_scope='batch', the balance loss is the mean of its value over
+        this many equal contiguous slices of the batch (the per-shard statistics of a data-parallel run
+        whose shards each balance their own tokens); 1 = the global batch.
+        """
         cfg = self.cfg
+        logits_GSE, expert_GSK, served_E = stats.logits_GSE, stats.expert_GSK, stats.served_E
+        dropped_GSK, unserved_GS = stats.dropped_GSK, stats.unserved_GS
         G, S, _ = logits_GSE.shape
         E, T = cfg.num_routed_experts, G * S
         zero = jnp.zeros((), jnp.float32)
@@ -157,8 +198,12 @@ class MoELayer(nnx.Module):
                 p, e = probs_GSE, expert_GSK
             elif cfg.balance_loss_scope == "sequence":
                 p, e = ungroup_tokens(probs_GSE, cfg, B, L), ungroup_tokens(expert_GSK, cfg, B, L)
-            else:
+            elif balance_shards == 1:
                 p, e = probs_GSE.reshape(1, T, E), expert_GSK.reshape(1, T, K)
+            else:  # shard-major token order: ungrouped [B, L], sharded over B
+                n = balance_shards
+                p = ungroup_tokens(probs_GSE, cfg, B, L).reshape(n, T // n, E)
+                e = ungroup_tokens(expert_GSK, cfg, B, L).reshape(n, T // n, K)
             balance = losses_lib.load_balancing_loss(p, e, E)
         losses = {
             "balance_loss": balance,

@@ -21,6 +21,8 @@ from flax import nnx
 
 from moe_jax.data import make_lm_data
 from moe_jax.params import count_params
+from moe_jax.sharding import apply_expert_parallel
+from moe_jax.train import distributed
 from moe_jax.train.checkpoint import Checkpoints
 from moe_jax.train.metrics import MetricWriter, read_jsonl, to_python
 from moe_jax.train.plots import plot_run
@@ -45,8 +47,9 @@ def _mean_metrics(rows: list[dict]) -> dict:
     return {k: np.mean([np.asarray(r[k]) for r in rows], axis=0) for k in rows[0]}
 
 
-def evaluate(eval_step, state, data, num_batches: int) -> dict:
-    rows = [jax.device_get(eval_step(state, jnp.asarray(b))) for b in data.eval_batches(num_batches)]
+def evaluate(eval_step, state, data, num_batches: int, placement=None) -> dict:
+    rows = [jax.device_get(eval_step(state, distributed.to_device(b, placement)))
+            for b in data.eval_batches(num_batches)]
     out = _mean_metrics(rows)
     out["ppl"] = math.exp(min(float(out["ce"]), 50.0))
     out["bits_per_token"] = float(out["ce"]) / math.log(2)
@@ -54,7 +57,11 @@ def evaluate(eval_step, state, data, num_batches: int) -> dict:
 
 
 def train(run: RunConfig, workdir: str, *, log=print) -> dict:
+    distributed.initialize(run.mesh)  # multi-host: before any other JAX call
     workdir = os.path.abspath(os.path.expanduser(workdir))
+    checkpoint_dir = workdir  # shared by all processes; each process > 0 writes its metrics to its own folder
+    if jax.process_index() > 0:
+        workdir, log = os.path.join(workdir, f"process_{jax.process_index()}"), (lambda *_: None)
     os.makedirs(workdir, exist_ok=True)
     cfg, tcfg = run.model, run.train
     data = make_lm_data(run.data)
@@ -63,25 +70,30 @@ def train(run: RunConfig, workdir: str, *, log=print) -> dict:
                          f"{data.vocab_size} tokens; set config.model.vocab_size >= {data.vocab_size}.")
     counts = count_params(cfg)
     flops_per_token = model_flops_per_token(run, counts)
-    record = {"name": run.name, "model": model_record(cfg), "data": _plain(run.data), "train": _plain(run.train)}
+    record = {"name": run.name, "model": model_record(cfg), "data": _plain(run.data), "train": _plain(run.train),
+              "mesh": _plain(run.mesh)}
     with open(os.path.join(workdir, "config.json"), "w") as f:
         json.dump(record, f, indent=2)
     log(f"[moe_jax] {run.name}: {counts['total']/1e6:.2f}M params, {counts['active_per_token']/1e6:.2f}M active "
         f"per token; data {data.describe().get('corpus')}; workdir {workdir}")
 
-    model = Transformer(cfg, rngs=nnx.Rngs(params=tcfg.seed))
     tx = make_optimizer(tcfg)
     schedule = learning_rate_schedule(tcfg)
-    graphdef, state = init_state(model, tx)
-    del model
-    ckpt = Checkpoints(workdir, keep=tcfg.keep_checkpoints)
+    placement = None  # one device; else the mesh's shardings (state created sharded, MoE layers expert-parallel)
+    if run.mesh.is_sharded:
+        graphdef, state, placement = distributed.init_sharded(run, tx, log=log)
+    else:
+        model = Transformer(cfg, rngs=nnx.Rngs(params=tcfg.seed))
+        graphdef, state = init_state(model, tx)
+        del model
+    ckpt = Checkpoints(checkpoint_dir, keep=tcfg.keep_checkpoints)
     latest = ckpt.latest_step()
     if latest is not None:
         state = ckpt.restore(latest, state, expect_model=record["model"])
         log(f"[moe_jax] resumed from step {latest} ({ckpt.directory})")
     start = int(state.step)
-    train_step = make_train_step(graphdef, tx, schedule)
-    eval_step = make_eval_step(graphdef)
+    train_step = make_train_step(graphdef, tx, schedule, placement=placement)
+    eval_step = make_eval_step(graphdef, placement=placement)
     key = jax.random.PRNGKey(tcfg.seed)
     writer = MetricWriter(workdir)
     tokens_per_step = run.data.batch_size * run.data.seq_len
@@ -94,7 +106,7 @@ def train(run: RunConfig, workdir: str, *, log=print) -> dict:
     compile_done_at = None
     step = start
     while step < tcfg.steps:
-        batch = jnp.asarray(data.train_batch(step))
+        batch = distributed.train_batch(data, step, placement)
         state, metrics = train_step(state, batch, key)
         step += 1
         window.append(metrics)
@@ -127,7 +139,7 @@ def train(run: RunConfig, workdir: str, *, log=print) -> dict:
         if bar is not None:
             bar.update(1)
         if tcfg.eval_batches and (step % tcfg.eval_every == 0 or step == tcfg.steps):
-            last_eval = evaluate(eval_step, state, data, tcfg.eval_batches)
+            last_eval = evaluate(eval_step, state, data, tcfg.eval_batches, placement)
             writer.write(step, "eval", last_eval)
             window_start = time.perf_counter()
         if step % tcfg.checkpoint_every == 0 or step == tcfg.steps:
@@ -136,7 +148,7 @@ def train(run: RunConfig, workdir: str, *, log=print) -> dict:
     if bar is not None:
         bar.close()
     if last_eval is None and tcfg.eval_batches:
-        last_eval = evaluate(eval_step, state, data, tcfg.eval_batches)
+        last_eval = evaluate(eval_step, state, data, tcfg.eval_batches, placement)
     writer.close()
     ckpt.close()
     summary = summarise(run, workdir, state, graphdef, data, counts, last_eval, log)
@@ -170,10 +182,10 @@ def summarise(run, workdir, state, graphdef, data, counts, last_eval, log) -> di
     }
     if train_rows:
         summary["plot"] = plot_run(records, os.path.join(workdir, "training.png"), title=run.name)
-    if run.train.sample_tokens:
+    if run.train.sample_tokens and jax.process_count() == 1:  # (multi-host: the prompt is one host's array)
         from moe_jax.sampling import generate
 
-        model = nnx.merge(graphdef, state.params, state.rest)
+        model = apply_expert_parallel(nnx.merge(graphdef, state.params, state.rest), None)  # batch 1: plain path
         prompt = data.encode(run.train.sample_prompt)[None, :]
         ids = generate(model, jnp.asarray(prompt), max_new_tokens=run.train.sample_tokens,
                        temperature=run.train.sample_temperature, rng=jax.random.PRNGKey(run.train.seed))

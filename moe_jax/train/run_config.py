@@ -1,12 +1,14 @@
 """ConfigDict -> typed, validated dataclasses: the one boundary between ml_collections and the code.
 
-A run config has three sections:
+A run config has three sections, and an optional fourth:
   config.model  `ModelConfig` fields, plus the MoE layer's `MoEConfig` fields flattened into the same
                 section (so `--config.model.num_experts=16` works): `use_moe` turns the MoE layers on,
                 `moe_d_ff` is `MoEConfig.d_ff` (one expert's hidden width at granularity 1), `d_model` and
                 `activation` are shared by both.
   config.data   `DataConfig` fields.
   config.train  `TrainConfig` fields.
+  config.mesh   `ShardingConfig` fields (moe_jax.sharding): mesh axis sizes and processes; absent or all 1
+                = one device.
 Every key must be a known field: a typo fails with the section, the key and the known names, before
 anything is built or compiled.
 """
@@ -23,9 +25,11 @@ from ml_collections import config_dict
 from moe_jax.config import MoEConfig
 from moe_jax.data import DataConfig
 from moe_jax.model_config import ModelConfig
+from moe_jax.sharding.config import ShardingConfig
 from moe_jax.train.config import TrainConfig
 
 SECTIONS = ("model", "data", "train")
+OPTIONAL_SECTIONS = ("mesh",)
 MODEL_ONLY_KEYS = ("use_moe", "moe_d_ff")
 
 
@@ -35,6 +39,7 @@ class RunConfig:
     data: DataConfig
     train: TrainConfig
     name: str = "run"
+    mesh: ShardingConfig = dataclasses.field(default_factory=ShardingConfig)
 
 
 def _fields(cls) -> set[str]:
@@ -105,14 +110,16 @@ def _defaults(cls, skip=()) -> dict:
     return out
 
 
-def make_config_dict(name: str, model: dict, data: dict, train: dict) -> ml_collections.ConfigDict:
+def make_config_dict(name: str, model: dict, data: dict, train: dict,
+                     mesh: dict | None = None) -> ml_collections.ConfigDict:
     """A full run ConfigDict: every known field present (so each is overridable and listed by
     --print_config), dataclass defaults filled in under the given values."""
     model_defaults = {**_defaults(MoEConfig, skip=("d_model", "d_ff")), **_defaults(ModelConfig, skip=("moe",)),
                       "use_moe": True}
     sections = {}
     for section, defaults, given in (("model", model_defaults, model), ("data", _defaults(DataConfig), data),
-                                     ("train", _defaults(TrainConfig), train)):
+                                     ("train", _defaults(TrainConfig), train),
+                                     ("mesh", _defaults(ShardingConfig), mesh or {})):
         merged = dict(defaults)
         for key, value in given.items():
             if isinstance(merged.get(key), config_dict.FieldReference):
@@ -137,8 +144,9 @@ def build_run_config(config) -> RunConfig:
     """Validates a ConfigDict (or nested dict) into a `RunConfig`; raises ValueError naming the field."""
     config = to_dict(config)
     for section in config:
-        if section not in SECTIONS + ("name",):
-            raise ValueError(f"config.{section} is not a section; a run config has {SECTIONS} (and name).")
+        if section not in SECTIONS + OPTIONAL_SECTIONS + ("name",):
+            raise ValueError(f"config.{section} is not a section; a run config has {SECTIONS + OPTIONAL_SECTIONS} "
+                             "(and name).")
     for section in SECTIONS:
         if section not in config:
             raise ValueError(f"config.{section} is missing; a run config needs the sections {SECTIONS}.")
@@ -173,8 +181,13 @@ def build_run_config(config) -> RunConfig:
     for key in train:
         if key not in _fields(TrainConfig):
             raise _unknown("train", key, _fields(TrainConfig))
+    mesh = dict(config.get("mesh") or {})
+    for key in mesh:
+        if key not in _fields(ShardingConfig):
+            raise _unknown("mesh", key, _fields(ShardingConfig))
     return RunConfig(model=model_cfg, data=_build(DataConfig, "data", data),
-                     train=_build(TrainConfig, "train", train), name=str(config.get("name", "run")))
+                     train=_build(TrainConfig, "train", train), name=str(config.get("name", "run")),
+                     mesh=_build(ShardingConfig, "mesh", mesh))
 
 
 def model_record(model_cfg: ModelConfig) -> dict:

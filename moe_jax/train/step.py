@@ -34,8 +34,12 @@ def _layer_metrics(aux) -> dict:
     return out
 
 
-def make_train_step(graphdef, tx: optax.GradientTransformation, schedule):
-    """Returns `step(state, batch_BL1, key) -> (state, metrics)`, jitted with the state donated."""
+def make_train_step(graphdef, tx: optax.GradientTransformation, schedule, *, placement=None):
+    """Returns `step(state, batch_BL1, key) -> (state, metrics)`, jitted with the state donated.
+
+    placement: a `moe_jax.sharding.state.Placement` for a run on a device mesh (the state keeps its
+    sharding from step to step, metrics come back replicated); None = one device.
+    """
 
     def train_step(state: TrainState, batch_BL1: jax.Array, key: jax.Array):
         rng = jax.random.fold_in(key, state.step)
@@ -70,15 +74,21 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, schedule):
                    **_layer_metrics(aux)}
         return new_state, metrics
 
-    return jax.jit(train_step, donate_argnums=0)
+    if placement is None:
+        return jax.jit(train_step, donate_argnums=0)
+    return jax.jit(train_step, donate_argnums=0, in_shardings=(placement.state, placement.batch, placement.replicated),
+                   out_shardings=(placement.state, placement.replicated))
 
 
-def make_eval_step(graphdef):
-    """Returns `eval_step(state, batch_BL1) -> {ce, aux_loss, moe/...}` (train=False: eval capacity factor)."""
+def make_eval_step(graphdef, *, placement=None):
+    """Returns `eval_step(state, batch_BL1) -> {ce, aux_loss, moe/...}` (train=False: eval capacity factor).
+    placement: as for `make_train_step`."""
 
     def eval_step(state: TrainState, batch_BL1: jax.Array):
         model = nnx.merge(graphdef, state.params, state.rest)
         logits_BLV, aux = model(batch_BL1[:, :-1], train=False)
         return {"ce": cross_entropy(logits_BLV, batch_BL1[:, 1:]), **_layer_metrics(aux)}
 
-    return jax.jit(eval_step)
+    if placement is None:
+        return jax.jit(eval_step)
+    return jax.jit(eval_step, in_shardings=(placement.state, placement.batch), out_shardings=placement.replicated)

@@ -1,0 +1,130 @@
+"""Expert parallelism: the MoE layer under `jax.shard_map`, capacity buffers through `all_to_all`.
+
+    plan = ExpertParallel(mesh)
+    apply_expert_parallel(model, plan)      # every MoELayer of `model` now runs through `plan`
+
+GShard (Lepikhin et al. 2020) / Switch layout. With n = mesh 'expert' size and X = G_local * C slots per
+expert on one device (G_local groups of its own tokens, C = capacity):
+
+    device i of the expert axis          tokens [B/shards, L, D]     all E experts' weights? no: E/n of them
+      route its own tokens, dispatch  -> buffer [E, X, D]           expert-major: block j = experts of device j
+      all_to_all(split E, concat X)   -> buffer [E/n, n*X, D]       its experts, the slots of every peer
+      experts (its E/n FFNs)          -> out    [E/n, n*X, D]       (+ psum over 'model': tensor-parallel F)
+      all_to_all(split X, concat E)   -> out    [E, X, D]           every expert's output for its own slots
+      combine                         -> y      [B/shards, L, D]
+
+Both capacity dispatch paths (one-hot einsum and index gather) produce and consume the same `[E, X, D]`
+buffer, so the exchange is the same for both, and so are its gradients (the transpose of an all_to_all
+is the inverse all_to_all). Every device computes the same capacity C from the same group size, so the
+buffers always agree in shape. Routing, capacity and combine are local to a device: the only
+communication of the layer is the two all_to_alls per direction (plus, for training, the gradient
+all-reduce of the replicated router weights).
+
+Losses and metrics are computed outside the shard_map from the per-token routing results, laid out
+[B, L, ...] and sharded like the batch: XLA reduces them over the global batch, so the balance loss,
+z-loss, load metrics and the aux-loss-free bias update equal the single-device values
+(`balance_stats='shard'` averages a per-shard batch-scope balance loss instead).
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import jax
+from flax import nnx
+from jax.sharding import Mesh, PartitionSpec as P
+
+from moe_jax.moe_layer import MoELayer, RoutingStats, group_tokens, ungroup_tokens
+from moe_jax.sharding.config import BALANCE_STATS, BATCH_AXES
+from moe_jax.sharding.mesh import batch_shards, check_moe_layout
+from moe_jax.sharding.rules import EXPERT_PARALLEL_RULES, partition_spec, path_str
+
+_PER_TOKEN = ("logits_GSE", "expert_GSK", "dropped_GSK", "unserved_GS")
+
+
+def _inner_spec(path, leaf, mesh_shape: dict) -> P:
+    """In the shard_map: routed expert weights stay split over 'expert' (and 'model'), the rest whole."""
+    name = path_str(path)
+    if not name.startswith("experts/"):
+        return P()
+    return partition_spec(name, leaf.shape, mesh_shape, EXPERT_PARALLEL_RULES)
+
+
+@dataclasses.dataclass(frozen=True)
+class ExpertParallel:
+    """Runs an `MoELayer` on `mesh`: tokens split over data x fsdp x expert, experts over 'expert'.
+
+    Static and hashable: it is an attribute of the layers (part of the graphdef), not of their state.
+    """
+
+    mesh: Mesh
+    balance_stats: str = "global"
+
+    def __post_init__(self):
+        if self.balance_stats not in BALANCE_STATS:
+            raise ValueError(f"config.mesh.balance_stats={self.balance_stats!r}: set it to one of {BALANCE_STATS}.")
+
+    @property
+    def mesh_shape(self) -> dict[str, int]:
+        return dict(self.mesh.shape)
+
+    def run_experts(self, experts: nnx.Module, buffer_EXD: jax.Array) -> jax.Array:
+        """Inside the shard_map: this device's `[E, X, D]` buffer through the experts that own each row."""
+        ep, tp = self.mesh_shape.get("expert", 1), self.mesh_shape.get("model", 1)
+        if ep > 1:  # [E, X, D] -> [E/n, n*X, D]: rows of expert e go to the device holding e
+            buffer_EXD = jax.lax.all_to_all(buffer_EXD, "expert", 0, 1, tiled=True)
+        out_EXD = experts(buffer_EXD)
+        if tp > 1:  # each model shard computed a partial sum over its slice of the hidden width
+            out_EXD = jax.lax.psum(out_EXD, "model")
+        if ep > 1:  # [E/n, n*X, D] -> [E, X, D]: results back to the devices whose tokens they are
+            out_EXD = jax.lax.all_to_all(out_EXD, "expert", 1, 0, tiled=True)
+        return out_EXD
+
+    def __call__(self, layer: MoELayer, x_BLD: jax.Array, *, train: bool, rng=None, token_ids_BL=None):
+        cfg = layer.cfg
+        B, L, _ = x_BLD.shape
+        mesh_shape = self.mesh_shape
+        check_moe_layout(cfg, B, L, mesh_shape, train=train)
+        graphdef, state = nnx.split(layer)
+        state_specs = jax.tree_util.tree_map_with_path(
+            functools.partial(_inner_spec, mesh_shape=mesh_shape), state)
+        tokens = P(BATCH_AXES)
+        with_rng, with_ids = rng is not None, token_ids_BL is not None
+
+        def body(state, x_BLD, *extra):
+            extra = list(extra)
+            rng = extra.pop(0) if with_rng else None
+            ids_BL = extra.pop(0) if with_ids else None
+            if rng is not None:  # independent router noise per shard (the single-device run draws one array)
+                rng = jax.random.fold_in(rng, jax.lax.axis_index(BATCH_AXES))
+            local = nnx.merge(graphdef, state)
+            y_BLD, stats = local.forward(x_BLD, train=train, rng=rng, token_ids_BL=ids_BL,
+                                         run_experts=functools.partial(self.run_experts, local.experts))
+            b = x_BLD.shape[0]
+            per_token = {k: ungroup_tokens(getattr(stats, k), cfg, b, L) for k in _PER_TOKEN
+                         if getattr(stats, k) is not None}
+            return y_BLD, per_token, jax.lax.psum(stats.served_E, BATCH_AXES)
+
+        args, in_specs = [state, x_BLD], [state_specs, tokens]
+        if with_rng:
+            args.append(rng)
+            in_specs.append(P())
+        if with_ids:
+            args.append(token_ids_BL)
+            in_specs.append(tokens)
+        has_choices = cfg.router not in ("soft", "expert_choice")  # they have no token choices (expert_GSK None)
+        out_specs = (tokens, {k: tokens for k in _PER_TOKEN if k != "expert_GSK" or has_choices}, P())
+        y_BLD, per_token, served_E = jax.shard_map(
+            body, mesh=self.mesh, in_specs=tuple(in_specs), out_specs=out_specs)(*args)
+
+        grouped = {k: group_tokens(v, cfg) for k, v in per_token.items()}
+        stats = RoutingStats(served_E=served_E, expert_GSK=grouped.pop("expert_GSK", None), **grouped)
+        shards = batch_shards(mesh_shape) if self.balance_stats == "shard" else 1
+        return y_BLD, layer._aux(stats, B, L, train, balance_shards=shards)
+
+
+def apply_expert_parallel(model: nnx.Module, plan: ExpertParallel | None) -> nnx.Module:
+    """Sets `plan` on every `MoELayer` in `model` (None: back to the single-device path); returns `model`."""
+    for _, module in nnx.iter_modules(model):
+        if isinstance(module, MoELayer):
+            module.expert_parallel = plan
+    return model

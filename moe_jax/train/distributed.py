@@ -1,0 +1,69 @@
+"""Runs on a device mesh, on one host or many: JAX's distributed runtime, the sharded state, per-host batches.
+
+    initialize(run.mesh)                          # first, before any JAX computation (train() does it)
+    graphdef, state, placement = init_sharded(run, tx)
+    batch = train_batch(data, step, placement)    # this host's rows -> one global array
+
+Multi-host uses `jax.distributed.initialize` (JAX's own coordination service; the collectives are
+XLA's: NCCL on GPU, ICI/DCN on TPU, gloo between CPU processes). Every host runs the same command;
+what differs per host comes from the environment (`$MOE_JAX_PROCESS_ID`, `$JAX_COORDINATOR_ADDRESS`)
+or from cluster detection (Cloud TPU, Slurm, Open MPI). Every host computes the same global batch
+indices, and each one loads the rows that its own devices hold.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from moe_jax.sharding import ExpertParallel, ShardingConfig, check_layout, make_mesh
+from moe_jax.sharding.state import Placement, init_sharded_state
+from moe_jax.transformer import Transformer
+
+
+def initialize(cfg: ShardingConfig) -> None:
+    """`jax.distributed.initialize` when `cfg` asks for several processes (a no-op otherwise, or if done)."""
+    if not cfg.multi_process or jax.distributed.is_initialized():
+        return
+    # CPU processes exchange collectives through gloo (without it: "Multiprocess computations aren't
+    # implemented on the CPU backend"); GPU and TPU backends do not read this option.
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    args = {k: v for k, v in cfg.process_args().items() if v is not None}
+    try:
+        jax.distributed.initialize(**args)
+    except RuntimeError as e:
+        if "must be called before" in str(e):
+            raise RuntimeError(
+                "config.mesh.num_processes != 1 needs jax.distributed.initialize before any JAX computation; "
+                "call moe_jax.train.distributed.initialize(run.mesh) first thing in the process "
+                "(moe_jax.train.loop.train does, if nothing before it used JAX).") from e
+        raise
+
+
+def init_sharded(run, tx: optax.GradientTransformation, *, log=print):
+    """The mesh of `run.mesh` over every device of every process, the MoE layers expert-parallel on it,
+    and the train state initialised sharded: -> (graphdef, TrainState, Placement)."""
+    sizes = check_layout(run.model, run.data.batch_size, run.data.seq_len, run.mesh, jax.device_count())
+    mesh = make_mesh(run.mesh)
+    plan = ExpertParallel(mesh, balance_stats=run.mesh.balance_stats) if run.model.moe is not None else None
+    log(f"[moe_jax] mesh {' x '.join(f'{a}={n}' for a, n in sizes.items())} over {jax.device_count()} devices, "
+        f"{jax.process_count()} process(es)")
+    return init_sharded_state(lambda: Transformer(run.model, rngs=nnx.Rngs(params=run.train.seed)), tx, mesh, plan)
+
+
+def to_device(batch: np.ndarray, placement: Placement | None) -> jax.Array:
+    """A global `[B, ...]` batch (every host holds the same one) as an array on the mesh."""
+    if placement is None:
+        return jnp.asarray(batch)
+    return placement.put_batch(np.asarray(batch)[placement.rows_of(batch.shape)], batch.shape[0])
+
+
+def train_batch(data, step: int, placement: Placement | None) -> jax.Array:
+    """Training batch `step` on the mesh, each host contributing the rows of its own devices.
+
+    The window starts of the whole batch come from (seed, step), so every host agrees on them; the
+    data source gathers the windows (in memory, cheap next to a step) and each host keeps its rows.
+    """
+    return to_device(data.train_batch(step), placement)

@@ -9,10 +9,11 @@ What is quantized: the routed experts of every `MoELayer` (`experts.w_in_EDF`, `
 them. Each matrix `[E, in, out]` gets one scale per (expert, output channel), `scale_E1O`, symmetric
 absmax: scale = max_i |w[e, i, o]| / (qmax + 1/2) and q = clip(round(w / scale)), so every weight is
 reconstructed within scale / 2 (qmax = 127 for int8, 7 for int4; the +1/2 lets the extreme bucket
-be used fully). The expert FFN dequantizes `q * scale` right before its matmuls (inside the jitted
-call, where XLA fuses the convert and multiply into the matmul's operand), in every expert backend
-(einsum, ragged_dot, blocked, pallas), because they all read their weights through
-`Experts._weights()`, which `QuantizedExperts` overrides.
+be used fully). The expert FFN dequantizes `q * scale` right before its matmuls, inside the jitted
+call, in every expert backend (einsum, ragged_dot, blocked, pallas), because they all read their
+weights through `Experts._weights()`, which `QuantizedExperts` overrides. On the CPU this is extra
+work (benchmarks/quantization.py: the eval forward takes ~1.1x (int8) and ~1.2x (int4) the float
+time); the saving is memory: weights are stored and moved as int8 / int4.
 
 What is kept in higher precision, as MoE inference work recommends (Frantar & Alistarh 2023,
 "QMoE"; Kim et al. 2023, "Mixture of Quantized Experts"; DeepSeek-V3's FP8 recipe keeps the gate in
@@ -32,9 +33,9 @@ does not fit this code base, checked with qwix 0.1.8 on flax 0.12.8:
     (matmuls on per-expert slices inside `fori_loop` / `custom_vjp`) the experts silently stay
     float32; with `'ragged_dot'` quantize_model raises flax's TraceContextError; `pallas` calls a
     kernel. Quantizing at the one point where every backend reads its weights covers them all.
-Byte counts take int4 as 4 bits (packed two per byte, as XLA stores int4 on TPU and GPU); numpy and
-the CPU runtime count an int4 element as one byte (`x.nbytes`), so the int4 saving is real in a
-packed layout or on an accelerator, not in host RAM here.
+Byte counts take int4 as 4 bits (packed two per byte, the layout XLA's TPU and GPU backends use; not
+checked on this CPU-only machine); numpy and the CPU runtime count an int4 element as one byte
+(`x.nbytes`), so in host RAM here int4 weights take as much room as int8.
 """
 from __future__ import annotations
 

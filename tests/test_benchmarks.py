@@ -1,0 +1,47 @@
+"""Smoke tests of the benchmarks: their quick modes run end to end and write every figure."""
+import importlib.util
+import json
+import math
+
+from benchmarks import moe_layer
+
+
+def _positive_finite(value) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value) and value > 0
+
+
+def test_moe_layer_benchmark_quick(tmp_path):
+    path = tmp_path / "moe_layer.json"
+    moe_layer.main(["--quick", "--json", str(path)])
+    summary = json.loads(path.read_text())
+
+    rows = summary["rows"]
+    shape = moe_layer.QUICK
+    S, cf = shape.group_sizes[0], shape.capacity_factors[0]
+    expected = {"dense", f"gather_cf{cf:g}_S{S}", f"einsum_cf{cf:g}_S{S}", "dropless_blocked"}
+    assert expected <= set(rows), sorted(rows)
+    for name in expected:
+        row = rows[name]
+        for key in ("time_vs_dense", "cpu_time_vs_dense", "time_vs_dense_of_medians", "median_s",
+                    "xla_train_flops", "xla_executed_over_useful", "own_executed_over_useful", "own_over_xla"):
+            assert _positive_finite(row[key]), (name, key, row[key])
+        assert len(row["times_s"]) >= shape.repeats
+        if name != "dense":
+            assert len(row["ratios"]) == shape.repeats
+            assert 0.0 <= row["dropped_fraction"] < 1.0
+    assert rows["dense"]["time_vs_dense"] == 1.0
+    # The layer's own FLOP accounting must match XLA's count of the compiled einsum step within 5 %.
+    assert abs(rows[f"einsum_cf{cf:g}_S{S}"]["own_over_xla"] - 1.0) < 0.05
+    # Padding makes the capacity and dropless paths execute at least the useful FLOPs.
+    assert rows[f"gather_cf{cf:g}_S{S}"]["own_executed_over_useful"] >= 1.0
+    assert rows["dropless_blocked"]["rows_executed"] >= shape.tokens * shape.k
+    assert set(summary["einsum_overhead_predicted"]) == {f"cf{cf:g}_S{S}"}
+
+    has_torch = all(importlib.util.find_spec(m) is not None for m in ("torch", "transformers"))
+    if has_torch:
+        hf = summary["hf"]
+        for key in ("hf_over_torch_dense", "torch_dense_over_jax_dense", f"hf_over_gather_cf{cf:g}_S{S}",
+                    "hf_over_dropless_blocked"):
+            assert _positive_finite(hf[key]), (key, hf.get(key))
+    else:
+        assert summary["hf"] == {}

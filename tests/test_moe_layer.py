@@ -271,16 +271,21 @@ def test_hash_layer_routes_by_token_id():
 
 # ---- router noise: only train=True with an rng ----
 
+@nnx.jit
+def _noise_variants(layer, x, k0, k1):
+    y = lambda train, rng: layer(x, train=train, rng=rng)[0]
+    return (y(False, None), y(False, k0), y(True, None), y(True, k0), y(True, k1))
+
+
 def test_router_noise_only_in_training_with_rng():
     layer = MoELayer(cfg(jitter_eps=0.5, logit_noise_std=2.0, num_experts_per_token=1), rngs=nnx.Rngs(0))
     x = jax.random.normal(jax.random.key(1), (B, L, D))
-    eval_y = np.asarray(apply(layer, x, train=False)[0])
-    np.testing.assert_array_equal(apply(layer, x, train=False, rng=jax.random.key(0))[0], eval_y)
-    np.testing.assert_array_equal(apply(layer, x, train=True)[0], eval_y)  # no rng: no noise
-    noisy = np.asarray(apply(layer, x, train=True, rng=jax.random.key(0))[0])
+    eval_y, eval_rng, train_no_rng, noisy, other = map(
+        np.asarray, _noise_variants(layer, x, jax.random.key(0), jax.random.key(1)))
+    np.testing.assert_array_equal(eval_rng, eval_y)  # eval: an rng changes nothing
+    np.testing.assert_array_equal(train_no_rng, eval_y)  # train without an rng: no noise
     assert not np.allclose(noisy, eval_y)
-    np.testing.assert_array_equal(apply(layer, x, train=True, rng=jax.random.key(0))[0], noisy)
-    assert not np.allclose(apply(layer, x, train=True, rng=jax.random.key(1))[0], noisy)
+    assert not np.allclose(other, noisy)
 
 
 # ---- metrics on a hand-made case ----

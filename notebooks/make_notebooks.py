@@ -237,8 +237,8 @@ A byte-level Mixtral-style model (8 experts, top-2, in every layer) trained on S
 `moe_jax.train.loop.train`, the same loop as `python -m experiments.train --config=configs/default.py`.
 The full settings (3.5M parameters, 1.1M active per token, 600 steps of 16 x 128 bytes) take minutes on
 a CPU runtime (14 minutes on a busy 2-core machine here; less on a Colab GPU or TPU runtime) and reached
-an eval loss of 1.67 nats/byte here (from 5.5 at init); under CI or the tests the model and run are tiny. Then: expert load over
-training, text sampled from the model, and the model with int8 / int4 experts.
+an eval loss of 1.67 nats/byte here (from 5.5 at init); under CI or the tests the model and run are tiny.
+Then: expert load over training, text sampled from the model, and the model with int8 / int4 experts.
 """),
     code(install_cell(clone=False)),
     code("""

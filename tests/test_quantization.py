@@ -144,7 +144,8 @@ def test_int8_model_close_to_float_and_int4_further():
 
 
 def test_quantized_model_decodes():
-    model = Q.quantize_experts(tiny_transformer(eval_capacity_factor=None, expert_backend="blocked", dropless_block_size=8), 8)
+    float_model = tiny_transformer(eval_capacity_factor=None, expert_backend="blocked", dropless_block_size=8)
+    model = Q.quantize_experts(float_model, 8)
     # dropless at eval: decoding routes every token as the full forward does
     prompt = jax.random.randint(jax.random.PRNGKey(5), (1, 4), 0, 256)
     ids = generate(model, prompt, max_new_tokens=4)

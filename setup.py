@@ -23,9 +23,11 @@ setup(
         "tensorboardX",  # TensorBoard event files without TensorFlow
         "tqdm",
         "matplotlib",
+        "qwix>=0.1.8",  # quantize/dequantize numerics of the int8/int4 routed experts
     ],
     extras_require={
-        "test": ["pytest", "hypothesis", "tokenizers==0.23.3"],
+        "test": ["pytest", "hypothesis", "tokenizers==0.23.3", "scipy", "threadpoolctl>=3.5"],
+        "experiments": ["scipy", "threadpoolctl>=3.5"],  # experiments/fit.py
         "bpe": ["tokenizers==0.23.3"],
         # Hugging Face parity fixtures are regenerated with these (CPU torch only):
         #   pip install torch==2.13.0 transformers==5.23.0

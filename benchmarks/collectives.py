@@ -89,12 +89,21 @@ def parse_collectives(hlo: str, num_devices: int) -> list[dict]:
     return out
 
 
+def moved_bytes(c: dict) -> float:
+    """Bytes one device sends for collective `c` (ring algorithms; a group of 1 moves nothing)."""
+    g = c["group"]
+    share = (g - 1) / g
+    return {"all-to-all": share, "all-gather": share, "all-reduce": 2 * share,
+            "reduce-scatter": g - 1, "collective-permute": 1.0}[c["op"]] * c["bytes"]
+
+
 def summarise(collectives: list[dict]) -> dict:
     by_op = {}
     for c in collectives:
-        entry = by_op.setdefault(c["op"], {"count": 0, "bytes": 0, "group_sizes": set()})
+        entry = by_op.setdefault(c["op"], {"count": 0, "bytes": 0, "moved_bytes": 0.0, "group_sizes": set()})
         entry["count"] += 1
         entry["bytes"] += c["bytes"]
+        entry["moved_bytes"] += moved_bytes(c)
         entry["group_sizes"].add(c["group"])
     return {op: dict(v, group_sizes=sorted(v["group_sizes"])) for op, v in by_op.items()}
 
@@ -129,7 +138,7 @@ def measure(run) -> dict:
     minimum_per_direction = tokens_per_device * moe.top_k * moe.d_model * bytes_per_value * (n - 1) / n
     minimum = 4 * layers * minimum_per_direction
     a2a = [c for c in collectives if c["op"] == "all-to-all"]
-    sent = sum(c["bytes"] * (c["group"] - 1) / c["group"] for c in a2a)
+    sent = sum(moved_bytes(c) for c in a2a)
     E, D, F = moe.num_routed_experts, moe.d_model, moe.expert_d_ff
     expert_shapes = {(E, D, F), (E, F, D), (E // n, D, F), (E // n, F, D)}
     weight_gathers = [c for c in collectives if c["op"] == "all-gather"
@@ -178,7 +187,8 @@ def main(argv=None) -> dict:
               f"{r['expected_ratio_C_E_over_S_k']:>9.3f} {r['expert_weight_all_gathers']:>26}")
     for r in results:
         print(f"cf {r['capacity_factor']}: " + "; ".join(
-            f"{op} x{v['count']} {v['bytes']:,} B groups {v['group_sizes']}" for op, v in r["collectives"].items()))
+            f"{op} x{v['count']} {v['bytes']:,} B payload, {v['moved_bytes']:,.0f} B sent, groups {v['group_sizes']}"
+            for op, v in r["collectives"].items()))
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"args": vars(args), "results": results}, f, indent=2)

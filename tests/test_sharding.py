@@ -141,15 +141,20 @@ def tiny_run(**model):
         train=dict(steps=4, warmup_steps=1, learning_rate=1e-2, schedule="constant")))
 
 
-def run_steps(run, mesh, batches, key):
-    """Train steps on `mesh` (state initialised sharded), and on one device from the same initial numbers
-    (test_sharded_init_equals_unsharded_init checks those numbers separately)."""
+def run_steps(run, mesh, batches, key, *, check_init=False):
+    """Train steps on `mesh` (state initialised sharded) and on one device from the same initial numbers:
+    with check_init, a separate single-device jit(init), which must equal the sharded init exactly
+    (partitionable threefry); else a copy of the sharded state."""
     tx = make_optimizer(run.train)
     schedule = learning_rate_schedule(run.train)
     make_model = lambda: Transformer(run.model, rngs=nnx.Rngs(params=0))
     graphdef, state, placement = init_sharded_state(make_model, tx, mesh, sh.ExpertParallel(mesh))
     plain_graphdef = init_state(nnx.eval_shape(make_model), tx)[0]
-    ref_state = jax.device_put(jax.device_get(state), jax.devices()[0])
+    if check_init:
+        ref_state = jax.jit(lambda: init_state(make_model(), tx)[1])()
+        assert_trees_close(state, ref_state, rtol=0, atol=0)
+    else:
+        ref_state = jax.device_put(jax.device_get(state), jax.devices()[0])
     out = []
     for gdef, st, pl, put in ((graphdef, state, placement, placement.put_batch),
                               (plain_graphdef, ref_state, None, jnp.asarray)):
@@ -164,14 +169,16 @@ def run_steps(run, mesh, batches, key):
 
 @pytest.mark.parametrize("sizes,model", [
     (dict(expert=8), dict(dispatch="einsum")),
-    (dict(data=2, expert=2, model=2), dict(score_fn="sigmoid", use_correction_bias=True, bias_update_rate=0.1)),
-], ids=["expert8_einsum", "data2_expert2_model2_bias"])
+    (dict(fsdp=2, expert=2, model=2), dict(score_fn="sigmoid", use_correction_bias=True, bias_update_rate=0.1)),
+], ids=["expert8_einsum", "fsdp2_expert2_model2_bias"])
 def test_train_step_matches_single_device(eight_devices, sizes, model):
+    """Losses, every metric, and params, AdamW state and router biases after two steps."""
     run = tiny_run(**model)
     rng = np.random.default_rng(0)
     batches = [rng.integers(0, 256, size=(8, 17)).astype(np.int32) for _ in range(2)]
     mesh = mesh_of(**sizes)
-    (state, hist), (ref_state, ref_hist) = run_steps(run, mesh, batches, jax.random.PRNGKey(0))
+    check_init = "fsdp" in sizes
+    (state, hist), (ref_state, ref_hist) = run_steps(run, mesh, batches, jax.random.PRNGKey(0), check_init=check_init)
     for ref, got in zip(ref_hist, hist):
         assert set(ref) == set(got)
         for name in ref:
@@ -183,22 +190,13 @@ def test_train_step_matches_single_device(eight_devices, sizes, model):
     # The state stayed on the mesh: experts split over 'expert' in params and in AdamW's moments.
     w = state.params["blocks"][1]["ffn"]["experts"]["w_in_EDF"][...]
     mu = state.opt_state[1][0].mu["blocks"][1]["ffn"]["experts"]["w_in_EDF"][...]
-    tp = "model" if sizes.get("model", 1) > 1 else None
+    fsdp, tp = ("fsdp" if "fsdp" in sizes else None), ("model" if "model" in sizes else None)
     for a in (w, mu):
-        assert a.sharding.is_equivalent_to(NamedSharding(mesh, P("expert", None, tp)), 3)
-        assert a.addressable_shards[0].data.shape == (8 // sizes["expert"], 32, 32 // sizes.get("model", 1))
-
-
-def test_sharded_init_equals_unsharded_init(eight_devices):
-    """jit(init, out_shardings) draws the same numbers as the same init on one device."""
-    run = tiny_run(d_model=16, d_ff=32, moe_d_ff=16)
-    tx = make_optimizer(run.train)
-    make_model = lambda: Transformer(run.model, rngs=nnx.Rngs(params=0))
-    ref = jax.jit(lambda: init_state(make_model(), tx)[1])()
-    _, state, placement = init_sharded_state(make_model, tx, mesh_of(fsdp=2, expert=4))
-    assert_trees_close(state, ref, rtol=0, atol=0)
-    emb = state.params["embed_VD"][...]
-    assert emb.sharding.spec == P(None, "fsdp") and emb.addressable_shards[0].data.shape == (256, 8)
+        assert a.sharding.is_equivalent_to(NamedSharding(mesh, P("expert", fsdp, tp)), 3)
+        assert a.addressable_shards[0].data.shape == (
+            8 // sizes["expert"], 32 // sizes.get("fsdp", 1), 32 // sizes.get("model", 1))
+    emb = state.params["embed_VD"][...]  # vocab over 'model', d_model over 'fsdp'
+    assert emb.addressable_shards[0].data.shape == (256 // sizes.get("model", 1), 32 // sizes.get("fsdp", 1))
 
 
 def test_rule_table_places_every_parameter_kind():
@@ -232,7 +230,7 @@ def test_rule_table_places_every_parameter_kind():
 
 def loop_run(tmp_path, steps, **mesh):
     """A constant learning rate, so a run of 3 steps and the first 3 of a run of 6 are the same."""
-    model = base.tiny_model(d_model=32, num_layers=2, num_heads=2, d_ff=64, moe_d_ff=32, num_experts=8,
+    model = base.tiny_model(d_model=32, num_layers=1, num_heads=2, d_ff=64, moe_d_ff=32, num_experts=8,
                             max_seq_len=64, capacity_factor=1.0, min_capacity=1)
     config = base.make(
         "ckpt", model, data=dict(corpus="synthetic", seq_len=16, batch_size=8, data_dir=str(tmp_path / "data")),
@@ -313,3 +311,39 @@ def test_sharding_config_fields_are_validated():
     config.mesh.experts = 4
     with pytest.raises(ValueError, match=r"config.mesh.experts is not a known field. Did you mean expert"):
         build_run_config(config)
+
+
+# ---- the collectives of the compiled layer (benchmarks/collectives.py reads them the same way) ----
+
+def test_hlo_parser_on_cpu_tuple_and_iota_forms():
+    from benchmarks.collectives import moved_bytes, parse_collectives
+
+    hlo = """
+  %all-to-all.3 = (f32[1,4,16]{2,1,0}, f32[1,4,16]{2,1,0}) all-to-all(%a, %b), channel_id=2, replica_groups={{0,1},{2,3}}
+  ROOT %all-reduce.1 = f32[8,2]{1,0} all-reduce(f32[8,2]{1,0} %p), channel_id=3, replica_groups=[2,4]<=[8], to_apply=%add
+  %ag = bf16[4,6]{1,0} all-gather(bf16[1,6]{1,0} %q), dimensions={0}
+  %add.1 = f32[8,2]{1,0} add(%x, %y)
+"""
+    a2a, ar, ag = parse_collectives(hlo, num_devices=8)
+    assert (a2a["op"], a2a["bytes"], a2a["group"]) == ("all-to-all", 2 * 1 * 4 * 16 * 4, 2)  # 512 B over pairs
+    assert moved_bytes(a2a) == 256  # half of it leaves the device
+    assert (ar["op"], ar["bytes"], ar["group"]) == ("all-reduce", 8 * 2 * 4, 4)  # iota groups: 2 groups of 4
+    assert moved_bytes(ar) == 2 * 64 * 3 / 4  # ring all-reduce
+    assert (ag["op"], ag["bytes"], ag["group"]) == ("all-gather", 4 * 6 * 2, 8)  # no groups: every device
+
+
+def test_compiled_layer_moves_only_capacity_buffers(eight_devices):
+    """Forward + backward of the expert-parallel layer on expert=8: exactly four all-to-alls (dispatch and
+    return, and their transposes), each of one [E, X, D] buffer; no expert weight is ever gathered."""
+    from benchmarks.collectives import parse_collectives
+
+    cfg = moe(dispatch="gather")
+    fn, params = layer_fn(cfg, sh.ExpertParallel(mesh_of(expert=8)))
+    x_BLD = jnp.zeros((8, 16, cfg.d_model))
+    found = parse_collectives(fn.lower(params, x_BLD, None).compile().as_text(), 8)
+    a2a = [c for c in found if c["op"] == "all-to-all"]
+    # One sequence of 16 tokens per device, one group: C = ceil(1.0 * 16 * 2 / 8) = 4 slots per expert,
+    # so a buffer is E x C x D = 8 x 4 x 16 floats = 2048 bytes, in 8 pieces of [1, 4, 16].
+    assert cfg.capacity(16, True) == 4
+    assert [c["bytes"] for c in a2a] == [2048] * 4 and {c["group"] for c in a2a} == {8}
+    assert not [c for c in found if c["op"] == "all-gather"]

@@ -43,8 +43,9 @@ class LMData(abc.ABC):
         return self.tokenizer.decode(ids)
 
     @abc.abstractmethod
-    def train_batch(self, step: int) -> np.ndarray:
-        """`<int32>[batch_size, seq_len + 1]` for training step `step`; depends only on (seed, step)."""
+    def train_batch(self, step: int, rows: Optional[slice] = None) -> np.ndarray:
+        """`<int32>[batch_size, seq_len + 1]` for training step `step`; depends only on (seed, step).
+        rows: only these rows, equal to `train_batch(step)[rows]` (one host's share of a multi-host batch)."""
 
     @abc.abstractmethod
     def eval_batches(self, num_batches: Optional[int]) -> Iterator[np.ndarray]:

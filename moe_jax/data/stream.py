@@ -34,10 +34,10 @@ class StreamLMData(LMData):
                     f"seq_len + 1 = {cfg.seq_len + 1}; lower DataConfig.seq_len"
                     + (" or raise DataConfig.val_fraction." if split == "validation" else "."))
 
-    def train_batch(self, step: int) -> np.ndarray:
+    def train_batch(self, step: int, rows: Optional[slice] = None) -> np.ndarray:
         train = self.tokens["train"]
         starts = sampling.train_starts(self.cfg.seed, step, len(train), self.cfg.seq_len, self.cfg.batch_size)
-        return sampling.gather_windows(train, starts, self.cfg.seq_len)
+        return sampling.gather_windows(train, starts if rows is None else starts[rows], self.cfg.seq_len)
 
     def num_eval_batches(self) -> int:
         """How many full eval batches the validation split holds."""

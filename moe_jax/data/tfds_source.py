@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 import os
-from typing import Iterator
+from typing import Iterator, Optional
 
 import numpy as np
 
@@ -57,9 +57,12 @@ class RecordLMData(LMData):
     def _batch_tokens(self) -> int:
         return self.cfg.batch_size * (self.cfg.seq_len + 1)
 
-    def train_batch(self, step: int) -> np.ndarray:
+    def train_batch(self, step: int, rows: Optional[slice] = None) -> np.ndarray:
         rng = sampling.batch_rng(self.cfg.seed, step)
-        return np.stack([self._packed_row(rng) for _ in range(self.cfg.batch_size)])
+        # Rows are drawn in order from one generator: rows past the last one asked for are never read.
+        stop = self.cfg.batch_size if rows is None else range(self.cfg.batch_size)[rows].stop
+        batch = np.stack([self._packed_row(rng) for _ in range(stop)])
+        return batch if rows is None else batch[rows]
 
     def _packed_row(self, rng: np.random.Generator) -> np.ndarray:
         """`<int32>[seq_len + 1]`: random records back to back, the first entered at a random token."""

@@ -67,6 +67,11 @@ class ExpertParallel:
     def mesh_shape(self) -> dict[str, int]:
         return dict(self.mesh.shape)
 
+    @property
+    def batch_axes(self) -> tuple[str, ...]:
+        """The batch axes that really split it (size-1 axes left out: no degenerate collectives over them)."""
+        return tuple(a for a in BATCH_AXES if self.mesh_shape.get(a, 1) > 1)
+
     def run_experts(self, experts: nnx.Module, buffer_EXD: jax.Array) -> jax.Array:
         """Inside the shard_map: this device's `[E, X, D]` buffer through the experts that own each row."""
         ep, tp = self.mesh_shape.get("expert", 1), self.mesh_shape.get("model", 1)
@@ -87,22 +92,24 @@ class ExpertParallel:
         graphdef, state = nnx.split(layer)
         state_specs = jax.tree_util.tree_map_with_path(
             functools.partial(_inner_spec, mesh_shape=mesh_shape), state)
-        tokens = P(BATCH_AXES)
+        batch_axes = self.batch_axes
+        tokens = P(batch_axes or None)
         with_rng, with_ids = rng is not None, token_ids_BL is not None
 
         def body(state, x_BLD, *extra):
             extra = list(extra)
             rng = extra.pop(0) if with_rng else None
             ids_BL = extra.pop(0) if with_ids else None
-            if rng is not None:  # independent router noise per shard (the single-device run draws one array)
-                rng = jax.random.fold_in(rng, jax.lax.axis_index(BATCH_AXES))
+            if rng is not None and batch_axes:  # independent router noise per shard (one device: one array)
+                rng = jax.random.fold_in(rng, jax.lax.axis_index(batch_axes))
             local = nnx.merge(graphdef, state)
             y_BLD, stats = local.forward(x_BLD, train=train, rng=rng, token_ids_BL=ids_BL,
                                          run_experts=functools.partial(self.run_experts, local.experts))
             b = x_BLD.shape[0]
             per_token = {k: ungroup_tokens(getattr(stats, k), cfg, b, L) for k in _PER_TOKEN
                          if getattr(stats, k) is not None}
-            return y_BLD, per_token, jax.lax.psum(stats.served_E, BATCH_AXES)
+            served_E = jax.lax.psum(stats.served_E, batch_axes) if batch_axes else stats.served_E
+            return y_BLD, per_token, served_E
 
         args, in_specs = [state, x_BLD], [state_specs, tokens]
         if with_rng:

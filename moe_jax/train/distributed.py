@@ -7,8 +7,8 @@
 Multi-host uses `jax.distributed.initialize` (JAX's own coordination service; the collectives are
 XLA's: NCCL on GPU, ICI/DCN on TPU, gloo between CPU processes). Every host runs the same command;
 what differs per host comes from the environment (`$MOE_JAX_PROCESS_ID`, `$JAX_COORDINATOR_ADDRESS`)
-or from cluster detection (Cloud TPU, Slurm, Open MPI). Every host computes the same global batch
-indices, and each one loads the rows that its own devices hold.
+or from cluster detection (Cloud TPU, Slurm, Open MPI). Each host loads only the rows of the batch that
+its own devices hold.
 """
 from __future__ import annotations
 
@@ -54,16 +54,19 @@ def init_sharded(run, tx: optax.GradientTransformation, *, log=print):
 
 
 def to_device(batch: np.ndarray, placement: Placement | None) -> jax.Array:
-    """A global `[B, ...]` batch (every host holds the same one) as an array on the mesh."""
+    """A global `[B, ...]` batch that every host holds whole (the eval batches) as an array on the mesh."""
     if placement is None:
         return jnp.asarray(batch)
     return placement.put_batch(np.asarray(batch)[placement.rows_of(batch.shape)], batch.shape[0])
 
 
 def train_batch(data, step: int, placement: Placement | None) -> jax.Array:
-    """Training batch `step` on the mesh, each host contributing the rows of its own devices.
+    """Training batch `step` on the mesh; each host reads only the rows its own devices hold.
 
-    The window starts of the whole batch come from (seed, step), so every host agrees on them; the
-    data source gathers the windows (in memory, cheap next to a step) and each host keeps its rows.
+    Batches are pure functions of (seed, step), so the hosts agree on the global batch without talking:
+    host h reads `data.train_batch(step, rows=its rows)`, which equals `data.train_batch(step)[rows]`.
     """
-    return to_device(data.train_batch(step), placement)
+    if placement is None:
+        return jnp.asarray(data.train_batch(step))
+    shape = (data.cfg.batch_size, data.cfg.seq_len + 1)
+    return placement.put_batch(data.train_batch(step, rows=placement.rows_of(shape)), shape[0])

@@ -84,7 +84,7 @@ def test_shared_width():
     (dict(score_fn="relu"), "score_fn"),
     (dict(topk_order="sorted"), "topk_order"),
     (dict(dispatch="scatter"), "dispatch"),
-    (dict(expert_backend="pallas"), "expert_backend"),
+    (dict(expert_backend="megablox"), "expert_backend"),
     (dict(activation="tanh"), "activation"),
     (dict(grouping="sequence"), "grouping"),
     (dict(balance_loss_scope="global"), "balance_loss_scope"),

@@ -1,0 +1,296 @@
+"""The generated report: results table, fits, plots and report.md for a set of sweeps.
+
+    write_all(specs, out, scale=scale, command="python -m experiments.runner ...") -> path of report.md
+
+Files in `out`: results.csv, results.json (rows with curves), analysis.json (every number the report
+prints), the PNGs of experiments/plots.py, report.md. The report puts our values beside the
+published ones and compares unit-free quantities only (signs, exponents, orderings, ratios of loss
+differences, drop rates): absolute losses depend on the data, the tokenizer and the scale.
+
+Verdicts follow fixed rules, stated in the report: a difference counts when it exceeds twice the
+seed standard deviation of the base configuration ("noise floor"); a fitted sign counts when the
+bootstrap 90 % interval excludes zero.
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import time
+
+import numpy as np
+from scipy import stats
+
+from experiments import analysis as analysis_lib
+from experiments import plots
+from experiments.collect import collect, write_table
+
+
+def _f(x, digits=4) -> str:
+    if x is None:
+        return "-"
+    if isinstance(x, float) and (abs(x) >= 1e5 or (x != 0 and abs(x) < 1e-3)):
+        return f"{x:.3g}"
+    return f"{x:.{digits}f}" if isinstance(x, float) else str(x)
+
+
+def _ms(v: dict) -> str:
+    return f"{v['mean']:.4f} +- {v['std']:.4f} (n={v['n']})"
+
+
+def _ci(fit: dict, key: str) -> str:
+    lo_hi = fit.get("intervals", {}).get(key)
+    return f"{fit['params'][key]:.4g} [{lo_hi[0]:.4g}, {lo_hi[1]:.4g}]" if lo_hi else f"{fit['params'][key]:.4g}"
+
+
+def _sign_verdict(fit: dict, key: str, want: int) -> str:
+    lo_hi = fit.get("intervals", {}).get(key)
+    value = fit["params"][key]
+    if lo_hi is None:
+        return "sign agrees (no interval)" if np.sign(value) == want else "sign differs (no interval)"
+    if (lo_hi[0] > 0 and want > 0) or (lo_hi[1] < 0 and want < 0):
+        return "reproduced (90 % interval has the published sign)"
+    if (lo_hi[0] > 0 and want < 0) or (lo_hi[1] < 0 and want > 0):
+        return "NOT reproduced (90 % interval has the opposite sign)"
+    return "inconclusive (90 % interval contains 0)"
+
+
+def _table(header: list[str], rows: list[list]) -> list[str]:
+    out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    out += ["| " + " | ".join(_f(c) if not isinstance(c, str) else c for c in row) + " |" for row in rows]
+    return out
+
+
+def _noise(result) -> float | None:
+    nf = result.get("noise_floor")
+    return None if nf is None else nf["std"]
+
+
+def _diff_verdict(diff: float, noise: float | None, want_negative: bool = True) -> str:
+    if noise is None:
+        return "no seed spread to judge against"
+    if abs(diff) <= 2 * noise:
+        return f"within noise (|{diff:+.4f}| <= 2 x {noise:.4f})"
+    agrees = (diff < 0) == want_negative
+    return f"{'reproduced' if agrees else 'NOT reproduced'} ({diff:+.4f} vs noise sd {noise:.4f})"
+
+
+def section_experts(result, rows) -> list[str]:
+    r = result["num_experts"]
+    if not r["by_E"]:
+        return []
+    info = {}
+    for row in rows:
+        if row["sweep"] == "num_experts" and row.get("status") == "ok":
+            info.setdefault(str(row["E"]), row)
+    lines = ["## Number of experts at equal active parameters (Switch Fig. 4; Clark et al. 2022)", ""]
+    lines += _table(["E", "eval CE mean +- sd", "total params", "active params", "useful FLOPs/step",
+                     "train drop rate"],
+                    [[E, _ms(v), info[E]["params_total"], info[E]["params_active"], info[E]["flops_useful_per_step"],
+                      info[E].get("dropped_fraction")] for E, v in r["by_E"].items()])
+    lines.append("")
+    if "loss_change_dense_to_max_E" in r:
+        diff = r["loss_change_dense_to_max_E"]
+        lines.append(f"- Published (Switch Fig. 4): {result['published']['switch_fig4']}. Ours: largest E minus "
+                     f"dense = {diff:+.4f} nats; {_diff_verdict(diff, _noise(result))}.")
+    if "spearman_E_vs_loss" in r:
+        lines.append(f"- Rank correlation of E and mean loss (Spearman): {r['spearman_E_vs_loss']:+.2f} "
+                     "(-1 = loss falls with every doubling).")
+    if "clark_fit" in r:
+        f = r["clark_fit"]
+        pub = result["published"]["clark_table3_s_base"]
+        lines += ["", f"Clark et al.'s law log10 L = a log10 N + b log10 E + c log10 N log10 E + d, fitted on "
+                      f"{f['n_points']} runs (N = active non-embedding parameters; expert and model-size sweeps; "
+                      "bootstrap 90 % intervals):", ""]
+        lines += _table(["coefficient", "ours", "Clark Table 3 (S-BASE)", "verdict"],
+                        [["a", _ci(f, "a"), "-", "-"],
+                         ["b", _ci(f, "b"), f"{pub['b']}", _sign_verdict(f, "b", -1)],
+                         ["c", _ci(f, "c"), f"{pub['c']}", _sign_verdict(f, "c", +1)],
+                         ["d", _ci(f, "d"), "-", "-"]])
+        lines.append("")
+        lines.append("Clark's b, c come from log10 L with L in their units; only the signs (b < 0: experts help; "
+                     "c > 0: less so as N grows) and orders of magnitude are comparable.")
+    elif "skipped" in r:
+        lines.append(f"- Clark fit skipped: {r['skipped']}.")
+    return lines + [""]
+
+
+def section_granularity(result) -> list[str]:
+    r = result["granularity"]
+    if not r["per_step"]:
+        return []
+    pub = result["published"]["krajewski_table1"]
+    lines = ["## Granularity at fixed total and active parameters (Krajewski et al. 2024)", "",
+             "Per step (every G trains the same tokens):", ""]
+    for size, by_G in r["per_step"].items():
+        times = r["step_seconds"].get(size, {})
+        t1 = times.get(next(iter(times), None))
+        lines += [f"Size {size}:", ""]
+        lines += _table(["G", "eval CE mean +- sd", "step time / G=1"],
+                        [[G, _ms(v), (times.get(G) / t1) if (t1 and times.get(G)) else None] for G, v in by_G.items()])
+        lines.append("")
+    if r["fits"]:
+        lines += ["Fitted L(G) = h + g G^-gamma per size (Huber on log L, L-BFGS-B from a grid; bootstrap 90 %):", ""]
+        lines += _table(["size", "h", "g", "gamma", "g sign vs Krajewski (g = 2.1 > 0)"],
+                        [[s, _ci(f, "h"), _ci(f, "g"), _ci(f, "gamma"), _sign_verdict(f, "g", +1)]
+                         for s, f in r["fits"].items()])
+        lines += ["", f"Krajewski et al.'s gamma = {pub['gamma']} (joint law, Table 1).", ""]
+    for note in r["skipped"]:
+        lines.append(f"- skipped: {note}")
+    if r["matched_flops_runs"]:
+        lines += ["", f"At matched training FLOPs (size {r.get('headline_size')}; router FLOPs counted: each G > 1 "
+                      "trains fewer steps so that its total useful FLOPs equal G = 1's):", ""]
+        interp = r.get("matched_interpolated", {})
+        fl = interp.get("useful_flops", {}).get("by_G", {})
+        sec = interp.get("seconds", {}).get("by_G", {})
+        lines += _table(["G", "eval CE, FLOP-matched runs", "train CE of per-step runs at equal FLOPs",
+                         "train CE of per-step runs at equal seconds"],
+                        [[G, _ms(v), _ms(fl[G]) if G in fl else "-", _ms(sec[G]) if G in sec else "-"]
+                         for G, v in r["matched_flops_runs"].items()])
+        if "seconds" in interp:
+            lines += ["", f"Equal seconds = {interp['seconds']['budget']:.3g} s of steady-state training (the "
+                          "shortest run's total; median step time x steps, compilation and evaluation excluded; "
+                          "the machine was shared, so times carry its load)."]
+        by = r["matched_flops_runs"]
+        keys = list(by)
+        if len(keys) >= 2:
+            diff = by[keys[-1]]["mean"] - by[keys[0]]["mean"]
+            lines.append(f"- Largest G minus G = 1 at matched FLOPs: {diff:+.4f} nats; "
+                         f"{_diff_verdict(diff, _noise(result))} (Krajewski: finer is better at matched compute "
+                         "until routing cost dominates).")
+    j = r["joint"]
+    lines += ["", "### Joint law L(N, D, G) = c + (g / G^gamma + a) N^-alpha + b D^-beta", ""]
+    if "params" in j:
+        lines += [f"{j['n_points']} points; {j['note']}. RMS log residual {j['rms_log_residual']:.4f}.", ""]
+        lines += _table(["coefficient", "ours [bootstrap 90 %]", "Krajewski Table 1"],
+                        [[k, _ci(j, k), f"{pub[k]}"] for k in ("a", "alpha", "b", "beta", "g", "gamma", "c")])
+        lines += ["", "a, b, c and g carry the units of the loss, the tokenizer and the parameter count; alpha, beta, "
+                      "gamma are the comparable quantities, and only roughly at ~1e5 parameters vs their 1e8-1e9."]
+    else:
+        lines.append(f"- skipped: {j['skipped']}")
+    st = result.get("self_test")
+    if st:
+        lines += ["", f"Fit self-test (points generated from known coefficients, 0.3 % noise): "
+                      f"{'PASS' if st['ok'] else 'FAIL'}; joint law recovered alpha {st['joint']['fit']['alpha']:.3f} "
+                      f"(true {st['joint']['true']['alpha']}), beta {st['joint']['fit']['beta']:.3f} "
+                      f"({st['joint']['true']['beta']}), gamma {st['joint']['fit']['gamma']:.3f} "
+                      f"({st['joint']['true']['gamma']}); granularity gamma {st['granularity']['fit']['gamma']:.3f} "
+                      f"({st['granularity']['true']['gamma']}); Clark b {st['clark']['fit']['b']:.4f} "
+                      f"({st['clark']['true']['b']}), c {st['clark']['fit']['c']:.4f} ({st['clark']['true']['c']})."]
+    return lines + [""]
+
+
+def section_model_size(result) -> list[str]:
+    r = result["model_size"]
+    if not r:
+        return []
+    lines = ["## Model size: dense vs MoE (8 experts, top-1) per size", ""]
+    lines += _table(["size", "dense CE", "MoE CE", "MoE - dense", "dense params", "MoE total / active"],
+                    [[s, v.get("dense", {}).get("final_eval_ce"), v.get("moe", {}).get("final_eval_ce"),
+                      v.get("moe_minus_dense"), v.get("dense", {}).get("params_total"),
+                      f"{v['moe']['params_total']} / {v['moe']['params_active']}" if "moe" in v else "-"]
+                     for s, v in r.items()])
+    return lines + ["", "One seed per size; compare the differences with the noise floor above.", ""]
+
+
+def section_shared(result) -> list[str]:
+    r = result["shared_experts"]
+    if not r["by_variant"]:
+        return []
+    pub = result["published"]["deepseekmoe_table1"]
+    lines = ["## Shared and fine-grained experts (DeepSeekMoE, Dai et al. 2024)", ""]
+    lines += _table(["variant", "eval CE mean +- sd", "DeepSeekMoE Table 1 (Pile loss)"],
+                    [[v, _ms(m), _f(pub.get({"fine_x4": "deepseekmoe"}.get(v, v)))] for v, m in r["by_variant"].items()])
+    lines.append("")
+    order = r.get("ordering_worst_to_best", [])
+    lines.append(f"- Ours, worst to best: {' > '.join(order)}.")
+    lines.append("- Published, worst to best: dense > hash > switch > gshard > deepseekmoe (fine_x4 here).")
+    common = [v for v in ("dense", "hash", "switch", "gshard", "fine_x4") if v in r["by_variant"]]
+    if len(common) >= 3:
+        ours = [r["by_variant"][v]["mean"] for v in common]
+        theirs = [pub["deepseekmoe" if v == "fine_x4" else v] for v in common]
+        tau = stats.kendalltau(ours, theirs)[0]
+        lines.append(f"- Kendall tau between our and the published ordering over {', '.join(common)}: {tau:+.2f} "
+                     "(1 = same order).")
+    ratio = r.get("ratio_gshard_to_deepseekmoe_over_dense_to_gshard")
+    if ratio:
+        lines.append(f"- (GShard - DeepSeekMoE) / (dense - GShard): ours {ratio['ours']:+.2f}, published "
+                     f"{ratio['published']:+.2f} (unit-free: how much fine-grained + shared adds over top-2, relative "
+                     "to what top-2 adds over dense).")
+    return lines + [""]
+
+
+def section_capacity(result) -> list[str]:
+    r = result["capacity"]
+    if not r:
+        return []
+    pub = {float(k): v for k, v in result["published"]["st_moe_drop_rate"].items()}
+    lines = ["## Capacity factor and dropped tokens (Switch Table 1; ST-MoE)", ""]
+    lines += _table(["train cf", "eval CE", "dropped (train, 2nd half)", "dropped (eval, cf 2.0)", "capacity C",
+                     "ST-MoE dropped"],
+                    [[cf, v["final_eval_ce"], v["dropped_fraction"], v["eval_dropped_fraction"], v["capacity"],
+                      _f(pub.get(float(cf)))] for cf, v in r.items()])
+    ce = [v["final_eval_ce"] for v in r.values()]
+    lines += ["", f"- Published (Switch Table 1): {result['published']['switch_table1']}. Ours: eval CE spans "
+                  f"{max(ce) - min(ce):.4f} nats across capacity factors "
+                  f"(noise floor sd {_f(_noise(result))}; one seed per factor)."]
+    return lines + [""]
+
+
+def section_simple(result, key, title, note) -> list[str]:
+    r = result[key]
+    if not r:
+        return []
+    lines = [f"## {title}", ""]
+    lines += _table(["setting", "eval CE", "dropped (train)", "load CV", "run"],
+                    [[k, v["final_eval_ce"], v.get("dropped_fraction"), v.get("load_cv"), v["name"]] for k, v in r.items()])
+    return lines + ["", note, ""]
+
+
+def render(result: dict, rows: list[dict], *, scale, command: str, plot_paths: dict, seconds: float | None) -> str:
+    ok = sum(r.get("status") == "ok" for r in rows)
+    unique_ok = len({r["name"] for r in rows if r.get("status") == "ok"})
+    lines = [f"# MoE sweeps at scale `{scale.name}`", "",
+             f"Produced by `{command}` on {time.strftime('%Y-%m-%d %H:%M')} ({platform.machine()}, "
+             f"{os.cpu_count()} CPU cores, Python {platform.python_version()}).",
+             f"{unique_ok} runs finished ({ok} table rows: a run two sweeps share appears in both); "
+             f"{len(result['missing'])} missing." + (f" Training time, summed over runs: {seconds / 60:.1f} min."
+                                                      if seconds else ""), "",
+             f"Data: {scale.data['corpus']}, {scale.data['tokenizer']} tokens, sequences of {scale.data['seq_len']}, "
+             f"batch {scale.data['batch_size']}. Absolute losses are cross-entropies on this corpus with this "
+             "tokenizer and are not comparable with the papers' (other data, tokenizers and scales 1000x larger): "
+             "the comparisons below use signs, exponents, orderings, ratios of loss differences and drop rates.",
+             ""]
+    nf = result.get("noise_floor")
+    if nf:
+        lines += [f"Noise floor: the base configuration `{nf['name_wo_seed']}` has a seed standard deviation of "
+                  f"{nf['std']:.4f} nats (n={nf['n']}, mean {nf['mean']:.4f}). A difference counts when it exceeds "
+                  "twice this; a fitted sign counts when its bootstrap 90 % interval excludes zero.", ""]
+    lines += section_experts(result, rows) + section_granularity(result) + section_model_size(result)
+    lines += section_shared(result) + section_capacity(result)
+    lines += section_simple(result, "routers", "Router strategies",
+                            "Expert choice groups the tokens at one position across the batch (causal); its "
+                            "capacity per group is in the results table (capacity, effective_cf).")
+    lines += section_simple(result, "aux_losses", "Auxiliary-loss and z-loss coefficients",
+                            "load CV: coefficient of variation of tokens per expert (0 = perfectly balanced).")
+    lines += ["## Figures", ""] + [f"![{k}]({os.path.basename(p)})" for k, p in plot_paths.items()] + [""]
+    if result["missing"]:
+        lines += ["## Missing or incomplete runs", ""] + [f"- {n}" for n in result["missing"]] + [""]
+    return "\n".join(lines)
+
+
+def write_all(specs, out: str, *, scale, command: str, bootstrap_n: int | None = None) -> str:
+    rows = collect(specs, out)
+    write_table(rows, out)
+    n = bootstrap_n if bootstrap_n is not None else (10 if scale.reduced else 100)
+    result = analysis_lib.analyse(rows, bootstrap_n=n)
+    with open(os.path.join(out, "analysis.json"), "w") as f:
+        json.dump(result, f, indent=1)
+    plot_paths = plots.plot_all(rows, result, out)
+    seconds = {r["name"]: r.get("wall_seconds") for r in rows if r.get("wall_seconds")}
+    text = render(result, rows, scale=scale, command=command, plot_paths=plot_paths,
+                  seconds=sum(seconds.values()) if seconds else None)
+    path = os.path.join(out, "report.md")
+    with open(path, "w") as f:
+        f.write(text)
+    return path

@@ -3,9 +3,12 @@ r"""Train an MoE language model from an ml_collections config.
     python -m experiments.train --config=configs/default.py --workdir=/tmp/moe_default
     python -m experiments.train --config=configs/mixtral.py:tiny --config.model.num_experts=16 --workdir=...
     python -m experiments.train --config=configs/default.py --print_config   # the fields, then exit
+    python -m experiments.train --config=configs/default.py --config.mesh.expert=8 --workdir=...  # 8 devices
+    MOE_JAX_PROCESS_ID=<i> python -m experiments.train ... --config.mesh.num_processes=2 \
+        --config.mesh.coordinator_address=<host0>:<port>           # the same command on every host
 
-Any field can be overridden with --config.<section>.<field>=value (sections: model, data, train; run
-with --print_config to list them). The config is validated into typed dataclasses before anything is
+Any field can be overridden with --config.<section>.<field>=value (sections: model, data, train, mesh;
+run with --print_config to list them). The config is validated into typed dataclasses before anything is
 built: a bad field fails with its name and the fix. Re-running on the same workdir resumes from the
 latest checkpoint.
 """

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding, PartitionSpec as P, SingleDeviceSharding
 
 from configs import base
 from moe_jax import sharding as sh
@@ -262,6 +262,24 @@ def test_checkpoint_saved_on_one_mesh_resumes_on_another(eight_devices, tmp_path
     assert sorted(b) == [1, 2, 3, 4, 5, 6]
     np.testing.assert_allclose([b[s] for s in range(4, 7)], [a[s] for s in range(4, 7)], rtol=RTOL)
     assert len({round(a[s], 4) for s in a}) == 6  # it trains: six different losses
+
+    # The step-6 checkpoint (written from 8 devices) restores onto 1 device and onto a 4-device mesh alike.
+    from moe_jax.train.checkpoint import Checkpoints
+
+    run = loop_run(tmp_path, 6)
+    tx = make_optimizer(run.train)
+    abstract = jax.eval_shape(lambda: init_state(Transformer(run.model, rngs=nnx.Rngs(params=0)), tx)[1])
+    one = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=SingleDeviceSharding(jax.devices()[0])),
+                       abstract)
+    four = sh.make_mesh(sh.ShardingConfig(expert=4), devices=jax.devices()[:4])
+    ckpt = Checkpoints(str(tmp_path / "b"), keep=3)
+    on_one = ckpt.restore(6, one)
+    on_four = ckpt.restore(6, jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                                           abstract, sh.tree_shardings(abstract, four)))
+    ckpt.close()
+    assert_trees_close(on_four, on_one, rtol=0, atol=0)
+    w = on_four.params["blocks"][0]["ffn"]["experts"]["w_in_EDF"][...]
+    assert w.addressable_shards[0].data.shape == (2, 32, 32) and int(on_one.step) == 6
 
 
 # ---- errors before compile ----

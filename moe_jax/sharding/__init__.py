@@ -4,7 +4,7 @@
     mesh.py             make_mesh; layout checks that fail before compile, naming the field
     rules.py            parameter path -> logical axes -> mesh axes: the one place arrays are placed
     expert_parallel.py  ExpertParallel: the MoE layer under shard_map, buffers through all_to_all
-    state.py            the train state initialised directly sharded; sharded train/eval steps
+    state.py            the train state initialised directly sharded; where batches, state and metrics live
 """
 from moe_jax.sharding.config import AXES, BATCH_AXES, ShardingConfig
 from moe_jax.sharding.expert_parallel import ExpertParallel, apply_expert_parallel

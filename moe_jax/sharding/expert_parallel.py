@@ -23,7 +23,12 @@ all-reduce of the replicated router weights).
 Losses and metrics are computed outside the shard_map from the per-token routing results, laid out
 [B, L, ...] and sharded like the batch: XLA reduces them over the global batch, so the balance loss,
 z-loss, load metrics and the aux-loss-free bias update equal the single-device values
-(`balance_stats='shard'` averages a per-shard batch-scope balance loss instead).
+(`balance_stats='shard'` averages a per-shard batch-scope balance loss instead). Router noise
+(`jitter_eps`, `logit_noise_std`) is drawn on each shard from the key folded with the shard's index:
+the same distribution as on one device, other numbers.
+
+Dropless routing (capacity_factor=None) runs here only with mesh.expert = 1: its buffers have no fixed
+size, and the exchange it needs, `ragged_all_to_all`, is not implemented by XLA:CPU.
 """
 from __future__ import annotations
 

@@ -309,6 +309,18 @@ def test_bad_meshes_fail_before_compile_naming_the_field(eight_devices):
         layer(jnp.zeros((6, 4, 16)), train=True)
 
 
+def test_train_loop_refuses_a_mesh_that_does_not_divide_the_batch(eight_devices, tmp_path):
+    from moe_jax.train import loop as loop_lib
+
+    config = base.make("bad", base.tiny_model(d_model=32, num_layers=1, num_heads=2, d_ff=64, moe_d_ff=32),
+                       data=dict(corpus="synthetic", seq_len=16, batch_size=6, data_dir=str(tmp_path / "data")),
+                       train=dict(steps=2, warmup_steps=1, progress=False, sample_tokens=0))
+    config.mesh.data, config.mesh.expert = 2, 4
+    with pytest.raises(ValueError, match=r"2 x 1 x 4 = 8 does not divide the batch batch_size=6"):
+        loop_lib.train(build_run_config(config), str(tmp_path / "w"), log=lambda *_: None)
+    assert not os.path.exists(tmp_path / "w" / "checkpoints")  # nothing was built
+
+
 def test_sharding_config_fields_are_validated():
     with pytest.raises(ValueError, match=r"config.mesh.data=0"):
         sh.ShardingConfig(data=0)

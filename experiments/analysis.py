@@ -67,11 +67,13 @@ def analyse_experts(rows, bootstrap_n: int) -> dict:
     N = np.array([r["params_active_nonemb"] for r in clark_rows], float)
     Ex = np.array([r["experts"] for r in clark_rows], float)
     Lx = np.array([r["final_eval_ce"] for r in clark_rows], float)
-    if len(set(N)) >= 2 and len(set(Ex)) >= 2 and len(set(zip(N, Ex))) >= 4:
+    sizes = {r["size"] for r in clark_rows}  # N differs across E by the router alone: count sizes
+    if len(sizes) >= 2 and len(set(Ex)) >= 2 and len(set(zip(N, Ex))) >= 4:
         f = fit_lib.fit_clark(N, Ex, Lx)
         fit_lib.bootstrap(fit_lib.fit_clark, dict(N=N, E=Ex, L=Lx), f, n=bootstrap_n)
         out["clark_fit"] = _fit_record(f)
-        out["clark_points"] = [[float(a), float(b), float(c)] for a, b, c in zip(N, Ex, Lx)]
+        out["clark_points"] = [{"N": float(a), "E": float(b), "L": float(c), "size": r["size"]}
+                               for a, b, c, r in zip(N, Ex, Lx, clark_rows)]
     else:
         out["skipped"] = "Clark fit needs >= 2 sizes, >= 2 expert counts and >= 4 distinct (N, E) points"
     return out
@@ -130,7 +132,8 @@ def _joint(steps_rows, bootstrap_n: int) -> dict:
             G.append(r["granularity"])
             L.append(ce)
     N, D, G, L = (np.asarray(v, float) for v in (N, D, G, L))
-    if min(len(set(N)), len(set(D)), len(set(G))) < 2 or len(L) <= 7:
+    sizes = {r["size"] for r in steps_rows}  # N differs across G by the router alone: count sizes
+    if min(len(sizes), len(set(D)), len(set(G))) < 2 or len(L) <= 7:
         return {"skipped": "joint fit needs >= 2 sizes, >= 2 token counts, >= 2 granularities and more points "
                            "than its 7 coefficients"}
     f = fit_lib.fit_joint(N, D, G, L)

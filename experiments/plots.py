@@ -49,14 +49,15 @@ def plot_experts(result, out):
     E, m, s = _keyed(r["by_E"])
     ax.errorbar(E, m, yerr=s, fmt="o", capsize=3, label="expert sweep (mean +- seed sd)")
     if "clark_fit" in r:
-        pts = np.array(r["clark_points"])
         p = r["clark_fit"]["params"]
-        grid = np.geomspace(1, max(pts[:, 1].max(), 2), 50)
-        for N in sorted(set(pts[:, 0])):
-            sel = pts[:, 0] == N
-            ax.plot(pts[sel, 1], pts[sel, 2], "x", color="gray", ms=5)
+        pts = r["clark_points"]
+        grid = np.geomspace(1, max(max(q["E"] for q in pts), 2), 50)
+        for size in dict.fromkeys(q["size"] for q in pts):
+            mine = [q for q in pts if q["size"] == size]
+            N = float(np.median([q["N"] for q in mine]))  # active N differs across E only by the router
+            ax.plot([q["E"] for q in mine], [q["L"] for q in mine], "x", color="gray", ms=5)
             law = 10 ** (p["a"] * np.log10(N) + (p["b"] + p["c"] * np.log10(N)) * np.log10(grid) + p["d"])
-            ax.plot(grid, law, "-", lw=1, label=f"Clark law, N={N/1e3:.0f}k active")
+            ax.plot(grid, law, "-", lw=1, label=f"Clark law, size {size} (N={N / 1e3:.0f}k active)")
     ax.set_xscale("log", base=2)
     ax.set_xlabel("experts E (top-1; E=1 dense)")
     ax.set_ylabel("eval cross-entropy (nats/token)")
@@ -93,7 +94,7 @@ def plot_granularity(result, out):
     ax = axes[2]
     if "seconds" in interp:
         G, m, s = _keyed(interp["seconds"]["by_G"])
-        ax.errorbar(G, m, yerr=s, fmt="v", capsize=3, label=f"train loss at {interp['seconds']['budget']:.0f} s")
+        ax.errorbar(G, m, yerr=s, fmt="v", capsize=3, label=f"train loss at {interp['seconds']['budget']:.3g} s")
     ax.set_title("matched wall-clock (steady-state step time)")
     for ax in axes[:3]:
         ax.set_xscale("log", base=2)
@@ -166,13 +167,14 @@ def plot_expert_load(rows, out):
     if not runs:
         return None
     plt = _plt()
-    fig, axes = plt.subplots(1, len(runs), figsize=(3.2 * len(runs), 2.6), squeeze=False)
+    fig, axes = plt.subplots(1, len(runs), figsize=(3.2 * len(runs), 2.8), squeeze=False, layout="constrained")
     for ax, r in zip(axes[0], runs):
         layers = sorted(r["expert_load"], key=int)
         share_LE = np.array([r["expert_load"][layer] for layer in layers])
         im = ax.imshow(share_LE * share_LE.shape[1], aspect="auto", cmap="viridis", vmin=0, vmax=2,
                        origin="lower")
         ax.set_title(r["name"].replace("_seed0", ""), fontsize=7)
+        ax.set_yticks(range(len(layers)), layers)
         ax.set_xlabel("expert")
         ax.set_ylabel("layer")
     fig.colorbar(im, ax=axes[0].tolist(), label="tokens served / uniform share")

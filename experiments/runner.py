@@ -60,12 +60,41 @@ def _record_seconds(workdir: str, seconds: float, skipped: bool) -> None:
         json.dump(record, f, indent=2)
 
 
+def stale_fields(workdir: str, run) -> list[str]:
+    """Fields where the run recorded in `workdir/config.json` differs from `run` (empty: same run or none yet).
+
+    A workdir is resumed by name; if the protocol changed since (e.g. the scale's step count), resuming
+    would continue another run. data_dir is not compared (results may move between machines)."""
+    import dataclasses
+
+    from moe_jax.train.run_config import model_record
+
+    path = os.path.join(workdir, "config.json")
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        recorded = json.load(f)
+    expected = json.loads(json.dumps({"model": model_record(run.model), "data": dataclasses.asdict(run.data),
+                                      "train": dataclasses.asdict(run.train)}))
+    return [f"{section}.{k}" for section, values in expected.items() for k, v in values.items()
+            if k != "data_dir" and recorded.get(section, {}).get(k) != v]
+
+
 def run_all(specs: list[RunSpec], out: str, *, log=print) -> dict[str, str]:
-    """Trains every unique run not yet finished; returns name -> 'done' | 'skipped' | 'failed: <error>'."""
+    """Trains every unique run not yet finished; returns name -> 'done' | 'skipped' | 'failed: <error>'.
+
+    Before anything is trained, every existing workdir is checked against its run's config: a workdir
+    left by another version of the protocol raises ValueError naming the run and the fields."""
     from moe_jax.train.loop import train
     from moe_jax.train.run_config import build_run_config
 
     runs = sweeps.unique_runs(specs)
+    stale = {name: fields for name, spec in runs.items()
+             if (fields := stale_fields(workdir_of(out, name), build_run_config(spec.config)))}
+    if stale:
+        listing = "; ".join(f"{name}: {', '.join(fields[:4])}" for name, fields in stale.items())
+        raise ValueError(f"{len(stale)} workdir(s) under {os.path.join(out, 'runs')} hold runs of another config "
+                         f"({listing}). Delete them or use another --out.")
     status = {}
     start_all = time.perf_counter()
     for i, (name, spec) in enumerate(runs.items(), 1):
@@ -136,7 +165,11 @@ def main(argv=None) -> int:
         logging.set_verbosity(logging.WARNING)
         if args.compilation_cache:
             enable_compilation_cache(args.compilation_cache)
-        status = run_all(specs, args.out)
+        try:
+            status = run_all(specs, args.out)
+        except ValueError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
         failed = {k: v for k, v in status.items() if v.startswith("failed")}
         print(f"{sum(v == 'done' for v in status.values())} trained, "
               f"{sum(v == 'skipped' for v in status.values())} already finished, {len(failed)} failed")

@@ -277,3 +277,21 @@ def test_bad_names_fail_with_the_fix():
     with pytest.raises(ValueError, match="<scale>,<sweep>,<run name>"):
         sweep_config.get_config("cpu")
     assert runner.main(["--scale=cpu", "--sweeps=nope", "--out=/tmp/never_used_xyz", "--mode=report"]) == 2
+
+
+def test_a_workdir_of_another_protocol_is_refused_before_training(tmp_path):
+    import dataclasses
+
+    from moe_jax.train.run_config import model_record
+
+    smoke = scales.get("smoke")
+    spec = make_spec("x", smoke, size="xs", seed=0, axes={}, model=smoke.model("xs"))
+    run = build_run_config(spec.config)
+    workdir = tmp_path / "runs" / spec.name
+    workdir.mkdir(parents=True)
+    old = {"model": model_record(run.model), "data": dataclasses.asdict(run.data),
+           "train": dict(dataclasses.asdict(run.train), steps=run.train.steps + 1)}
+    (workdir / "config.json").write_text(json.dumps(old))
+    with pytest.raises(ValueError, match=r"xs_E8_K1_G1_seed0: train.steps.*Delete them or use another --out"):
+        runner.run_all([spec], str(tmp_path))
+    assert not (workdir / "metrics.jsonl").exists()

@@ -12,7 +12,8 @@ Row fields (besides the sweep's axes, `size` and `seed`):
   step_seconds      steady-state seconds per step: tokens per step / median logged tokens per second
                     (compilation and evaluation excluded); train_seconds = steps x step_seconds
   dropped_fraction  mean over MoE layers and the logged windows of the second half of training
-  load_cv           coefficient of variation of tokens per expert, same averaging
+  load_cv           coefficient of variation over experts of the router's choices (before capacity), same
+                    averaging
   experts, top_k    routed experts (E * G; 1 for a dense model) and experts per token (k * G)
   granularity       MoEConfig.granularity (1 for a dense model)
   capacity, effective_cf   train capacity per expert per group, and C * E / (S * k)

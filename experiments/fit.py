@@ -9,7 +9,8 @@ The first two are fitted as Krajewski et al. fit theirs: Huber loss (delta 0.1 b
 residual log L_fit - log L, minimised with L-BFGS-B from every point of a grid of starts, best kept.
 The joint law is written with a = e^A, b = e^B, g = e^Gl, c = e^C, so
 log L_fit = logsumexp(C, logsumexp(Gl - gamma log G, A) - alpha log N, B - beta log D) and its
-gradient is analytic; its starts are the best points of a 3^7 grid (objective evaluated at all). Clark's law is linear in its coefficients: least squares.
+gradient is analytic; its starts are the best points of a 3^7 grid (objective evaluated at all).
+Clark's law is linear in its coefficients: least squares.
 Bootstrap (Krajewski et al.): refit on 80 % of the points drawn without replacement, 100 times;
 intervals are the 5th and 95th percentiles.
 """

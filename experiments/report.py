@@ -200,7 +200,8 @@ def section_shared(result) -> list[str]:
     pub = result["published"]["deepseekmoe_table1"]
     lines = ["## Shared and fine-grained experts (DeepSeekMoE, Dai et al. 2024)", ""]
     lines += _table(["variant", "eval CE mean +- sd", "DeepSeekMoE Table 1 (Pile loss)"],
-                    [[v, _ms(m), _f(pub.get({"fine_x4": "deepseekmoe"}.get(v, v)))] for v, m in r["by_variant"].items()])
+                    [[v, _ms(m), _f(pub.get("deepseekmoe" if v == "fine_x4" else v))]
+                     for v, m in r["by_variant"].items()])
     lines.append("")
     order = r.get("ordering_worst_to_best", [])
     lines.append(f"- Ours, worst to best: {' > '.join(order)}.")
@@ -243,7 +244,8 @@ def section_simple(result, key, title, note) -> list[str]:
         return []
     lines = [f"## {title}", ""]
     lines += _table(["setting", "eval CE", "dropped (train)", "load CV", "run"],
-                    [[k, v["final_eval_ce"], v.get("dropped_fraction"), v.get("load_cv"), v["name"]] for k, v in r.items()])
+                    [[k, v["final_eval_ce"], v.get("dropped_fraction"), v.get("load_cv"), v["name"]]
+                     for k, v in r.items()])
     return lines + ["", note, ""]
 
 
@@ -272,7 +274,8 @@ def render(result: dict, rows: list[dict], *, scale, command: str, plot_paths: d
                             "Expert choice groups the tokens at one position across the batch (causal); its "
                             "capacity per group is in the results table (capacity, effective_cf).")
     lines += section_simple(result, "aux_losses", "Auxiliary-loss and z-loss coefficients",
-                            "load CV: coefficient of variation of tokens per expert (0 = perfectly balanced).")
+                            "load CV: coefficient of variation over experts of the router's choices before capacity "
+                            "(0 = perfectly balanced), mean over layers and the second half of training.")
     lines += ["## Figures", ""] + [f"![{k}]({os.path.basename(p)})" for k, p in plot_paths.items()] + [""]
     if result["missing"]:
         lines += ["## Missing or incomplete runs", ""] + [f"- {n}" for n in result["missing"]] + [""]

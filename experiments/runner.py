@@ -175,8 +175,8 @@ def main(argv=None) -> int:
               f"{sum(v == 'skipped' for v in status.values())} already finished, {len(failed)} failed")
     from experiments import report
 
-    path = report.write_all(specs, args.out, scale=scale, command=" ".join(["python -m experiments.runner"] +
-                                                                           (argv if argv is not None else sys.argv[1:])))
+    command = " ".join(["python -m experiments.runner"] + (argv if argv is not None else sys.argv[1:]))
+    path = report.write_all(specs, args.out, scale=scale, command=command)
     print(f"report: {path}")
     return 0
 

@@ -5,7 +5,8 @@
     cpu    0.1-1.6 M-parameter byte-level models on Shakespeare, 250 steps of 16 x 128 tokens; the
            protocol of experiments/results/cpu (about an hour on 2 CPU cores).
     pod    100M-1B-parameter (dense-equivalent) models on C4 with a 32k BPE vocabulary, ~20 tokens per
-           active parameter; emitted as one command per run for a scheduler (`--mode=commands`).
+           active parameter, FSDP over every device of a TPU slice, one process per host; emitted as
+           one command per run for a scheduler (`--mode=commands`), the same command on every host.
 
 A sweep asks its scale for a model (`Scale.model(size, **moe_fields)`) and a run config
 (`Scale.config(...)`); sizes, data and training fields are written here once, so the same sweep
@@ -47,6 +48,7 @@ class Scale:
     granularity_sizes: tuple  # sizes with a full granularity sweep (the per-size law L(G) and the joint law)
     flops_matched_seeds: tuple  # seeds of the granularity runs at matched FLOPs
     reduced: bool = False  # smoke: every axis cut to its first and last value
+    mesh: dict = dataclasses.field(default_factory=dict)  # the run config's mesh section (moe_jax.sharding)
 
     def axis(self, values, smoke=None) -> list:
         """A sweep axis at this scale: all values, or (smoke) `smoke` if given, else the first and the last."""
@@ -93,7 +95,10 @@ class Scale:
         train["checkpoint_every"] = max(1, steps // self.train.get("checkpoints", 1))
         train.pop("checkpoints", None)
         train["warmup_steps"] = min(train["warmup_steps"], steps)
-        return base.make(name, model, data=dict(self.data, seed=seed), train=train)
+        config = base.make(name, model, data=dict(self.data, seed=seed), train=train)
+        for key, value in self.mesh.items():
+            setattr(config.mesh, key, value)
+        return config
 
 
 # MoE fields a sweep may set beyond the ones `Scale.model` fills in.
@@ -149,6 +154,10 @@ POD = Scale(
     seeds=(0, 1, 2),
     granularity_sizes=("p1", "p2", "p3"),
     flops_matched_seeds=(0, 1, 2),
+    # Every device of the slice in one FSDP axis (weights and optimizer state sharded over d_model, the batch
+    # over devices; any power-of-two slice up to 256 chips divides d_model and the batch of 256), one
+    # process per host detected by JAX: the same command runs on every host.
+    mesh=dict(fsdp=-1, num_processes=-1),
 )
 
 _BY_NAME = {s.name: s for s in (SMOKE, CPU, POD)}

@@ -236,6 +236,7 @@ def test_commands_for_a_pod_resolve_to_the_sweep_configs(tmp_path, capsys):
         assert line.endswith(f" --workdir=gs://bucket/pod/{name}")
         run = build_run_config(spec.config)
         assert run.data.corpus.startswith("tfds:") and run.model.d_model >= 768
+        assert run.mesh.fsdp == -1 and run.mesh.num_processes == -1  # every device, every host
         arg = line.split("sweep_config.py:")[1].split(" ")[0]
         if spec.sweep not in resolved:  # one command per sweep rebuilt from its argument (each rebuild is a sweep)
             resolved.add(spec.sweep)

@@ -19,6 +19,8 @@ Candidates:
   dense            `FeedForward` with hidden width k * F: the same active parameters, no routing.
   gather / einsum  capacity paths (index gathers / Switch-GShard one-hot einsums) for every capacity
                    factor and group size; `dropped` is the fraction of choices that found no room.
+                   Their experts run as batched einsums over E (expert_backend='einsum'), and for
+  gather_blocked   the gather path also through the blocked loops (expert_backend='blocked').
   dropless_blocked tokens sorted by expert, each expert padded to a block multiple, no capacity.
   hf_mixtral       Hugging Face transformers' `MixtralSparseMoeBlock` (eager experts, torch threads 2)
   torch_dense      and a torch SwiGLU FFN of hidden width k * F; only where torch and transformers import.
@@ -166,13 +168,14 @@ def jax_candidates(shape: Shape, x_BLD, only: Optional[re.Pattern], ragged_dot: 
                           dict(path="dense", own_train_flops=dense_flops, useful_train_flops=dense_flops))]
     for cf in shape.capacity_factors:
         for S in shape.group_sizes:
-            for dispatch in ("gather", "einsum"):
-                name = f"{dispatch}_cf{cf:g}_S{S}"
+            for dispatch, backend in (("gather", "einsum"), ("gather", "blocked"), ("einsum", "einsum")):
+                path = dispatch if backend == "einsum" else f"{dispatch}_{backend}"
+                name = f"{path}_cf{cf:g}_S{S}"
                 if wanted(name):
                     cfg = _moe_config(shape, capacity_factor=cf, eval_capacity_factor=cf, group_size=S,
-                                      dispatch=dispatch, expert_backend="einsum")
+                                      dispatch=dispatch, expert_backend=backend)
                     out.append(_moe_candidate(name, shape, x_BLD, cfg, S, dict(
-                        path=dispatch, capacity_factor=cf, group_size=S, capacity=cfg.capacity(S, True))))
+                        path=path, capacity_factor=cf, group_size=S, capacity=cfg.capacity(S, True))))
     for backend in ("blocked", "ragged_dot") if ragged_dot else ("blocked",):
         name = f"dropless_{backend}"
         if wanted(name):

@@ -76,7 +76,7 @@ class MoEConfig:
     overflow_buffer_factor: float = 2.0  # reduced_weight: buffer of ceil(factor * C) slots per expert
     max_reroute_rounds: Optional[int] = None  # reroute: None = E - k rounds (every expert can be tried)
     dispatch: str = "gather"  # gather (index) | einsum (Switch/GShard one-hot tensors)
-    expert_backend: str = "einsum"  # capacity paths: einsum; dropless: blocked | ragged_dot | pallas
+    expert_backend: str = "einsum"  # capacity paths: einsum | blocked (CPU); dropless: blocked | ragged_dot | pallas
     dropless_block_size: int = 64  # dropless blocked backend: rows per expert padded to this multiple
 
     # Experts.
@@ -178,10 +178,11 @@ class MoEConfig:
             raise ValueError(
                 "MoEConfig.capacity_factor=None (dropless) needs expert_backend='blocked', 'ragged_dot' or 'pallas'; "
                 "the 'einsum' backend runs fixed-capacity buffers.")
-        if not dropless and self.expert_backend != "einsum":
+        if not dropless and self.expert_backend not in ("einsum", "blocked"):
             raise ValueError(
                 f"MoEConfig.expert_backend={self.expert_backend!r} runs the dropless sorted path; "
-                "set capacity_factor=None and eval_capacity_factor=None, or use expert_backend='einsum'.")
+                "set capacity_factor=None and eval_capacity_factor=None, or use expert_backend='einsum' "
+                "(or 'blocked') for capacity buffers.")
 
     # ---- derived values: the one place they are computed ----
     @property

@@ -43,7 +43,10 @@ def _terms(cfg: MoEConfig, *, num_tokens: int, group_size: int, train: bool) -> 
     terms["shared"] = (shared, 2.0)
 
     C = cfg.capacity(S, train)
-    if C is None:  # dropless: sorted rows, each expert padded to a block multiple (static worst case)
+    if C is None:
+        # Dropless: sorted rows, each expert padded to a block multiple. This is the static buffer, an
+        # upper bound: the blocked backend runs only each expert's own blocks, T * K rows plus on
+        # average E * (b - 1) / 2 of padding (benchmarks/moe_layer.py counts the rows it really ran).
         b = cfg.dropless_block_size if cfg.expert_backend == "blocked" else 1
         rows = -(-(T * K + E * (b - 1)) // b) * b
         terms["experts"] = (rows * per_row, 2.0)

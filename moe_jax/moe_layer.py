@@ -90,8 +90,8 @@ class MoELayer(nnx.Module):
         self.router = Router(cfg, rngs=rngs)
         self.experts = Experts(
             cfg.num_routed_experts, cfg.d_model, cfg.expert_d_ff, activation=cfg.activation,
-            use_bias=cfg.expert_bias, init_scale=cfg.expert_init_scale, dtype=dtype,
-            param_dtype=param_dtype, rngs=rngs)
+            use_bias=cfg.expert_bias, init_scale=cfg.expert_init_scale, dtype=dtype, param_dtype=param_dtype,
+            capacity_backend="blocked" if cfg.expert_backend == "blocked" else "einsum", rngs=rngs)
         shared, shared_gate = None, None
         if cfg.num_shared_experts:
             shared = FeedForward(cfg.d_model, cfg.shared_width, activation=cfg.activation,

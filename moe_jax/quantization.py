@@ -100,6 +100,7 @@ class QuantizedExperts(Experts):
         if not isinstance(experts, Experts):
             raise TypeError(f"QuantizedExperts: expected an Experts module, got {type(experts).__name__}.")
         self.activation = experts.activation
+        self.capacity_backend = experts.capacity_backend
         self.gated = experts.gated
         self.dtype = experts.dtype
         self.bits = bits

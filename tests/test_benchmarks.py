@@ -18,7 +18,8 @@ def test_moe_layer_benchmark_quick(tmp_path):
     rows = summary["rows"]
     shape = moe_layer.QUICK
     S, cf = shape.group_sizes[0], shape.capacity_factors[0]
-    expected = {"dense", f"gather_cf{cf:g}_S{S}", f"einsum_cf{cf:g}_S{S}", "dropless_blocked"}
+    expected = {"dense", f"gather_cf{cf:g}_S{S}", f"gather_blocked_cf{cf:g}_S{S}", f"einsum_cf{cf:g}_S{S}",
+                "dropless_blocked"}
     assert expected <= set(rows), sorted(rows)
     for name in expected:
         row = rows[name]

@@ -17,6 +17,7 @@ The step differentiates `0.5 * sum(y ** 2)` with respect to all parameters and t
 
 Candidates:
   dense            `FeedForward` with hidden width k * F: the same active parameters, no routing.
+  dense_blocked    that FFN through the blocked loops (one expert): what the loops gain without routing.
   gather / einsum  capacity paths (index gathers / Switch-GShard one-hot einsums) for every capacity
                    factor and group size; `dropped` is the fraction of choices that found no room.
                    Their experts run as batched einsums over E (expert_backend='einsum'), and for
@@ -27,7 +28,7 @@ Candidates:
 
 FLOPs, each divided by the useful FLOPs (router and k expert FFNs per token, forward+backward):
   xla   XLA's `cost_analysis()` of the compiled step: every matmul and elementwise op it executes.
-        XLA counts a loop body once, so it undercounts the dropless `blocked` path (its loops).
+        XLA counts a loop body once, so it undercounts the `blocked` paths (their loops).
   own   `moe_jax.flops.layer_train_flops`, the layer's own accounting from its config; for the
         dropless path, the rows its experts really held (each rounded up to a block) this step.
 The einsum path's one-hot dispatch and combine add 5 * cf * S / (9F) of the useful FLOPs
@@ -50,7 +51,7 @@ import numpy as np
 from flax import nnx
 
 from moe_jax.config import MoEConfig
-from moe_jax.experts import FeedForward
+from moe_jax.experts import Experts, FeedForward
 from moe_jax.flops import dense_train_flops, ffn_flops_per_token, layer_train_flops
 from moe_jax.moe_layer import MoELayer, group_tokens
 
@@ -164,8 +165,13 @@ def jax_candidates(shape: Shape, x_BLD, only: Optional[re.Pattern], ragged_dot: 
     wanted = lambda name: only is None or only.search(name)
     dense = FeedForward(D, shape.k * shape.d_ff, activation="swiglu", rngs=nnx.Rngs(0))
     dense_flops = dense_train_flops(D, shape.k * shape.d_ff, num_tokens=T, gated=True)
-    out = [_jax_candidate("dense", dense, lambda m, x: m(x.reshape(T, D)), x_BLD,
-                          dict(path="dense", own_train_flops=dense_flops, useful_train_flops=dense_flops))]
+    dense_info = dict(own_train_flops=dense_flops, useful_train_flops=dense_flops)
+    out = [_jax_candidate("dense", dense, lambda m, x: m(x.reshape(T, D)), x_BLD, dict(dense_info, path="dense"))]
+    if wanted("dense_blocked"):  # the same FFN through the blocked loops: what they gain without routing
+        dense_blocked = Experts(1, D, shape.k * shape.d_ff, activation="swiglu", capacity_backend="blocked",
+                                rngs=nnx.Rngs(0))
+        out.append(_jax_candidate("dense_blocked", dense_blocked, lambda m, x: m(x.reshape(1, T, D))[0], x_BLD,
+                                  dict(dense_info, path="dense_blocked")))
     for cf in shape.capacity_factors:
         for S in shape.group_sizes:
             for dispatch, backend in (("gather", "einsum"), ("gather", "blocked"), ("einsum", "einsum")):
@@ -307,20 +313,21 @@ def print_table(summary: dict) -> None:
     print(f"\nMoE layer forward+backward: T={s['batch'] * s['length']} D={s['d_model']} F={s['d_ff']} "
           f"E={s['num_experts']} k={s['k']}, SwiGLU, float32, {summary['backend']}, jax {summary['jax']}; "
           f"median of {s['repeats']} rounds of ratios to the dense runs around each step")
-    head = (f"{'candidate':20s} {'t/dense':>8s} {'cpu/dense':>9s} {'xla ex/use':>10s} {'own ex/use':>10s} "
+    head = (f"{'candidate':27s} {'t/dense':>8s} {'cpu/dense':>9s} {'xla ex/use':>10s} {'own ex/use':>10s} "
             f"{'own/xla':>8s} {'dropped':>8s}")
     print(head)
     print("-" * len(head))
     for name, r in summary["rows"].items():
         if r["path"] in TORCH_PATHS:
             continue
-        own_xla = None if r["path"] == "dropless_blocked" else r["own_over_xla"]
-        print(f"{name:20s} {r['time_vs_dense']:8.3f} {r['cpu_time_vs_dense']:9.3f} "
+        own_xla = None if "blocked" in r["path"] else r["own_over_xla"]
+        print(f"{name:27s} {r['time_vs_dense']:8.3f} {r['cpu_time_vs_dense']:9.3f} "
               f"{r['xla_executed_over_useful']:10.3f} {r['own_executed_over_useful']:10.3f} "
               f"{_cell(own_xla, '8.3f')} {_cell(r.get('dropped_fraction'), '8.4f')}")
     print("einsum dispatch+combine add 5*cf*S/(9F) of the useful FLOPs: "
           + ", ".join(f"{k} {v:.3f}" for k, v in summary["einsum_overhead_predicted"].items()))
-    print("xla ex/use of dropless_blocked counts each loop body once; own ex/use counts the rows it ran.")
+    print("XLA counts a loop body once: xla ex/use of the *blocked paths undercounts (own/xla not shown); "
+          "dropless own ex/use counts the rows it ran.")
     hf = summary["hf"]
     if not hf:
         print("Hugging Face comparison not run (needs torch==2.13.0 and transformers==5.23.0; --no-torch skips it).")

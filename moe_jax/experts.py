@@ -7,13 +7,14 @@ Backends:
   ragged_dot  `[M, D]` rows sorted by expert + group sizes: `jax.lax.ragged_dot` (exact, and the form
               accelerators run well; on CPU XLA computes every group densely, so it is a reference).
   blocked     `[M, D]` sorted rows whose expert segments are padded to multiples of a block size
-              (dropless, Gale et al. 2023 "MegaBlocks"): a loop over experts and, inside, over the
-              blocks an expert really holds (`counts_E`), each block running the whole FFN with that
-              expert's weights sliced once per expert. Work is proportional to the rows routed plus
-              under one block of padding per expert, never to the static worst-case buffer; the
-              block's hidden activations stay in cache, and no per-block weight copy is made.
-              Its backward is a second pair of loops (custom_vjp) that accumulates each expert's
-              weight gradients in place.
+              (dropless; the block-sparse layout of Gale et al. 2023, MegaBlocks): a loop over experts
+              and, inside, over the rows each expert really holds (`counts_E`, rounded up to a block)
+              in steps of up to 512 rows (`block_ladder`), each step running the whole FFN with the
+              expert's weights (sliced once per expert; w_in and w_gate side by side, one matmul).
+              Work is proportional to the rows routed plus under one block per expert, never to the
+              static worst-case buffer, and a step's hidden activations stay in cache. The backward
+              (custom_vjp) is a second pair of loops accumulating each expert's weight gradients.
+              On CPU the fastest backend, for capacity buffers too (benchmarks/moe_layer.py).
   pallas      the `ragged_dot` form through `pallas_kernels.gmm`, a Pallas grouped-matmul kernel
               (Mosaic on TPU, Triton on GPU, interpreted on CPU: correct there, not fast).
 """

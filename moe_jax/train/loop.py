@@ -9,6 +9,7 @@ uninterrupted run: batches and RNG keys are pure functions of (seed, step).
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -156,7 +157,6 @@ def train(run: RunConfig, workdir: str, *, log=print) -> dict:
 
 
 def _plain(dc) -> dict:
-    import dataclasses
     return {f.name: to_python(v) if isinstance(v, (np.ndarray, jax.Array)) else v
             for f in dataclasses.fields(dc) for v in [getattr(dc, f.name)]}
 

@@ -93,8 +93,8 @@ def _build(cls, section: str, values: dict) -> Any:
 
 
 def _defaults(cls, skip=()) -> dict:
-    """Every field of `cls` with a default, optional ones as `placeholder(object)` so that the command
-    line can set them to a value or to None (`--config.model.capacity_factor=None` means dropless)."""
+    """Every field of `cls` with a default, optional ones as `FieldReference(default, field_type=object)`
+    so that the command line can set them to a value or to None (`--config.model.capacity_factor=None` means dropless)."""
     types = _field_types(cls)
     out = {}
     for f in dataclasses.fields(cls):

@@ -1,4 +1,4 @@
-"""Train-step throughput of the default tiny MoE preset, as ratios measured side by side in one run.
+"""Train-step throughput of the default MoE preset (configs/default.py), as ratios measured side by side in one run.
 
     python -m benchmarks.train_step [--config configs/default.py] [--json PATH] [--quick]
 
@@ -112,7 +112,9 @@ def main(argv=None):
     matmul_flops_per_s = matmul_flops / t["matmul"]
     out = {
         "config": args.config, "batch": B, "seq_len": L, "rounds": rounds, "device": str(jax.devices()[0]),
+        "d_model": run.model.d_model, "num_layers": run.model.num_layers, "num_experts": run.model.moe.num_experts,
         "params_total": counts["total"], "params_active_per_token": counts["active_per_token"],
+        "dense_equivalent_params": count_params(dense_cfg)["total"],
         "moe_step_s": t["moe"], "dense_equivalent_step_s": t["dense_equivalent"], "matmul_s": t["matmul"],
         "tokens_per_s": tokens_per_s,
         "model_flops_per_s": flops_per_step / t["moe"],

@@ -3,6 +3,8 @@ import importlib.util
 import json
 import math
 
+import pytest
+
 from benchmarks import moe_layer
 
 
@@ -46,3 +48,18 @@ def test_moe_layer_benchmark_quick(tmp_path):
             assert _positive_finite(hf[key]), (key, hf.get(key))
     else:
         assert summary["hf"] == {}
+
+
+def test_train_step_benchmark_quick(tmp_path):
+    from benchmarks import train_step
+
+    path = tmp_path / "train_step.json"
+    out = train_step.main(["--quick", "--json", str(path)])
+    assert json.loads(path.read_text()) == out
+    for key in ("moe_step_s", "dense_equivalent_step_s", "matmul_s", "tokens_per_s", "model_flops_per_s",
+                "matmul_flops_per_s", "mfu_vs_matmul", "moe_over_dense_equivalent"):
+        assert _positive_finite(out[key]), (key, out[key])
+    # The dense-equivalent model has the MoE model's active parameters (less its routers) as its total.
+    router = out["num_layers"] * out["d_model"] * out["num_experts"]
+    assert out["dense_equivalent_params"] == out["params_active_per_token"] - router < out["params_total"]
+    assert out["tokens_per_s"] * out["moe_step_s"] == pytest.approx(out["batch"] * out["seq_len"])

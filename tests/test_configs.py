@@ -41,7 +41,7 @@ def test_preset_architecture_details():
     assert switch.moe.top_k == 1 and len(switch.moe_layer_indices) == 12
 
 
-@pytest.mark.parametrize("name", PRESETS)
+@pytest.mark.parametrize("name", PRESETS + ("default",))
 def test_tiny_preset_trains_a_few_steps(name, tmp_path):
     config = importlib.import_module(f"configs.{name}").get_config("tiny")
     config.data.corpus = "synthetic"

@@ -42,7 +42,8 @@ def _sort_key(v):
 
 
 def _fit_record(f: fit_lib.Fit) -> dict:
-    return {"params": f.params, "intervals": f.intervals, "n_points": f.n_points, "objective": f.objective}
+    return {"params": f.params, "intervals": f.intervals, "n_points": f.n_points, "objective": f.objective,
+            "at_bound": list(f.at_bound)}
 
 
 def noise_floor(rows) -> dict | None:
@@ -86,7 +87,9 @@ def analyse_granularity(rows, bootstrap_n: int) -> dict:
                                                                         if r["size"] == s)):
         pts = [r for r in steps_rows if r["size"] == size]
         out["per_step"][size] = _by(pts, "G")
-        out["step_seconds"][size] = {G: v["mean"] for G, v in _by(pts, "G", value="step_seconds").items()}
+        # Median over seeds: one run slowed by a busy machine must not move the ratio.
+        out["step_seconds"][size] = {G: float(np.median([r["step_seconds"] for r in pts if r["G"] == G]))
+                                     for G in sorted({r["G"] for r in pts})}
         G = np.array([r["G"] for r in pts], float)
         L = np.array([r["final_eval_ce"] for r in pts], float)
         if len(set(G)) >= 4:

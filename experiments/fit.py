@@ -35,6 +35,9 @@ class Fit:
     objective: float
     n_points: int
     intervals: dict = dataclasses.field(default_factory=dict)  # name -> (5th, 95th percentile)
+    # Coefficients whose estimate sits on a bound of the search box: the data do not pin them down (the
+    # optimum lies outside the box or the objective is flat there), so their value is not a measurement.
+    at_bound: list = dataclasses.field(default_factory=list)
 
     def predict(self, **x) -> np.ndarray:
         return PREDICT[self.law](self.params, **x)
@@ -67,7 +70,9 @@ def fit_granularity(G, L, *, delta: float = HUBER_DELTA, starts=None) -> Fit:
         starts = itertools.product((0.5 * lo, 0.9 * lo), (-0.5, 0.1, 1.0), (0.2, 0.6, 1.5))
     bounds = [(1e-6, 10 * float(L.max())), (-100.0, 100.0), (0.0, 5.0)]
     best = _best(objective, None, starts, bounds)
-    return Fit("granularity", dict(zip(("h", "g", "gamma"), best.x.tolist())), float(best.fun), len(L))
+    names = ("h", "g", "gamma")
+    return Fit("granularity", dict(zip(names, best.x.tolist())), float(best.fun), len(L),
+               at_bound=_at_bound(names, best.x, bounds))
 
 
 # ---- joint law ----
@@ -133,7 +138,9 @@ def fit_joint(N, D, G, L, *, delta: float = HUBER_DELTA, starts=None) -> Fit:
         starts = grid[np.argsort(losses)[:JOINT_STARTS]]
     best = _best(lambda t: _joint_objective(t, lnN, lnD, lnG, logL, delta), True, starts,
                  [JOINT_BOUNDS[k] for k in _JOINT])
-    return Fit("joint", joint_params(best.x), float(best.fun), len(logL))
+    bounds = [JOINT_BOUNDS[k] for k in _JOINT]
+    names = ("a", "alpha", "b", "beta", "g", "gamma", "c")  # A, ..., C in the order of _JOINT
+    return Fit("joint", joint_params(best.x), float(best.fun), len(logL), at_bound=_at_bound(names, best.x, bounds))
 
 
 # ---- Clark et al. ----
@@ -154,6 +161,16 @@ def fit_clark(N, E, L, starts=None) -> Fit:
 
 
 PREDICT = {"granularity": predict_granularity, "joint": predict_joint, "clark": predict_clark}
+
+
+def _at_bound(names, x, bounds, rtol: float = 1e-6) -> list:
+    """The names whose value in x lies on (within rtol of the box's width) its lower or upper bound."""
+    out = []
+    for name, v, (lo, hi) in zip(names, x, bounds):
+        tol = rtol * (hi - lo)
+        if v <= lo + tol or v >= hi - tol:
+            out.append(name)
+    return out
 
 
 @threadpool_limits.wrap(limits=1, user_api="blas")  # L-BFGS-B's small BLAS calls run ~30x slower multi-threaded

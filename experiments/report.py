@@ -40,7 +40,8 @@ def _ms(v: dict) -> str:
 
 def _ci(fit: dict, key: str) -> str:
     lo_hi = fit.get("intervals", {}).get(key)
-    return f"{fit['params'][key]:.4g} [{lo_hi[0]:.4g}, {lo_hi[1]:.4g}]" if lo_hi else f"{fit['params'][key]:.4g}"
+    text = f"{fit['params'][key]:.4g} [{lo_hi[0]:.4g}, {lo_hi[1]:.4g}]" if lo_hi else f"{fit['params'][key]:.4g}"
+    return text + (" (at the fit's bound: not determined by the data)" if key in fit.get("at_bound", ()) else "")
 
 
 def _sign_verdict(fit: dict, key: str, want: int) -> str:
@@ -150,7 +151,7 @@ def section_granularity(result) -> list[str]:
         if "seconds" in interp:
             lines += ["", f"Equal seconds = {interp['seconds']['budget']:.3g} s of steady-state training (the "
                           "shortest run's total; median step time x steps, compilation and evaluation excluded; "
-                          "the machine was shared, so times carry its load)."]
+                          "times carry whatever else the machine ran meanwhile: compare them only within one quiet sweep)."]
         by = r["matched_flops_runs"]
         keys = list(by)
         if len(keys) >= 2:

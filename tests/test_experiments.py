@@ -214,6 +214,12 @@ def test_fits_recover_known_coefficients():
         Gs = np.array([1, 2, 4, 8, 16], float)
         fg = fit.fit_granularity(Gs, fit.predict_granularity(true, G=Gs))
         assert fg.params["gamma"] == pytest.approx(gamma, abs=1e-3)
+        assert fg.at_bound == []
+    assert f.at_bound == []
+    # Only G = 1 differs: any gamma large enough fits, the optimiser runs to gamma's upper bound, and the
+    # fit says so instead of reporting gamma = 5 as a measurement.
+    flat = fit.fit_granularity(Gs, np.array([2.3, 2.2, 2.2, 2.2, 2.2]))
+    assert flat.at_bound == ["gamma"] and flat.params["gamma"] == pytest.approx(5.0)
     true = dict(a=-0.08, b=-0.1, c=0.01, d=1.1)
     Nc, Ec = (a.ravel() for a in np.meshgrid([1e5, 1e6, 1e7], [1, 4, 16]))
     rng = np.random.default_rng(0)

@@ -3,7 +3,7 @@
     smoke  seconds per run: tiny models on the in-memory 'synthetic' corpus; each sweep axis cut to its
            first and last value and one seed (the test suite runs every sweep this way).
     cpu    0.1-1.6 M-parameter byte-level models on Shakespeare, 250 steps of 16 x 128 tokens; the
-           protocol of experiments/results/cpu (about an hour on 2 CPU cores).
+           protocol of experiments/results/cpu (67 runs, about 30 minutes on 2 quiet CPU cores).
     pod    100M-1B-parameter (dense-equivalent) models on C4 with a 32k BPE vocabulary, ~20 tokens per
            active parameter, FSDP over every device of a TPU slice, one process per host; emitted as
            one command per run for a scheduler (`--mode=commands`), the same command on every host.

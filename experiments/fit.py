@@ -136,9 +136,8 @@ def fit_joint(N, D, G, L, *, delta: float = HUBER_DELTA, starts=None) -> Fit:
         losses = np.concatenate([huber(_joint_log_pred(chunk, lnN, lnD, lnG)[1] - logL, delta)[0].sum(axis=1)
                                  for chunk in np.array_split(grid, max(1, len(grid) // 256))])
         starts = grid[np.argsort(losses)[:JOINT_STARTS]]
-    best = _best(lambda t: _joint_objective(t, lnN, lnD, lnG, logL, delta), True, starts,
-                 [JOINT_BOUNDS[k] for k in _JOINT])
     bounds = [JOINT_BOUNDS[k] for k in _JOINT]
+    best = _best(lambda t: _joint_objective(t, lnN, lnD, lnG, logL, delta), True, starts, bounds)
     names = ("a", "alpha", "b", "beta", "g", "gamma", "c")  # A, ..., C in the order of _JOINT
     return Fit("joint", joint_params(best.x), float(best.fun), len(logL), at_bound=_at_bound(names, best.x, bounds))
 

@@ -6,7 +6,8 @@ Published: 236B total parameters, 21B activated per token (abstract). 60 layers,
 128 heads with Multi-head Latent Attention (q_lora_rank 1536, kv_lora_rank 512, per-head
 qk_nope 128 + qk_rope 64, v 128), vocab 102400, untied; the first layer dense (FFN 12288), the
 other 59 DeepSeekMoE layers with 2 shared + 160 routed experts of width 1536, top-6 by softmax,
-device/group-limited routing (8 groups, top-3 groups), routed_scaling_factor 16, no renormalisation
+device/group-limited routing (8 groups, top-3 groups, a group scored by its best expert: the released
+code's group_limited_greedy; V3 sums each group's top two), routed_scaling_factor 16, no renormalisation
 (appendix / released config).
 tiny: 4 layers of width 128, MLA (kv_lora_rank 32, rope 16), first layer dense, 16 routed experts of
 width 64, top-4 of 4 groups keeping 2, 2 shared experts.
@@ -19,7 +20,7 @@ PUBLISHED = {"total": 236e9, "active_per_token": 21e9}
 def get_config(arg=None):
     arg = base.check_arg(arg)
     moe = dict(router="top_k", score_fn="softmax", normalize_topk=False, activation="swiglu",
-               num_shared_experts=2, moe_every=1, first_dense_layers=1, attention="mla")
+               num_shared_experts=2, moe_every=1, first_dense_layers=1, attention="mla", group_score="max")
     if arg == "tiny":
         return base.make("deepseek_v2_tiny", base.tiny_model(
             **moe, num_experts=16, num_experts_per_token=4, moe_d_ff=64, n_expert_groups=4, topk_groups=2,

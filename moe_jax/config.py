@@ -19,6 +19,7 @@ DISPATCHES = ("gather", "einsum")
 EXPERT_BACKENDS = ("einsum", "ragged_dot", "blocked", "pallas")
 ACTIVATIONS = ("relu", "gelu", "silu", "swiglu", "geglu")
 GROUPINGS = ("tokens", "position")
+GROUP_SCORES = ("top2_sum", "max")
 LOSS_SCOPES = ("group", "sequence", "batch")
 
 
@@ -58,6 +59,7 @@ class MoEConfig:
     routed_scaling_factor: float = 1.0
     n_expert_groups: int = 1  # group-limited routing (DeepSeek-V3): contiguous expert groups
     topk_groups: int = 1  # groups kept per token
+    group_score: str = "top2_sum"  # a group's score: sum of its top-2 (DeepSeek-V3) | max (DeepSeek-V2)
     use_correction_bias: bool = False  # aux-loss-free balancing: a bias used for selection only
     bias_update_rate: float = 1e-3  # gamma in DeepSeek-V3's bias update
     jitter_eps: float = 0.0  # Switch: multiply router input by U(1 - eps, 1 + eps) in training
@@ -104,7 +106,7 @@ class MoEConfig:
             ("router", ROUTERS), ("score_fn", SCORE_FNS), ("topk_order", TOPK_ORDERS),
             ("overflow", OVERFLOW_POLICIES), ("priority", PRIORITIES), ("dispatch", DISPATCHES),
             ("expert_backend", EXPERT_BACKENDS), ("activation", ACTIVATIONS), ("grouping", GROUPINGS),
-            ("balance_loss_scope", LOSS_SCOPES),
+            ("balance_loss_scope", LOSS_SCOPES), ("group_score", GROUP_SCORES),
         ):
             _choice(name, getattr(self, name), allowed)
         if self.d_ff % self.granularity:

@@ -63,14 +63,15 @@ class Router(nnx.Module):
         expert_GSK, weight_GSK = routing_lib.top_k_choices(
             logits_GSE, k, score_fn=cfg.score_fn, topk_order=cfg.topk_order, normalize=cfg.normalize_topk,
             routed_scaling_factor=cfg.routed_scaling_factor, correction_bias_E=bias_E,
-            n_groups=cfg.n_expert_groups, topk_groups=cfg.topk_groups)
+            n_groups=cfg.n_expert_groups, topk_groups=cfg.topk_groups, group_score=cfg.group_score)
         selection_GSE = None
         if cfg.overflow == "reroute":
             selection_GSE = routing_lib.scores_from_logits(logits_GSE, cfg.score_fn)
             if bias_E is not None:
                 selection_GSE = selection_GSE + bias_E
             if cfg.n_expert_groups > 1:
-                selection_GSE = routing_lib.group_limited_mask(selection_GSE, cfg.n_expert_groups, cfg.topk_groups)
+                selection_GSE = routing_lib.group_limited_mask(selection_GSE, cfg.n_expert_groups, cfg.topk_groups,
+                                                             cfg.group_score)
         return expert_GSK, weight_GSK, selection_GSE
 
     def route(self, logits_GSE: Array, *, train: bool, token_ids_GS: Optional[Array] = None):

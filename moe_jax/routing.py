@@ -124,19 +124,26 @@ def balance_probs(logits_GSE: Array, score_fn: str) -> Array:
     return scores_GSE
 
 
-def group_limited_mask(selection_GSE: Array, n_groups: int, topk_groups: int) -> Array:
-    """DeepSeek-V3 node/group-limited routing: keep experts of the `topk_groups` best expert groups.
+def group_limited_mask(selection_GSE: Array, n_groups: int, topk_groups: int, group_score: str = "top2_sum") -> Array:
+    """Group-limited routing (DeepSeek-V2 device-limited, V3 node-limited): keep the experts of the
+    `topk_groups` best expert groups.
 
-    Experts form `n_groups` contiguous groups; a group's score is the sum of its two highest
-    selection scores (one if a group holds a single expert). Returns the selection scores with
-    every expert of an excluded group set to -inf -- not 0: biased sigmoid scores can be negative,
-    and a 0 would then outrank them (transformers 4.57 had that bug).
+    Experts form `n_groups` contiguous groups. A group's score is, with group_score='top2_sum'
+    (DeepSeek-V3), the sum of its two highest selection scores (one if a group holds a single
+    expert), or with 'max' (DeepSeek-V2's group_limited_greedy) its highest score. Returns the
+    selection scores with every expert of an excluded group set to -inf -- not 0: biased sigmoid
+    scores can be negative, and a 0 would then outrank them (transformers 4.57 had that bug).
     """
     G, S, E = selection_GSE.shape
     per_group = E // n_groups
     grouped_GSNP = selection_GSE.reshape(G, S, n_groups, per_group)
-    top2_GSN2, _ = jax.lax.top_k(grouped_GSNP, min(2, per_group))
-    group_score_GSN = top2_GSN2.sum(-1)
+    if group_score == "max":
+        group_score_GSN = grouped_GSNP.max(-1)
+    elif group_score == "top2_sum":
+        top2_GSN2, _ = jax.lax.top_k(grouped_GSNP, min(2, per_group))
+        group_score_GSN = top2_GSN2.sum(-1)
+    else:
+        raise ValueError(f"group_limited_mask: group_score={group_score!r} is not 'top2_sum' or 'max'.")
     _, keep_GSk = jax.lax.top_k(group_score_GSN, topk_groups)
     keep_GSN = jax.nn.one_hot(keep_GSk, n_groups, dtype=jnp.bool_).any(axis=-2)
     keep_GSE = jnp.repeat(keep_GSN, per_group, axis=-1)
@@ -154,6 +161,7 @@ def top_k_choices(
     correction_bias_E: Optional[Array] = None,
     n_groups: int = 1,
     topk_groups: int = 1,
+    group_score: str = "top2_sum",
 ) -> tuple[Array, Array]:
     """Token-choice top-k (Shazeer et al. 2017; Switch = k 1; Mixtral; DeepSeek-V3).
 
@@ -178,7 +186,7 @@ def top_k_choices(
     if correction_bias_E is not None:
         selection_GSE = selection_GSE + jax.lax.stop_gradient(correction_bias_E.astype(jnp.float32))
     if n_groups > 1:
-        selection_GSE = group_limited_mask(selection_GSE, n_groups, topk_groups)
+        selection_GSE = group_limited_mask(selection_GSE, n_groups, topk_groups, group_score)
     _, expert_GSK = jax.lax.top_k(jax.lax.stop_gradient(selection_GSE), k)
     if topk_order == "topk_softmax":
         weight_GSK = jax.nn.softmax(jnp.take_along_axis(logits_GSE, expert_GSK, axis=-1), axis=-1)

@@ -99,6 +99,7 @@ def test_shared_width():
     (dict(n_expert_groups=2, topk_groups=3), "topk_groups"),
     (dict(n_expert_groups=2, topk_groups=1, num_experts_per_token=3), "topk_groups"),  # 1 group of 2 < k 3
     (dict(n_expert_groups=2, router="hash"), "n_expert_groups"),
+    (dict(n_expert_groups=2, topk_groups=1, group_score="mean"), "group_score"),
     (dict(use_correction_bias=True, router="expert_choice"), "use_correction_bias"),
     (dict(router="hash", overflow="reroute"), "overflow"),  # no router scores to rank fallbacks
     (dict(topk_order="topk_softmax", score_fn="sigmoid"), "topk_order"),

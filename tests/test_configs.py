@@ -37,6 +37,7 @@ def test_preset_architecture_details():
     assert v3.moe_layer_indices[0] == 3 and v3.attention == "mla" and v3.moe.num_shared_experts == 1
     v2 = build_run_config(importlib.import_module("configs.deepseek_v2").get_config("full")).model
     assert v2.moe_layer_indices[0] == 1 and v2.moe.num_shared_experts == 2 and v2.moe.top_k == 6
+    assert v2.moe.group_score == "max" and v3.moe.group_score == "top2_sum"
     switch = build_run_config(importlib.import_module("configs.switch").get_config("full")).model
     assert switch.moe.top_k == 1 and len(switch.moe_layer_indices) == 12
 

@@ -106,6 +106,18 @@ def test_group_score_is_sum_of_top_two():
     np.testing.assert_array_equal(e[0, 0], [2])
 
 
+def test_group_score_max_is_deepseek_v2s_rule():
+    # Same scores, DeepSeek-V2's group_limited_greedy: a group's score is its best expert, 0.9 vs 0.6 ->
+    # group 0 is kept and k = 2 picks e0 then e1 (0.0 still beats the excluded -inf).
+    masked = R.group_limited_mask(_g([[0.9, 0.0, 0.6, 0.5]]), 2, 1, "max")
+    np.testing.assert_allclose(masked[0, 0], [0.9, 0.0, -np.inf, -np.inf], rtol=1e-6)
+    e, _ = R.top_k_choices(_g([[0.9, 0.0, 0.6, 0.5]]), 2, topk_order="topk_softmax", n_groups=2, topk_groups=1,
+                           group_score="max")
+    np.testing.assert_array_equal(e[0, 0], [0, 1])
+    with pytest.raises(ValueError, match="group_score='mean'"):
+        R.group_limited_mask(_g([[0.9, 0.0, 0.6, 0.5]]), 2, 1, "mean")
+
+
 @settings(max_examples=20, deadline=None)
 @given(st.lists(st.floats(-3, 3, width=32), min_size=3 * 8, max_size=3 * 8),
        st.lists(st.floats(-2, 0, width=32), min_size=8, max_size=8))

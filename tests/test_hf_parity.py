@@ -25,7 +25,7 @@ from moe_jax import MoEConfig, MoELayer
 from moe_jax import routing as routing_lib
 
 FIXTURES = Path(__file__).parent / "fixtures" / "hf"
-CASES = ("switch", "mixtral", "qwen2_moe_norm", "qwen2_moe_nonorm", "deepseek_v3")
+CASES = ("switch", "mixtral", "qwen2_moe_norm", "qwen2_moe_nonorm", "deepseek_v3", "deepseek_v2")
 ATOL = 1e-5
 
 # Execution paths of our layer for a case that drops nothing: two capacity paths with a capacity
@@ -67,6 +67,11 @@ def config_for(arrays: dict, path: str) -> MoEConfig:
         common.update(num_shared_experts=1, shared_d_ff=m["shared_d_ff"], shared_expert_gate=True)
     if m["case"] == "deepseek_v3":
         common.update(score_fn="sigmoid", use_correction_bias=True, n_expert_groups=m["n_group"],
+                      topk_groups=m["topk_group"], num_shared_experts=m["n_shared_experts"],
+                      shared_d_ff=m["shared_d_ff"])
+    if m["case"] == "deepseek_v2":
+        # group_limited_greedy: softmax scores, a group scored by its best expert, no renormalisation.
+        common.update(score_fn="softmax", group_score="max", n_expert_groups=m["n_group"],
                       topk_groups=m["topk_group"], num_shared_experts=m["n_shared_experts"],
                       shared_d_ff=m["shared_d_ff"])
     return MoEConfig(**common)
@@ -127,7 +132,7 @@ def check_case(arrays: dict, path: str) -> None:
     expert_NK = np.asarray(expert_GSK).reshape(N, -1)
     weight_NK = np.asarray(weight_GSK).reshape(N, -1)
     hf_idx, hf_w = arrays["topk_idx"], arrays["topk_weight"]
-    if m["case"] == "deepseek_v3":
+    if m["case"] in ("deepseek_v3", "deepseek_v2"):
         # HF's topk(sorted=False): compare as sets, weights aligned by expert id.
         ours_order, hf_order = np.argsort(expert_NK, -1), np.argsort(hf_idx, -1)
         expert_NK, weight_NK = (np.take_along_axis(a, ours_order, -1) for a in (expert_NK, weight_NK))
@@ -172,6 +177,7 @@ def test_switch_fixture(path):
     ("mixtral", "einsum"), ("mixtral", "ragged_dot"),
     ("qwen2_moe_norm", "blocked"), ("qwen2_moe_nonorm", "gather"),
     ("deepseek_v3", "blocked"), ("deepseek_v3", "ragged_dot"),
+    ("deepseek_v2", "gather"), ("deepseek_v2", "ragged_dot"),
 ])
 def test_no_drop_fixture(case, path):
     check_case(load_case(case), path)
@@ -208,10 +214,34 @@ def test_deepseek_fixture_needs_minus_inf_mask():
     np.testing.assert_allclose(top2, arrays["group_scores"], atol=ATOL)
 
 
+def test_deepseek_v2_fixture_needs_max_group_score():
+    """Scoring groups by their top-2 sum (DeepSeek-V3's rule) picks other experts on the tokens the
+    fixture names, so the V2 parity above would fail if group_score were ignored."""
+    arrays = load_case("deepseek_v2")
+    m = arrays["meta"]
+    N, K = m["batch"] * m["seq_len"], m["top_k"]
+    cfg = config_for(arrays, "gather")
+    assert cfg.group_score == "max"
+    hf_NK = np.sort(arrays["topk_idx"], -1)
+    top2_NK = arrays["topk_idx_top2_sum"]  # ascending, from the generator's float64 reference
+    differs_N = np.any(top2_NK != hf_NK, -1)
+    assert differs_N.sum() == m["n_tokens_top2_sum_changes_selection"] > 0
+    x_BLD = jnp.asarray(arrays["x"])
+    for group_score, want_NK in (("max", hf_NK), ("top2_sum", top2_NK)):
+        layer = build_layer(arrays, dataclasses.replace(cfg, group_score=group_score))
+        _, expert_GSK, _, y_BLD, _, _ = forward(layer, x_BLD)
+        np.testing.assert_array_equal(np.sort(np.asarray(expert_GSK).reshape(N, K), -1), want_NK)
+        y_diff_N = np.abs(np.asarray(y_BLD) - arrays["y"]).reshape(N, -1).max(-1) > 1e-3
+        np.testing.assert_array_equal(y_diff_N, differs_N if group_score == "top2_sum" else False)
+    # HF's group scores are the per-group max of the softmax probabilities.
+    p = jax.nn.softmax(jnp.asarray(arrays["router_logits"]), -1)
+    np.testing.assert_allclose(p.reshape(N, m["n_group"], -1).max(-1), arrays["group_scores"], atol=ATOL)
+
+
 # ---- live: rebuild the HF blocks (only where torch and transformers import) ----
 
 @pytest.mark.parametrize("case,seed_shift", [(c, 0) for c in CASES] + [
-    ("mixtral", 1), ("qwen2_moe_norm", 1), ("qwen2_moe_nonorm", 1), ("deepseek_v3", 1)])
+    ("mixtral", 1), ("qwen2_moe_norm", 1), ("qwen2_moe_nonorm", 1), ("deepseek_v3", 1), ("deepseek_v2", 1)])
 def test_live_hf_block(case, seed_shift, monkeypatch):
     """seed_shift 0 rebuilds the fixture's block; 1 a block with fresh weights and inputs (the
     Switch case is left at its seed: the generator asserts its data drop tokens per sequence)."""

@@ -151,7 +151,8 @@ def section_granularity(result) -> list[str]:
         if "seconds" in interp:
             lines += ["", f"Equal seconds = {interp['seconds']['budget']:.3g} s of steady-state training (the "
                           "shortest run's total; median step time x steps, compilation and evaluation excluded; "
-                          "times carry whatever else the machine ran meanwhile: compare them only within one quiet sweep)."]
+                          "times carry whatever else the machine ran meanwhile: compare them only within one "
+                          "quiet sweep)."]
         by = r["matched_flops_runs"]
         keys = list(by)
         if len(keys) >= 2:

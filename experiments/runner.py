@@ -175,7 +175,16 @@ def main(argv=None) -> int:
               f"{sum(v == 'skipped' for v in status.values())} already finished, {len(failed)} failed")
     from experiments import report
 
-    command = " ".join(["python -m experiments.runner"] + (argv if argv is not None else sys.argv[1:]))
+    args_list = list(argv if argv is not None else sys.argv[1:])
+    command = " ".join(["python -m experiments.runner"] + args_list)
+    if args.mode == "report":  # name the command that trains the runs; this one only re-reads them
+        run_args, skip = [], False
+        for a in args_list:  # drop "--mode=report" or "--mode report"
+            if not skip and not a.startswith("--mode"):
+                run_args.append(a)
+            skip = a == "--mode"
+        command = (" ".join(["python -m experiments.runner"] + run_args)
+                   + "` (runs), report rewritten by `" + command)
     path = report.write_all(specs, args.out, scale=scale, command=command)
     print(f"report: {path}")
     return 0

@@ -80,6 +80,17 @@ def test_smoke_plots_report_and_fit_self_test(smoke):
     assert result["self_test"]["ok"] and not result["missing"]
     # the smoke grid has 2 sizes x 2 G x 2 evaluations = 8 points for the joint law's 7 coefficients
     assert result["granularity"]["joint"]["n_points"] == 8
+    run_command = f"python -m experiments.runner --scale=smoke --sweeps=all --out={out} --compilation_cache="
+    assert f"Produced by `{run_command}` on" in report
+
+
+def test_report_mode_names_the_command_that_trained_the_runs(smoke):
+    out, _, _ = smoke
+    assert runner.main(["--scale=smoke", "--sweeps=all", "--mode", "report", f"--out={out}"]) == 0
+    line = (out / "report.md").read_text().splitlines()[2]
+    assert line.startswith(f"Produced by `python -m experiments.runner --scale=smoke --sweeps=all --out={out}` "
+                           f"(runs), report rewritten by `python -m experiments.runner --scale=smoke --sweeps=all "
+                           f"--mode report --out={out}` on "), line
 
 
 def test_finished_runs_are_skipped_and_an_interrupted_one_resumes(smoke, monkeypatch):

@@ -2,10 +2,11 @@
 
 The name spells the run's configuration, not the sweep that asked for it: size label, then
 `dense` or `E<experts>_K<k>_G<granularity>`, then every other field that differs from the scale's
-default model of that size, then `steps<n>` if the budget differs, then `seed<s>`:
+default model of that size, then the training fields a sweep overrides (`lr`, `warmup`), then `steps<n>` if the budget differs, then `seed<s>`:
 
     s_E8_K1_G1_seed0        s_dense_seed2        s_E8_K1_G1_cf0.75_seed0
     s_E63_K7_G1_F32_shared1_seed1                 s_E8_K1_G16_steps281_seed0
+    s_dense_lr0.001_seed0
 
 Two sweeps that ask for the same configuration (the granularity sweep's G = 1 point is the expert
 sweep's E = 8 point) get the same name, hence the same workdir, and the run is trained once.
@@ -25,6 +26,7 @@ LABELS = {
     "capacity_factor": "cf", "eval_capacity_factor": "ecf", "num_shared_experts": "shared",
     "shared_d_ff": "sharedF", "balance_loss_coef": "bal", "z_loss_coef": "z", "router": "",
     "overflow": "", "grouping": "", "min_capacity": "mincap", "group_size": "S",
+    "learning_rate": "lr", "warmup_steps": "warmup", "expert_backend": "", "topk_order": "",
 }
 _FIRST = ("num_experts", "num_experts_per_token", "granularity")
 
@@ -55,7 +57,7 @@ def _fmt(value) -> str:
     return str(value)
 
 
-def run_name(scale: Scale, size: str, model: dict, *, seed: int, steps: int) -> str:
+def run_name(scale: Scale, size: str, model: dict, *, seed: int, steps: int, train: dict | None = None) -> str:
     parts = [size]
     if not model.get("use_moe", True):
         parts.append("dense")
@@ -69,6 +71,9 @@ def run_name(scale: Scale, size: str, model: dict, *, seed: int, steps: int) -> 
         if key not in default and model[key] is None:
             continue
         parts.append(f"{LABELS.get(key, key)}{_fmt(model[key])}")
+    for key in sorted(train or {}):
+        if train[key] != scale.train[key]:
+            parts.append(f"{LABELS.get(key, key)}{_fmt(train[key])}")
     if steps != scale.steps(size):
         parts.append(f"steps{steps}")
     parts.append(f"seed{seed}")
@@ -76,9 +81,10 @@ def run_name(scale: Scale, size: str, model: dict, *, seed: int, steps: int) -> 
 
 
 def make_spec(sweep: str, scale: Scale, *, size: str, seed: int, axes: dict, model: dict,
-              steps: int | None = None) -> RunSpec:
-    """A run of `sweep` at `scale`: `model` from `scale.model(size, ...)`, training from the scale."""
+              steps: int | None = None, train: dict | None = None) -> RunSpec:
+    """A run of `sweep` at `scale`: `model` from `scale.model(size, ...)`, training from the scale (`train`
+    overrides the learning rate or warm-up)."""
     steps = steps or scale.steps(size)
-    name = run_name(scale, size, model, seed=seed, steps=steps)
-    config = scale.config(name, model, size=size, seed=seed, steps=steps)
+    name = run_name(scale, size, model, seed=seed, steps=steps, train=train)
+    config = scale.config(name, model, size=size, seed=seed, steps=steps, train=train)
     return RunSpec(sweep=sweep, name=name, axes=dict(axes, size=size, seed=seed), config=config)

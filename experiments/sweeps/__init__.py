@@ -7,9 +7,11 @@
 from __future__ import annotations
 
 from experiments.spec import RunSpec
-from experiments.sweeps import aux_losses, capacity, granularity, model_size, num_experts, routers, shared_experts
+from experiments.sweeps import (aux_losses, capacity, granularity, learning_rate, model_size, num_experts, routers,
+                                shared_experts)
 
-SWEEPS = {m.NAME: m for m in (num_experts, granularity, model_size, shared_experts, capacity, routers, aux_losses)}
+SWEEPS = {m.NAME: m for m in (learning_rate, num_experts, granularity, model_size, shared_experts, capacity, routers,
+                              aux_losses)}
 
 
 def parse(names) -> list[str]:

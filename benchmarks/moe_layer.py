@@ -50,7 +50,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from moe_jax.config import MoEConfig
+from moe_jax.moe_config import MoEConfig
 from moe_jax.experts import Experts, FeedForward
 from moe_jax.flops import dense_train_flops, ffn_flops_per_token, layer_train_flops
 from moe_jax.moe_layer import MoELayer, group_tokens

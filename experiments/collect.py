@@ -31,8 +31,7 @@ import os
 import numpy as np
 
 from experiments.flops import group_size, run_flops
-from experiments.runner import workdir_of
-from experiments.spec import RunSpec
+from experiments.spec import RunSpec, workdir_of
 from moe_jax.params import count_params
 from moe_jax.train.metrics import read_jsonl
 from moe_jax.train.run_config import build_run_config

@@ -31,13 +31,9 @@ import sys
 import time
 
 from experiments import scales, sweeps
-from experiments.spec import RunSpec
+from experiments.spec import RunSpec, workdir_of
 
 COMMAND = "python -m experiments.train --config=experiments/sweep_config.py:{scale},{sweep},{name} --workdir={workdir}"
-
-
-def workdir_of(out: str, name: str) -> str:
-    return os.path.join(os.path.abspath(out), "runs", name)
 
 
 def is_finished(workdir: str, steps: int) -> bool:

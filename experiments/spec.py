@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 
 import ml_collections
 
@@ -47,6 +48,11 @@ class RunSpec:
 
     def fingerprint(self) -> str:
         return json.dumps(self.config.to_dict(), sort_keys=True, default=str)
+
+
+def workdir_of(out: str, name: str) -> str:
+    """Where run `name` of a results folder `out` trains: `<out>/runs/<name>`."""
+    return os.path.join(os.path.abspath(out), "runs", name)
 
 
 def _fmt(value) -> str:

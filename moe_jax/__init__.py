@@ -1,5 +1,5 @@
 """moe_jax: Mixture-of-Experts layers in JAX / Flax NNX, correct to the last routing decision."""
-from moe_jax.config import MoEConfig
+from moe_jax.moe_config import MoEConfig
 from moe_jax.moe_layer import MoEAux, MoELayer
 from moe_jax.routing import Routing, SoftRouting
 

@@ -17,7 +17,7 @@ FLOPs of gated experts (6 * D * F per token and choice) that is 2 * cf * S / (3F
 """
 from __future__ import annotations
 
-from moe_jax.config import MoEConfig
+from moe_jax.moe_config import MoEConfig
 
 
 def ffn_flops_per_token(d_model: int, d_ff: int, gated: bool) -> int:

@@ -18,7 +18,7 @@ from typing import Any, Mapping, Optional
 
 import jax.numpy as jnp
 
-from moe_jax.config import ACTIVATIONS, MoEConfig
+from moe_jax.moe_config import ACTIVATIONS, MoEConfig
 
 NORMS = ("rmsnorm", "layernorm")
 ATTENTIONS = ("mha", "mla")

@@ -22,7 +22,7 @@ from flax import nnx, struct
 
 from moe_jax import dispatch as dispatch_lib
 from moe_jax import losses as losses_lib
-from moe_jax.config import MoEConfig
+from moe_jax.moe_config import MoEConfig
 from moe_jax.experts import Experts, FeedForward
 from moe_jax.flops import layer_flops
 from moe_jax.routers import Router

@@ -12,7 +12,7 @@ from flax import nnx
 
 from moe_jax import capacity as capacity_lib
 from moe_jax import routing as routing_lib
-from moe_jax.config import MoEConfig
+from moe_jax.moe_config import MoEConfig
 from moe_jax.types import Array
 
 

@@ -6,7 +6,7 @@ import time
 import jax
 from flax import nnx
 
-from moe_jax.config import MoEConfig
+from moe_jax.moe_config import MoEConfig
 from moe_jax.model_config import ModelConfig
 from moe_jax.params import abstract_model, count_params
 

@@ -7,7 +7,7 @@ import pytest
 from flax import nnx
 
 from moe_jax import sampling
-from moe_jax.config import MoEConfig
+from moe_jax.moe_config import MoEConfig
 from moe_jax.model_config import ModelConfig
 from moe_jax.sampling import generate
 from moe_jax.transformer import Transformer

@@ -14,7 +14,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P, SingleDeviceSharding
 
 from configs import base
 from moe_jax import sharding as sh
-from moe_jax.config import MoEConfig
+from moe_jax.moe_config import MoEConfig
 from moe_jax.moe_layer import MoELayer
 from moe_jax.sharding.state import init_sharded_state
 from moe_jax.train.run_config import build_run_config

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from moe_jax.config import MoEConfig
+from moe_jax.moe_config import MoEConfig
 from moe_jax.model_config import ModelConfig
 from moe_jax.transformer import Transformer
 

@@ -11,7 +11,7 @@ from typing import Mapping, Optional, Sequence
 import jax
 from jax.sharding import AxisType, Mesh
 
-from moe_jax.config import MoEConfig
+from moe_jax.moe_config import MoEConfig
 from moe_jax.model_config import ModelConfig
 from moe_jax.sharding.config import AXES, BATCH_AXES, ShardingConfig
 

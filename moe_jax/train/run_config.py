@@ -22,7 +22,7 @@ from typing import Any
 import ml_collections
 from ml_collections import config_dict
 
-from moe_jax.config import MoEConfig
+from moe_jax.moe_config import MoEConfig
 from moe_jax.data import DataConfig
 from moe_jax.model_config import ModelConfig
 from moe_jax.sharding.config import ShardingConfig

@@ -113,7 +113,7 @@ class Scale:
 # MoE fields a sweep may set beyond the ones `Scale.model` fills in.
 MOE_EXTRA_FIELDS = frozenset({
     "overflow", "num_shared_experts", "shared_d_ff", "priority", "grouping", "score_fn",
-    "normalize_topk", "expert_backend", "use_correction_bias", "topk_order"})
+    "normalize_topk", "expert_backend", "use_correction_bias", "topk_order", "group_size"})
 # Training fields a sweep may set (the learning-rate sweep); the rest come from the scale.
 TRAIN_OVERRIDES = frozenset({"learning_rate", "warmup_steps"})
 
@@ -156,7 +156,7 @@ CPU = Scale(
     vocab_size=256,
     seeds=(0, 1, 2),
     granularity_sizes=("s", "m"),  # l: dense and G = 1 only (model_size)
-    flops_matched_seeds=(0,),
+    flops_matched_seeds=(0, 1, 2),  # the headline granularity comparison (equal FLOPs): 3 seeds
     group_size=2048,
 )
 

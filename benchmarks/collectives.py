@@ -35,7 +35,7 @@ from flax import nnx
 
 from configs import base
 from moe_jax import sharding as sh
-from moe_jax.sharding.state import init_sharded_state
+from moe_jax.train.distributed import init_sharded_state
 from moe_jax.train.run_config import build_run_config
 from moe_jax.train.state import learning_rate_schedule, make_optimizer
 from moe_jax.train.step import make_train_step

@@ -4,6 +4,9 @@ Sections (validated by `moe_jax.train.run_config.build_run_config`):
   model  ModelConfig fields plus the MoE layer's fields (MoEConfig) flattened in; `use_moe`, `moe_d_ff`.
   data   DataConfig fields (corpus, seq_len, batch_size, tokenizer, ...).
   train  TrainConfig fields (steps, learning_rate, schedule, eval/checkpoint cadence, ...).
+  mesh   ShardingConfig fields (one device unless set).
+A field a preset does not set takes its dataclass default: the dataclasses are the one place defaults
+are written (tests/test_configs.py checks that `make` adds none of its own).
 """
 from __future__ import annotations
 
@@ -13,11 +16,9 @@ from moe_jax.train.run_config import make_config_dict
 
 
 def make(name: str, model: dict, data: dict | None = None, train: dict | None = None) -> ml_collections.ConfigDict:
-    """A run config with every field present (defaults filled in), so any of them can be overridden."""
-    data = dict(dict(corpus="shakespeare", seq_len=128, batch_size=16, seed=0, tokenizer="byte"), **(data or {}))
-    train = dict(dict(steps=300, learning_rate=3e-3, warmup_steps=30, schedule="cosine", log_every=10,
-                      eval_every=100, eval_batches=4, checkpoint_every=100), **(train or {}))
-    return make_config_dict(name, model, data, train)
+    """A run config with every field present (the dataclasses' defaults under the given values), so any
+    of them can be overridden."""
+    return make_config_dict(name, model, data or {}, train or {})
 
 
 def tiny_model(**overrides) -> dict:

@@ -91,7 +91,7 @@ class Attention(nnx.Module):
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         D, H, N, Q, V = cfg.d_model, cfg.num_heads, cfg.kv_heads, cfg.qk_head_dim, cfg.value_head_dim
-        pd = cfg.params_dtype
+        pd = cfg.param_jnp_dtype
         self.num_heads, self.num_kv_heads = H, N
         self.rope_theta = cfg.rope_theta
         self.dtype = cfg.compute_dtype
@@ -153,7 +153,7 @@ class LatentAttention(nnx.Module):
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         D, H = cfg.d_model, cfg.num_heads
         O, P, V, C = cfg.nope_head_dim, cfg.qk_rope_head_dim, cfg.value_head_dim, cfg.kv_lora_rank
-        pd, dt = cfg.params_dtype, cfg.compute_dtype
+        pd, dt = cfg.param_jnp_dtype, cfg.compute_dtype
         self.nope_dim, self.rope_dim = O, P
         self.rope_theta = cfg.rope_theta
         self.dtype = dt

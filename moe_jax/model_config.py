@@ -203,8 +203,10 @@ class ModelConfig:
 
     @property
     def compute_dtype(self):
+        """The `dtype` field as a `jnp.dtype`."""
         return jnp.dtype(self.dtype)
 
     @property
-    def params_dtype(self):
+    def param_jnp_dtype(self):
+        """The `param_dtype` field (a string, recorded in run configs) as a `jnp.dtype`."""
         return jnp.dtype(self.param_dtype)

@@ -64,7 +64,7 @@ class DecodeCache:
 
 def make_norm(cfg: ModelConfig, dim: int, *, rngs: nnx.Rngs) -> nnx.Module:
     kind = nnx.RMSNorm if cfg.norm == "rmsnorm" else nnx.LayerNorm
-    return kind(dim, epsilon=cfg.norm_eps, dtype=cfg.compute_dtype, param_dtype=cfg.params_dtype, rngs=rngs)
+    return kind(dim, epsilon=cfg.norm_eps, dtype=cfg.compute_dtype, param_dtype=cfg.param_jnp_dtype, rngs=rngs)
 
 
 class Block(nnx.Module):
@@ -76,7 +76,7 @@ class Block(nnx.Module):
         self.attn_norm = make_norm(cfg, cfg.d_model, rngs=rngs)
         self.attn = make_attention(cfg, rngs=rngs)
         self.ffn_norm = make_norm(cfg, cfg.d_model, rngs=rngs)
-        dt, pd = cfg.compute_dtype, cfg.params_dtype
+        dt, pd = cfg.compute_dtype, cfg.param_jnp_dtype
         moe_norm = None
         if self.is_moe:
             self.ffn = MoELayer(cfg.moe, dtype=dt, param_dtype=pd, rngs=rngs)
@@ -108,7 +108,7 @@ class Transformer(nnx.Module):
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         self.cfg = cfg
-        V, D, pd = cfg.vocab_size, cfg.d_model, cfg.params_dtype
+        V, D, pd = cfg.vocab_size, cfg.d_model, cfg.param_jnp_dtype
         # std 1/sqrt(D): tied logits x_final . e_v then start with unit variance, like the untied head's.
         embed_init = nnx.initializers.normal(stddev=D ** -0.5)
         self.embed_VD = nnx.Param(embed_init(rngs.params(), (V, D), pd))

@@ -29,13 +29,14 @@ checked at run time (they are traced) and give undefined results.
 """
 from __future__ import annotations
 
+import dataclasses
+
+import jax
 import jax.numpy as jnp
-from flax import struct
-
-from moe_jax.types import Array
 
 
-@struct.dataclass
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
 class ItemMetadata:
     """The item list of one kernel call. All arrays <int32>[I], I static (`max_items`).
 
@@ -46,19 +47,20 @@ class ItemMetadata:
     num_items: <int32>[] items that are not idle.
     """
 
-    tile_I: Array
-    group_I: Array
-    lo_I: Array
-    hi_I: Array
-    real_I: Array
-    first_I: Array
-    last_I: Array
-    num_items: Array
-    tm: int = struct.field(pytree_node=False)
-    num_tiles: int = struct.field(pytree_node=False)
+    tile_I: jax.Array
+    group_I: jax.Array
+    lo_I: jax.Array
+    hi_I: jax.Array
+    real_I: jax.Array
+    first_I: jax.Array
+    last_I: jax.Array
+    num_items: jax.Array
+    tm: int = dataclasses.field(metadata=dict(static=True))  # static: part of the pytree's structure
+    num_tiles: int = dataclasses.field(metadata=dict(static=True))
 
 
-def local_group_bounds(group_sizes_E: Array, group_offset, num_local_groups: int, m: int) -> tuple[Array, Array]:
+def local_group_bounds(group_sizes_E: jax.Array, group_offset, num_local_groups: int,
+                       m: int) -> tuple[jax.Array, jax.Array]:
     """Global row range [start, end) of each local group, <int32>[E_local] each, cut at m."""
     sizes_E = group_sizes_E.astype(jnp.int32)
     num_groups = sizes_E.shape[0]
@@ -74,7 +76,7 @@ def local_group_bounds(group_sizes_E: Array, group_offset, num_local_groups: int
     return start_J, end_J
 
 
-def _items(start_S: Array, end_S: Array, *, tm: int, num_tiles: int, max_items: int, visit_empty: bool):
+def _items(start_S: jax.Array, end_S: jax.Array, *, tm: int, num_tiles: int, max_items: int, visit_empty: bool):
     """Items of S row segments [start_s, end_s), ordered by segment then tile (= by row, since
     segments are ordered and disjoint). A segment spans ceil(end / tm) - floor(start / tm) tiles."""
     size_S = end_S - start_S
@@ -98,7 +100,7 @@ def _items(start_S: Array, end_S: Array, *, tm: int, num_tiles: int, max_items: 
     return seg_I, tile_I, lo_I, hi_I, live_I, first_I, last_I, num_items
 
 
-def gmm_metadata(group_sizes_E: Array, *, m: int, tm: int, group_offset=0,
+def gmm_metadata(group_sizes_E: jax.Array, *, m: int, tm: int, group_offset=0,
                  num_local_groups: int) -> ItemMetadata:
     """Items for `gmm` over `m` rows (a multiple of `tm`): every row owned by exactly one item.
 
@@ -123,7 +125,7 @@ def gmm_metadata(group_sizes_E: Array, *, m: int, tm: int, group_offset=0,
         last_I=last_I.astype(jnp.int32), num_items=num_items, tm=tm, num_tiles=num_tiles)
 
 
-def tgmm_metadata(group_sizes_E: Array, *, m: int, tm: int, group_offset=0,
+def tgmm_metadata(group_sizes_E: jax.Array, *, m: int, tm: int, group_offset=0,
                   num_local_groups: int) -> ItemMetadata:
     """Items for `tgmm` over `m` rows (a multiple of `tm`): the local groups' rows, one item per
     empty local group. Non-empty groups (a of them) span <= num_tiles + a - 1 tiles, empty ones add
@@ -141,8 +143,8 @@ def tgmm_metadata(group_sizes_E: Array, *, m: int, tm: int, group_offset=0,
         tm=tm, num_tiles=num_tiles)
 
 
-def tile_group_range(group_sizes_E: Array, *, m: int, tm: int, group_offset=0,
-                     num_local_groups: int) -> tuple[Array, Array, Array, Array]:
+def tile_group_range(group_sizes_E: jax.Array, *, m: int, tm: int, group_offset=0,
+                     num_local_groups: int) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
     """Per row tile (the GPU kernel's view): local groups [glo_T, ghi_T) whose rows touch the tile,
     and the local groups' row bounds start_J, end_J. A group touches tile t if it is non-empty and
     start < (t + 1) * tm and end > t * tm; empty groups inside the range are skipped by the kernel."""

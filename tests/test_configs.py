@@ -1,4 +1,6 @@
-"""Presets: full sizes match the published parameter counts (3%), tiny variants train; the CLI."""
+"""Presets: full sizes match the published parameter counts (3%), tiny variants train; the CLI; the
+defaults of every section come from the config dataclasses alone."""
+import dataclasses
 import importlib
 import os
 import subprocess
@@ -7,8 +9,14 @@ import sys
 import numpy as np
 import pytest
 
+from configs import base
+from moe_jax.data import DataConfig
+from moe_jax.model_config import ModelConfig
+from moe_jax.moe_config import MoEConfig
 from moe_jax.params import count_params
+from moe_jax.sharding import ShardingConfig
 from moe_jax.train import loop as loop_lib
+from moe_jax.train.config import TrainConfig
 from moe_jax.train.run_config import build_run_config
 
 PRESETS = ("switch", "mixtral", "qwen_moe", "grok1", "deepseek_v2", "deepseek_v3", "gpt4_rumoured")
@@ -72,3 +80,37 @@ def test_cli_override_and_bad_field():
     assert bad.returncode != 0 and "num_experts_per_token" in bad.stderr
     typo = _cli("--config=configs/default.py", "--config.model.num_expert=4", "--print_config")
     assert typo.returncode != 0 and "num_expert" in typo.stderr
+
+
+# ---- defaults: written once, in the dataclasses ----
+
+def _defaults(instance, skip=()) -> dict:
+    return {f.name: getattr(instance, f.name) for f in dataclasses.fields(instance)
+            if f.name not in skip and f.default is not dataclasses.MISSING}
+
+
+def test_base_sections_are_the_dataclass_defaults():
+    # base.make with nothing given: every field of every section is its dataclass default, field by field
+    # (model: the MoE fields, then the ModelConfig fields over them, as run_config lays them out).
+    config = base.make("defaults", {}).to_dict()
+    model = ModelConfig(vocab_size=1, d_model=8, num_layers=1, num_heads=1, d_ff=1)  # required fields only
+    expected_model = {**_defaults(MoEConfig(d_model=8, d_ff=1), skip=("d_model", "d_ff")),
+                      **_defaults(model, skip=("moe",)), "use_moe": True, "moe_d_ff": None}
+    data = dict(_defaults(DataConfig()), data_dir=None)  # data_dir: computed when the config is built
+    assert config == {"name": "defaults", "model": expected_model, "data": data,
+                      "train": dataclasses.asdict(TrainConfig()), "mesh": dataclasses.asdict(ShardingConfig())}
+    run = build_run_config(base.make("tiny", base.tiny_model()))
+    assert (run.data, run.train, run.mesh) == (DataConfig(), TrainConfig(), ShardingConfig())
+
+
+def test_recorded_defaults_are_kept():
+    # Run configs recorded by experiments (config.json) leave most data and train fields to these
+    # defaults; changing one changes those runs. Values as configs/base.py has always produced them.
+    # data_dir, a per-machine default_factory, is no recorded value.
+    assert _defaults(DataConfig()) == dict(corpus="shakespeare", seq_len=128, batch_size=16, seed=0,
+                                           tokenizer="byte", bpe_vocab_size=1024, val_fraction=0.05, download=False)
+    assert dataclasses.asdict(TrainConfig()) == dict(
+        steps=300, learning_rate=3e-3, warmup_steps=30, schedule="cosine", end_lr_fraction=0.1, decay_fraction=0.2,
+        weight_decay=0.1, b1=0.9, b2=0.95, grad_clip=1.0, seed=0, log_every=10, eval_every=100, eval_batches=4,
+        checkpoint_every=100, keep_checkpoints=3, sample_tokens=200, sample_prompt="ROMEO:", sample_temperature=0.8,
+        progress=True)

@@ -16,7 +16,7 @@ from configs import base
 from moe_jax import sharding as sh
 from moe_jax.moe_config import MoEConfig
 from moe_jax.moe_layer import MoELayer
-from moe_jax.sharding.state import init_sharded_state
+from moe_jax.train.distributed import init_sharded_state
 from moe_jax.train.run_config import build_run_config
 from moe_jax.train.state import init_state, learning_rate_schedule, make_optimizer
 from moe_jax.train.step import make_train_step

@@ -7,6 +7,7 @@
 TensorFlow Datasets is imported only inside `make_lm_data`, Hugging Face tokenizers only for BPE.
 """
 from moe_jax.data.config import DataConfig
-from moe_jax.data.pipeline import LMData, make_lm_data
+from moe_jax.data.lm_data import LMData
+from moe_jax.data.pipeline import make_lm_data
 
 __all__ = ["DataConfig", "LMData", "make_lm_data"]

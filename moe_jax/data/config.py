@@ -44,7 +44,7 @@ class DataConfig:
 
     corpus: str = "shakespeare"
     data_dir: str = dataclasses.field(default_factory=default_data_dir)
-    seq_len: int = 256
+    seq_len: int = 128
     batch_size: int = 16
     seed: int = 0
     tokenizer: str = "byte"

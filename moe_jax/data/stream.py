@@ -14,7 +14,7 @@ import numpy as np
 
 from moe_jax.data import builder, sampling
 from moe_jax.data.config import DataConfig
-from moe_jax.data.pipeline import LMData, check_num_batches
+from moe_jax.data.lm_data import LMData, check_num_batches
 from moe_jax.data.tokenizer import BpeTokenizer, ByteTokenizer
 
 SPLITS = ("train", "validation")

@@ -22,7 +22,7 @@ import numpy as np
 
 from moe_jax.data import sampling
 from moe_jax.data.config import DataConfig
-from moe_jax.data.pipeline import LMData, check_num_batches
+from moe_jax.data.lm_data import LMData, check_num_batches
 from moe_jax.data.tokenizer import BpeTokenizer, ByteTokenizer
 
 TEXT_FEATURE = "text"

@@ -1,10 +1,13 @@
-"""Mesh, logical-axis rules, sharded train state and the shard_map expert-parallel MoE path.
+"""Mesh, logical-axis rules, placement of batches and state, and the shard_map expert-parallel MoE path.
 
     config.py           ShardingConfig: mesh axis sizes (data, fsdp, expert, model), statistics, processes
     mesh.py             make_mesh; layout checks that fail before compile, naming the field
     rules.py            parameter path -> logical axes -> mesh axes: the one place arrays are placed
     expert_parallel.py  ExpertParallel: the MoE layer under shard_map, buffers through all_to_all
-    state.py            the train state initialised directly sharded; where batches, state and metrics live
+    placement.py        where batches, the train state and metrics live; which batch rows each host loads
+
+The train state is initialised directly sharded by moe_jax.train.distributed (this package does not
+import moe_jax.train).
 """
 from moe_jax.sharding.config import AXES, BATCH_AXES, ShardingConfig
 from moe_jax.sharding.expert_parallel import ExpertParallel, apply_expert_parallel

@@ -16,9 +16,9 @@ class TrainConfig:
     `decay_fraction` of the steps; `constant` = warmup then constant.
     """
 
-    steps: int = 200
+    steps: int = 300
     learning_rate: float = 3e-3
-    warmup_steps: int = 20
+    warmup_steps: int = 30
     schedule: str = "cosine"
     end_lr_fraction: float = 0.1
     decay_fraction: float = 0.2  # wsd only

@@ -1,7 +1,7 @@
 """Runs on a device mesh, on one host or many: JAX's distributed runtime, the sharded state, per-host batches.
 
     initialize(run.mesh)                          # first, before any JAX computation (train() does it)
-    graphdef, state, placement = init_sharded(run, tx)
+    graphdef, state, placement = init_sharded(run, tx)   # init_sharded_state(make_model, tx, mesh, plan) below it
     batch = train_batch(data, step, placement)    # this host's rows -> one global array
 
 Multi-host uses `jax.distributed.initialize` (JAX's own coordination service; the collectives are
@@ -9,17 +9,26 @@ XLA's: NCCL on GPU, ICI/DCN on TPU, gloo between CPU processes). Every host runs
 what differs per host comes from the environment (`$MOE_JAX_PROCESS_ID`, `$JAX_COORDINATOR_ADDRESS`)
 or from cluster detection (Cloud TPU, Slurm, Open MPI). Each host loads only the rows of the batch that
 its own devices hold.
+
+The sharded state never exists unsharded: `eval_shape` gives the state's shapes, the rule table
+(moe_jax/sharding/rules.py) turns their paths into shardings, and `jit(init, out_shardings=...)` builds
+each shard on the device that holds it. With JAX's partitionable threefry the values equal an unsharded init.
 """
 from __future__ import annotations
+
+from typing import Callable, Optional
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
+from jax.sharding import Mesh, NamedSharding
 
-from moe_jax.sharding import ExpertParallel, ShardingConfig, check_layout, make_mesh
-from moe_jax.sharding.state import Placement, init_sharded_state
+from moe_jax.sharding import (ExpertParallel, ShardingConfig, apply_expert_parallel, batch_spec, check_layout,
+                              make_mesh, tree_shardings)
+from moe_jax.sharding.placement import Placement
+from moe_jax.train.state import init_state, split_model
 from moe_jax.transformer import Transformer
 
 
@@ -40,6 +49,25 @@ def initialize(cfg: ShardingConfig) -> None:
                 "call moe_jax.train.distributed.initialize(run.mesh) first thing in the process "
                 "(moe_jax.train.loop.train does, if nothing before it used JAX).") from e
         raise
+
+
+def init_sharded_state(make_model: Callable[[], nnx.Module], tx: optax.GradientTransformation, mesh: Mesh,
+                       plan: Optional[ExpertParallel] = None):
+    """-> (graphdef, TrainState laid out on `mesh`, Placement). `make_model()` builds the model from its
+    seed (called only under `eval_shape` and `jit`); `plan` routes its MoE layers through shard_map.
+
+    The returned graphdef carries `plan`; `split_model` of a plain model gives the one without it.
+    """
+    abstract = nnx.eval_shape(make_model)
+    apply_expert_parallel(abstract, plan)
+    graphdef, _, _ = split_model(abstract)
+
+    def init():
+        return init_state(make_model(), tx)[1]
+
+    shardings = tree_shardings(jax.eval_shape(init), mesh)
+    state = jax.jit(init, out_shardings=shardings)()
+    return graphdef, state, Placement(mesh=mesh, state=shardings, batch=NamedSharding(mesh, batch_spec(2)))
 
 
 def init_sharded(run, tx: optax.GradientTransformation, *, log=print):

@@ -37,7 +37,7 @@ def _layer_metrics(aux) -> dict:
 def make_train_step(graphdef, tx: optax.GradientTransformation, schedule, *, placement=None):
     """Returns `step(state, batch_BL1, key) -> (state, metrics)`, jitted with the state donated.
 
-    placement: a `moe_jax.sharding.state.Placement` for a run on a device mesh (the state keeps its
+    placement: a `moe_jax.sharding.placement.Placement` for a run on a device mesh (the state keeps its
     sharding from step to step, metrics come back replicated); None = one device.
     """
 

@@ -1,27 +1,17 @@
-"""The train state created directly sharded, and where batches and metrics live on the mesh.
+"""Where batches, the train state and replicated values live on the mesh, and which rows each host loads.
 
-    graphdef, state, placement = init_sharded_state(make_model, tx, mesh, plan)
+    graphdef, state, placement = init_sharded_state(make_model, tx, mesh, plan)  # moe_jax.train.distributed
     train_step = make_train_step(graphdef, tx, schedule, placement=placement)
     batch = placement.put_batch(host_rows_of_the_batch)
-
-Initialisation never materialises an unsharded copy: `eval_shape` gives the state's shapes, the rule
-table (rules.py) turns their paths into shardings, and `jit(init, out_shardings=...)` builds each shard
-on the device that holds it. With JAX's partitionable threefry the values equal an unsharded init.
 """
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import jax
 import numpy as np
-import optax
-from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
-
-from moe_jax.sharding.expert_parallel import ExpertParallel, apply_expert_parallel
-from moe_jax.sharding.rules import batch_spec, tree_shardings
-from moe_jax.train.state import init_state, split_model
 
 
 def host_rows(sharding: NamedSharding, global_shape: tuple[int, ...]) -> slice:
@@ -65,22 +55,3 @@ class Placement:
 
     def rows_of(self, global_shape: tuple[int, ...]) -> slice:
         return host_rows(self.batch, global_shape)
-
-
-def init_sharded_state(make_model: Callable[[], nnx.Module], tx: optax.GradientTransformation, mesh: Mesh,
-                       plan: Optional[ExpertParallel] = None):
-    """-> (graphdef, TrainState laid out on `mesh`, Placement). `make_model()` builds the model from its
-    seed (called only under `eval_shape` and `jit`); `plan` routes its MoE layers through shard_map.
-
-    The returned graphdef carries `plan`; `split_model` of a plain model gives the one without it.
-    """
-    abstract = nnx.eval_shape(make_model)
-    apply_expert_parallel(abstract, plan)
-    graphdef, _, _ = split_model(abstract)
-
-    def init():
-        return init_state(make_model(), tx)[1]
-
-    shardings = tree_shardings(jax.eval_shape(init), mesh)
-    state = jax.jit(init, out_shardings=shardings)()
-    return graphdef, state, Placement(mesh=mesh, state=shardings, batch=NamedSharding(mesh, batch_spec(2)))

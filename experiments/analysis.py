@@ -2,9 +2,9 @@
 
     result = analyse(rows, bootstrap_n=100)    # JSON-able dict, one entry per sweep + "self_test"
 
-Every number comes from the rows (or, for "published", from the papers as listed in
-/work/shared/NOTES.md); a comparison that lacks the points it needs says so in "skipped" instead of
-fitting fewer points than the law has coefficients.
+Every number comes from the rows (or, for "published", from the papers' tables cited in PUBLISHED); a
+comparison that lacks the points it needs says so in "skipped" instead of fitting fewer points than the
+law has coefficients. `checks(result)` turns the numbers into the protocol's pass / not-met verdicts.
 """
 from __future__ import annotations
 
@@ -57,7 +57,7 @@ def noise_floor(rows) -> dict | None:
 
 def analyse_experts(rows, bootstrap_n: int) -> dict:
     pts = _ok(rows, "num_experts")
-    out = {"by_E": _by(pts, "E")}
+    out = {"by_E": _by(pts, "E"), "size": pts[0]["size"] if pts else None}
     E = np.array(list(out["by_E"]), float)
     L = np.array([v["mean"] for v in out["by_E"].values()])
     if len(E) >= 3:
@@ -184,16 +184,70 @@ def analyse_table(rows, sweep, key) -> dict:
     return out
 
 
+def _first_half_drops(row) -> float | None:
+    values = [d for step, d in row.get("drop_curve") or () if step <= row["steps"] / 2]
+    return float(np.mean(values)) if values else None
+
+
+def analyse_capacity(rows) -> list[dict]:
+    """One entry per capacity run (capacity factor, routing group size), drops in both halves of training."""
+    out = []
+    for r in sorted(_ok(rows, "capacity"), key=lambda r: (-(r.get("group_size") or 0), r["capacity_factor"])):
+        out.append({**{k: r.get(k) for k in ("capacity_factor", "group_size", "final_eval_ce", "dropped_fraction",
+                                             "eval_dropped_fraction", "load_cv", "effective_cf", "capacity", "name")},
+                    "dropped_first_half": _first_half_drops(r)})
+    return out
+
+
+def analyse_learning_rate(rows) -> dict:
+    """The learning-rate / warm-up check at the headline size: runs per model kind, and each kind's best."""
+    runs = {}
+    for r in sorted(_ok(rows, "learning_rate"), key=lambda r: (r["variant"], r["learning_rate"], r["warmup_steps"])):
+        runs.setdefault(r["variant"], []).append(
+            {k: r.get(k) for k in ("learning_rate", "warmup_steps", "final_eval_ce", "name")})
+    return {"runs": runs, "best": {v: min(pts, key=lambda p: p["final_eval_ce"]) for v, pts in runs.items()}}
+
+
+def analyse_budget(rows) -> dict:
+    """The token-budget diagnosis: MoE (8 experts, top-1) minus dense eval CE at every evaluation of the runs,
+    paired seed by seed at the headline size (a seed fixes the data order; eval windows are the same for all),
+    and per size from the model-size sweep (one seed)."""
+    pts = _ok(rows, "num_experts")
+    dense = {r["seed"]: dict(map(tuple, r["eval_curve"])) for r in pts if r["E"] == 1}
+    moe = {r["seed"]: dict(map(tuple, r["eval_curve"])) for r in pts if r["E"] == 8}
+    tokens = {r["seed"]: r["tokens_per_step"] for r in pts}
+    active = next((r["params_active"] for r in pts if r["E"] == 8), None)
+    seeds = sorted(set(dense) & set(moe))
+    steps = sorted(set.intersection(*(set(dense[s]) & set(moe[s]) for s in seeds))) if seeds else []
+    headline = {}
+    for step in steps:
+        d = np.array([moe[s][step] - dense[s][step] for s in seeds])
+        headline[int(step)] = {"mean": float(d.mean()), "std": float(d.std(ddof=1)) if len(d) > 1 else 0.0,
+                               "n": len(d), "tokens": int(step * tokens[seeds[0]]),
+                               "tokens_per_active_param": step * tokens[seeds[0]] / active if active else None}
+    per_size = {}
+    sized = _ok(rows, "model_size")
+    for size in sorted({r["size"] for r in sized}, key=lambda s: min(r["params_active"] for r in sized
+                                                                        if r["size"] == s)):
+        curves = {r["variant"]: dict(map(tuple, r["eval_curve"])) for r in sized if r["size"] == size}
+        if "dense" in curves and "moe" in curves:
+            per_size[size] = {int(step): curves["moe"][step] - curves["dense"][step]
+                              for step in sorted(set(curves["dense"]) & set(curves["moe"]))}
+    return {"headline": headline, "seeds": seeds, "per_size": per_size}
+
+
 def analyse(rows, *, bootstrap_n: int = 100, self_test: bool = True) -> dict:
     rows = [dict(r, name_wo_seed=r["name"].rsplit("_seed", 1)[0]) for r in rows]
     result = {
         "missing": sorted({r["name"] for r in rows if r.get("status") != "ok"}),
         "noise_floor": noise_floor(rows),
+        "learning_rate": analyse_learning_rate(rows),
+        "budget": analyse_budget(rows),
         "num_experts": analyse_experts(rows, bootstrap_n),
         "granularity": analyse_granularity(rows, bootstrap_n),
         "model_size": analyse_model_size(rows),
         "shared_experts": analyse_shared(rows),
-        "capacity": analyse_table(rows, "capacity", "capacity_factor"),
+        "capacity": analyse_capacity(rows),
         "routers": analyse_table(rows, "routers", "variant"),
         "aux_losses": {f"balance {r['balance_loss_coef']:g}, z {r['z_loss_coef']:g}": {
             k: r.get(k) for k in ("final_eval_ce", "dropped_fraction", "load_cv", "name")}
@@ -202,7 +256,113 @@ def analyse(rows, *, bootstrap_n: int = 100, self_test: bool = True) -> dict:
     }
     if self_test:
         result["self_test"] = fit_lib.self_test()
-    return _jsonable(result)
+    result = _jsonable(result)
+    result["checks"] = checks(result)
+    return result
+
+
+def _check(claim: str, passed, detail: str) -> dict:
+    """passed: True / False, or None when the runs it needs are missing."""
+    return {"claim": claim, "pass": passed, "detail": detail}
+
+
+def _beyond(diff: float, noise: float) -> bool:
+    return diff < -2 * noise
+
+
+def checks(result: dict) -> list[dict]:
+    """The protocol's claims, each judged from the analysed table: a loss difference counts when it exceeds twice
+    the noise floor (the seed sd of the base configuration), a fitted sign when its 90 % interval excludes 0."""
+    nf = result.get("noise_floor")
+    noise = nf["std"] if nf else None
+    out = []
+
+    # 1. An 8-expert top-1 MoE beats the dense model of equal active parameters at every size.
+    by_E = result["num_experts"]["by_E"]
+    sizes = {}
+    if "1" in by_E and "8" in by_E:
+        sizes[result["num_experts"].get("size") or "headline"] = (by_E["8"]["mean"] - by_E["1"]["mean"],
+                                                            min(by_E["8"]["n"], by_E["1"]["n"]))
+    for size, v in result["model_size"].items():
+        if "moe_minus_dense" in v and size not in sizes:
+            sizes[size] = (v["moe_minus_dense"], 1)
+    if noise is None or not sizes:
+        out.append(_check("MoE (8 experts, top-1) beats dense at each size", None, "runs missing"))
+    else:
+        parts = [f"{s}: {d:+.4f} (n={n})" for s, (d, n) in sizes.items()]
+        out.append(_check("MoE (8 experts, top-1) beats dense at each size",
+                          all(_beyond(d, noise) for d, _ in sizes.values()),
+                          f"MoE - dense {', '.join(parts)}; threshold -2 x {noise:.4f}"))
+
+    # 2. Loss falls with the number of experts: Spearman <= -0.8 over >= 5 counts, Clark b < 0 (interval).
+    r = result["num_experts"]
+    rho, clark = r.get("spearman_E_vs_loss"), r.get("clark_fit")
+    if rho is None or len(by_E) < 5 or clark is None:
+        out.append(_check("loss falls with the number of experts", None,
+                          f"needs >= 5 expert counts and the Clark fit (have {len(by_E)} counts)"))
+    else:
+        b_hi = (clark.get("intervals", {}).get("b") or [None, None])[1]
+        ok = rho <= -0.8 and b_hi is not None and b_hi < 0
+        out.append(_check("loss falls with the number of experts", ok,
+                          f"Spearman {rho:+.2f} over {len(by_E)} counts (<= -0.8 wanted); Clark b "
+                          f"{clark['params']['b']:+.4f}, 90 % interval upper end {b_hi if b_hi is None else f'{b_hi:+.4f}'}"
+                          " (< 0 wanted)"))
+
+    # 3. Granularity at equal FLOPs: the best G > 1 beats G = 1; gamma of the headline L(G) fit determined.
+    g = result["granularity"]
+    matched = g.get("matched_flops_runs", {})
+    fit = g.get("fits", {}).get(g.get("headline_size") or next(iter(g.get("fits", {})), ""), None)
+    if noise is None or "1" not in matched or len(matched) < 2 or fit is None:
+        out.append(_check("finer experts (best G > 1) beat G = 1 at equal FLOPs; gamma determined", None,
+                          "runs missing"))
+    else:
+        best = min((G for G in matched if G != "1"), key=lambda G: matched[G]["mean"])
+        diff = matched[best]["mean"] - matched["1"]["mean"]
+        gamma_ok = "gamma" not in fit.get("at_bound", ()) and "gamma" in fit.get("intervals", {})
+        out.append(_check("finer experts (best G > 1) beat G = 1 at equal FLOPs; gamma determined",
+                          _beyond(diff, noise) and gamma_ok and min(matched[best]["n"], matched["1"]["n"]) >= 3,
+                          f"best G = {best}: {diff:+.4f} (n={matched[best]['n']}; threshold -2 x {noise:.4f}); "
+                          f"gamma {fit['params']['gamma']:.3g}" + (" at its bound" if not gamma_ok else " inside its bounds")))
+
+    # 4. DeepSeekMoE's ordering (Kendall tau >= 0.6) and fine-grained + shared beats GShard.
+    sh = result["shared_experts"]["by_variant"]
+    pub = result["published"]["deepseekmoe_table1"]
+    common = [v for v in ("dense", "hash", "switch", "gshard", "fine_x4") if v in sh]
+    if noise is None or len(common) < 5:
+        out.append(_check("DeepSeekMoE's ordering; fine-grained + shared beats GShard", None, "runs missing"))
+    else:
+        tau = float(stats.kendalltau([sh[v]["mean"] for v in common],
+                                     [pub["deepseekmoe" if v == "fine_x4" else v] for v in common])[0])
+        diff = sh["fine_x4"]["mean"] - sh["gshard"]["mean"]
+        out.append(_check("DeepSeekMoE's ordering; fine-grained + shared beats GShard",
+                          tau >= 0.6 and _beyond(diff, noise),
+                          f"Kendall tau {tau:+.2f} (>= 0.6 wanted); fine_x4 - gshard {diff:+.4f} "
+                          f"(threshold -2 x {noise:.4f})"))
+
+    # 5. Drops at capacity factor 1.25 (second half) <= 2 %; no balance loss: more drops and a worse load CV.
+    cap = [c for c in result["capacity"] if c["capacity_factor"] == 1.25]
+    cap = max(cap, key=lambda c: c.get("group_size") or 0, default=None)  # the scale's own grouping
+    aux = result["aux_losses"]
+    base, nobal = aux.get("balance 0.01, z 0.001"), aux.get("balance 0, z 0.001")
+    if cap is None or cap.get("dropped_fraction") is None or base is None or nobal is None:
+        out.append(_check("drops at capacity factor 1.25 <= 2 %; no balance loss drops more", None, "runs missing"))
+    else:
+        ok = (cap["dropped_fraction"] <= 0.02 and nobal["dropped_fraction"] > base["dropped_fraction"]
+              and nobal["load_cv"] > base["load_cv"])
+        out.append(_check("drops at capacity factor 1.25 <= 2 %; no balance loss drops more", ok,
+                          f"cf 1.25: {cap['dropped_fraction']:.2%} dropped in the second half; without the balance "
+                          f"loss {nobal['dropped_fraction']:.2%} (load CV {nobal['load_cv']:.3f}) vs "
+                          f"{base['dropped_fraction']:.2%} ({base['load_cv']:.3f})"))
+
+    # 6. The joint law's coefficients are determined (none at a bound of the fit).
+    j = g.get("joint", {})
+    if "params" not in j:
+        out.append(_check("joint law L(N, D, G): every coefficient determined", None, j.get("skipped", "missing")))
+    else:
+        at = list(j.get("at_bound", ()))
+        out.append(_check("joint law L(N, D, G): every coefficient determined", not at,
+                          "none at a bound" if not at else f"at a bound: {', '.join(at)}"))
+    return out
 
 
 def _jsonable(x):

@@ -17,8 +17,8 @@ Row fields (besides the sweep's axes, `size` and `seed`):
   experts, top_k    routed experts (E * G; 1 for a dense model) and experts per token (k * G)
   granularity       MoEConfig.granularity (1 for a dense model)
   capacity, effective_cf   train capacity per expert per group, and C * E / (S * k)
-JSON rows also carry `train_curve` [[step, ce], ...], `eval_curve` [[step, ce], ...] and
-`expert_load` (final per-layer token shares).
+JSON rows also carry `train_curve` [[step, ce], ...], `eval_curve` [[step, ce], ...], `drop_curve`
+[[step, dropped fraction (mean over MoE layers)], ...] and `expert_load` (final per-layer token shares).
 """
 from __future__ import annotations
 
@@ -36,7 +36,7 @@ from moe_jax.params import count_params
 from moe_jax.train.metrics import read_jsonl
 from moe_jax.train.run_config import build_run_config
 
-CURVE_KEYS = ("train_curve", "eval_curve", "expert_load")
+CURVE_KEYS = ("train_curve", "eval_curve", "drop_curve", "expert_load")
 
 
 @functools.lru_cache(maxsize=None)
@@ -106,6 +106,7 @@ def run_row(spec: RunSpec, workdir: str) -> dict:
         eval_dropped_fraction=_layer_mean(evals[-1], "dropped_fraction") if evals else None,
         train_curve=[[r["step"], r["ce"]] for r in train],
         eval_curve=[[r["step"], r["ce"]] for r in evals],
+        drop_curve=[[r["step"], d] for r in train if (d := _layer_mean(r, "dropped_fraction")) is not None],
         expert_load=_final_load(train),
     )
     moe = run.model.moe

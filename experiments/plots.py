@@ -135,21 +135,28 @@ def plot_joint(result, out):
 
 
 def plot_capacity(result, out):
-    rows = result["capacity"]
-    if not rows:
+    entries = result["capacity"]
+    if not entries:
         return None
     plt = _plt()
-    cf = np.array([float(k) for k in rows])
+    main_S = max(v.get("group_size") or 0 for v in entries)
+    rows = [v for v in entries if (v.get("group_size") or 0) == main_S]
+    others = [v for v in entries if (v.get("group_size") or 0) != main_S]
+    cf = np.array([float(v["capacity_factor"]) for v in rows])
     fig, ax = plt.subplots(figsize=(6, 4.2))
-    ax.plot(cf, [100 * (v["dropped_fraction"] or 0) for v in rows.values()], "o-", label="dropped, train (%)")
-    ax.plot(cf, [100 * (v["eval_dropped_fraction"] or 0) for v in rows.values()], "s--",
+    label = f"groups of {main_S}" if main_S else "groups of one sequence"
+    ax.plot(cf, [100 * (v["dropped_fraction"] or 0) for v in rows], "o-", label=f"dropped, train, {label} (%)")
+    ax.plot(cf, [100 * (v["eval_dropped_fraction"] or 0) for v in rows], "s--",
             label="dropped, eval at cf 2.0 (%)")
+    for v in others:
+        ax.plot([float(v["capacity_factor"])], [100 * (v["dropped_fraction"] or 0)], "x", ms=9,
+                label=f"dropped, train, groups of {v.get('group_size') or 'one sequence'} (%)")
     pub = result["published"]["st_moe_drop_rate"]
     ax.plot([float(k) for k in pub], [100 * v for v in pub.values()], "k*", ms=10, label="ST-MoE (published)")
     ax.set_xlabel("train capacity factor")
     ax.set_ylabel("dropped token choices (%)")
     ax2 = ax.twinx()
-    ax2.plot(cf, [v["final_eval_ce"] for v in rows.values()], "r^:", label="eval loss")
+    ax2.plot(cf, [v["final_eval_ce"] for v in rows], "r^:", label="eval loss")
     ax2.set_ylabel("eval cross-entropy", color="r")
     ax.legend(fontsize=7, loc="upper right")
     ax.set_title("Capacity factor vs dropped tokens")

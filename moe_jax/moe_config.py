@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import warnings
 from typing import Optional
 
 ROUTERS = ("top_k", "expert_choice", "hash", "soft")
@@ -33,6 +34,15 @@ def _positive(name: str, value, *, allow_zero: bool = False) -> None:
     if not ok:
         bound = ">= 0" if allow_zero else "> 0"
         raise ValueError(f"MoEConfig.{name}={value!r} must be {bound}.")
+
+
+# Measured on the CPU protocol (experiments/results/cpu, routers sweep) and before it at 2,000 steps: this gate
+# trained worse than the dense model of equal active parameters.
+TOPK_SOFTMAX_TOP1_WARNING = (
+    "MoEConfig.topk_order='topk_softmax' with one expert per token: the softmax over the single chosen logit is "
+    "always 1, so the combine weight carries no gradient to the router, which then learns only from the balance "
+    "and z losses (routing stays close to arbitrary). Use topk_order='softmax_topk' (Switch: the output is scaled "
+    "by the chosen expert's probability), or num_experts_per_token >= 2.")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -158,6 +168,8 @@ class MoEConfig:
             raise ValueError("MoEConfig.use_correction_bias needs router='top_k'.")
         if self.topk_order == "topk_softmax" and self.score_fn != "softmax":
             raise ValueError("MoEConfig.topk_order='topk_softmax' is defined for score_fn='softmax' only.")
+        if self.router == "top_k" and self.topk_order == "topk_softmax" and self.top_k == 1:
+            warnings.warn(TOPK_SOFTMAX_TOP1_WARNING, UserWarning, stacklevel=3)
         if not 0 <= self.jitter_eps < 1:
             raise ValueError(f"MoEConfig.jitter_eps={self.jitter_eps} must be in [0, 1).")
         _positive("logit_noise_std", self.logit_noise_std, allow_zero=True)

@@ -168,3 +168,16 @@ def test_input_width_mismatch():
 def test_hash_router_needs_token_ids():
     with pytest.raises(ValueError, match="token_ids"):
         _layer(router="hash")(jnp.zeros((1, 4, 8)))
+
+
+def test_top1_topk_softmax_warns_that_the_router_gets_no_gradient():
+    import warnings
+
+    from moe_jax.moe_config import MoEConfig
+
+    with pytest.warns(UserWarning, match="carries no gradient to the router"):
+        MoEConfig(d_model=8, d_ff=8, num_experts=4, num_experts_per_token=1, topk_order="topk_softmax")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        MoEConfig(d_model=8, d_ff=8, num_experts=4, num_experts_per_token=2, topk_order="topk_softmax")
+        MoEConfig(d_model=8, d_ff=8, num_experts=4, num_experts_per_token=1)

@@ -313,3 +313,70 @@ def test_a_workdir_of_another_protocol_is_refused_before_training(tmp_path):
     with pytest.raises(ValueError, match=r"xs_E8_K1_G1_seed0: train.steps.*Delete them or use another --out"):
         runner.run_all([spec], str(tmp_path))
     assert not (workdir / "metrics.jsonl").exists()
+
+
+def test_a_field_added_to_the_library_later_does_not_make_a_finished_run_stale(tmp_path):
+    import dataclasses
+
+    from moe_jax.train.run_config import model_record
+
+    smoke = scales.get("smoke")
+    spec = make_spec("x", smoke, size="xs", seed=0, axes={}, model=smoke.model("xs"))
+    run = build_run_config(spec.config)
+    workdir = tmp_path / "runs" / spec.name
+    workdir.mkdir(parents=True)
+    model = model_record(run.model)
+    del model["moe"]["balance_loss_scope"]  # recorded before the field existed
+    old = {"model": model, "data": dataclasses.asdict(run.data), "train": dataclasses.asdict(run.train)}
+    (workdir / "config.json").write_text(json.dumps(old))
+    assert runner.stale_fields(str(workdir), run) == []
+    old["model"]["moe"]["num_experts"] = 4  # a nested field that differs is still caught
+    (workdir / "config.json").write_text(json.dumps(old))
+    assert runner.stale_fields(str(workdir), run) == ["model.moe.num_experts"]
+
+
+def test_runner_locks_deadline_and_progress(tmp_path):
+    import time
+
+    smoke = scales.get("smoke")
+    specs = [make_spec("x", smoke, size="xs", seed=s, axes={}, model=smoke.model("xs")) for s in (0, 1)]
+    first = runner.workdir_of(str(tmp_path), specs[0].name)
+    assert runner.try_lock(first) and not runner.try_lock(first)  # held by this (live) process
+    (tmp_path / "runs" / specs[0].name / runner.LOCK).write_text("999999999")  # a dead worker's lock
+    assert runner.try_lock(first)
+    status = runner.run_all(specs, str(tmp_path), log=lambda *_: None, deadline=time.time() - 1)
+    assert status == {specs[0].name: "deferred", specs[1].name: "deferred"}  # nothing started past the deadline
+    runner.unlock(first)
+    text = runner.progress(sweeps.unique_runs(specs), str(tmp_path), time.perf_counter())
+    assert text.startswith("0/2 runs done, 0.0 min elapsed"), text
+
+
+def test_report_verdicts_are_computed_from_the_table(smoke):
+    """Plant a trend in the smoke table, analyse and render: the verdict lines follow the numbers."""
+    from experiments import analysis, report
+
+    _, _, rows = smoke
+
+    def verdicts(moe_gap: float, drops: float) -> list[str]:
+        table = [dict(r) for r in rows]
+        base = next(r for r in table if r["name"] == "xs_E8_K1_G1_seed0")
+        # a second seed of the base configuration: noise floor sd = 0.01
+        table.append(dict(base, seed=1, name="xs_E8_K1_G1_seed1", final_eval_ce=base["final_eval_ce"] + 0.01 * 2 ** 0.5))
+        dense = {r["size"]: r["final_eval_ce"] for r in table if r["sweep"] == "model_size" and r["variant"] == "dense"}
+        for r in table:
+            if r["sweep"] == "model_size" and r["variant"] == "moe":
+                r["final_eval_ce"] = dense[r["size"]] + moe_gap
+            if r["sweep"] == "capacity" and r["capacity_factor"] == 1.25:
+                r["dropped_fraction"] = drops
+            if r["sweep"] == "aux_losses":
+                no_balance = r["balance_loss_coef"] == 0
+                r["dropped_fraction"], r["load_cv"] = (0.3, 1.0) if no_balance else (0.01, 0.1)
+        result = analysis.analyse(table, bootstrap_n=3, self_test=False)
+        assert result["noise_floor"]["std"] == pytest.approx(0.01)
+        text = report.render(result, table, scale=scales.get("smoke"), command="x", plot_paths={}, seconds=None)
+        return [line for line in text.splitlines() if line[:3] in ("1. ", "5. ")]
+
+    holds = verdicts(moe_gap=-0.05, drops=0.01)
+    assert "**holds**" in holds[0] and "xs: -0.0500" in holds[0] and "**holds**" in holds[1], holds
+    within_noise = verdicts(moe_gap=-0.015, drops=0.05)  # |gap| < 2 x 0.01; 5 % dropped > 2 %
+    assert "**not met**" in within_noise[0] and "**not met**" in within_noise[1], within_noise

@@ -25,14 +25,6 @@ from moe_jax.params import count_params
 from moe_jax.train.run_config import RunConfig
 
 
-def group_size(run: RunConfig) -> int:
-    """Tokens per routing group of the MoE layers (MoEConfig.group_size or its default)."""
-    moe = run.model.moe
-    if moe.group_size is not None:
-        return moe.group_size
-    return run.data.seq_len if moe.grouping == "tokens" else run.data.batch_size
-
-
 def non_moe_flops_per_token(run: RunConfig, counts: dict) -> float:
     """Forward+backward FLOPs per token of everything but the MoE layers."""
     m = run.model
@@ -54,7 +46,7 @@ def run_flops(run: RunConfig, counts: dict | None = None) -> dict:
     moe = run.model.moe
     if moe is not None:
         n_layers = len(run.model.moe_layer_indices)
-        S = group_size(run)
+        S = moe.tokens_per_group(run.data.batch_size, run.data.seq_len)
         train = layer_train_flops(moe, num_tokens=tokens, group_size=S)
         router_forward = layer_flops(moe, num_tokens=tokens, group_size=S, train=True)["router_flops"]
         step["useful_flops"] += n_layers * train["useful_flops"]

@@ -58,14 +58,13 @@ def group_tokens(x_BLX: Array, cfg: MoEConfig) -> Array:
     """[B, L, ...] -> [G, S, ...] per `cfg.grouping` / `cfg.group_size` (error names the field)."""
     B, L = x_BLX.shape[:2]
     rest = x_BLX.shape[2:]
+    S = cfg.tokens_per_group(B, L)
     if cfg.grouping == "tokens":
-        S = cfg.group_size or L
         if (B * L) % S:
             raise ValueError(
                 f"MoEConfig.group_size={S} does not divide the {B * L} tokens of a [{B}, {L}] batch; "
                 "choose a group size that divides batch * length.")
         return x_BLX.reshape((B * L // S, S) + rest)
-    S = cfg.group_size or B
     if B % S:
         raise ValueError(
             f"MoEConfig.group_size={S} does not divide the batch of {B} sequences (grouping='position' "

@@ -203,6 +203,19 @@ def test_run_flops_by_hand():
     assert fd["useful_flops"] == fd["executed_flops"] == 11_010_048 + 4_718_592 and fd["router_flops"] == 0
 
 
+def test_training_loop_flop_count_is_the_useful_count():
+    """The training loop's count (`model_flops_per_s`) and run_flops' useful FLOPs are one formula: for the
+    xs run of test_run_flops_by_hand (untied output projection, top-1, no expert biases) both are 86,016 +
+    6 x (router D E = 256 + one SwiGLU expert 3 D F = 6,144) = 124,416 per token, 15,925,248 per step."""
+    from moe_jax.flops import train_flops_per_token
+
+    smoke = scales.get("smoke")
+    run = build_run_config(make_spec("f", smoke, size="xs", seed=0, axes={}, model=smoke.model("xs")).config)
+    assert not run.model.tie_embeddings
+    per_token = train_flops_per_token(run.model, count_params(run.model), run.data.seq_len)
+    assert per_token == 124_416 and per_token * 128 == run_flops(run)["per_step"]["useful_flops"]
+
+
 def test_loss_at_and_aggregate():
     row = {"train_curve": [[10, 3.0], [20, 2.0], [30, 1.5]]}
     assert loss_at(row, 5.0, 75.0) == pytest.approx(2.5)  # step 15, halfway from 3.0 to 2.0

@@ -3,6 +3,7 @@
     graphdef, state, placement = init_sharded_state(make_model, tx, mesh, plan)
     train_step = make_train_step(graphdef, tx, schedule, placement=placement)
     batch = placement.put_batch(host_rows_of_the_batch)
+    model = placement.expert_parallel(nnx.merge(graphdef, state.params, state.rest))   # what the steps run
 
 Initialisation never materialises an unsharded copy: `eval_shape` gives the state's shapes, the rule
 table (rules.py) turns their paths into shardings, and `jit(init, out_shardings=...)` builds each shard
@@ -44,11 +45,17 @@ def host_rows(sharding: NamedSharding, global_shape: tuple[int, ...]) -> slice:
 
 @dataclasses.dataclass(frozen=True)
 class Placement:
-    """Shardings of a sharded run: the train state, the token batch, and replicated values (metrics, keys)."""
+    """Shardings of a sharded run: the train state, the token batch, and replicated values (metrics, keys);
+    and `plan`, how its MoE layers run on the mesh (None: plain layers, GSPMD partitions them)."""
 
     mesh: Mesh
     state: Any  # a pytree of NamedSharding, the structure of TrainState
     batch: NamedSharding
+    plan: Optional[ExpertParallel] = None
+
+    def expert_parallel(self, model: nnx.Module) -> nnx.Module:
+        """`model` with its MoE layers run through `plan` (`apply_expert_parallel`: wrappers swapped in)."""
+        return model if self.plan is None else apply_expert_parallel(model, self.plan)
 
     @property
     def replicated(self) -> NamedSharding:
@@ -72,15 +79,14 @@ def init_sharded_state(make_model: Callable[[], nnx.Module], tx: optax.GradientT
     """-> (graphdef, TrainState laid out on `mesh`, Placement). `make_model()` builds the model from its
     seed (called only under `eval_shape` and `jit`); `plan` routes its MoE layers through shard_map.
 
-    The returned graphdef carries `plan`; `split_model` of a plain model gives the one without it.
+    The graphdef is the plain model's (no mesh in it); `placement.plan` holds `plan`, which the train and
+    eval steps apply (`Placement.expert_parallel`) to the model they merge.
     """
-    abstract = nnx.eval_shape(make_model)
-    apply_expert_parallel(abstract, plan)
-    graphdef, _, _ = split_model(abstract)
+    graphdef, _, _ = split_model(nnx.eval_shape(make_model))
 
     def init():
         return init_state(make_model(), tx)[1]
 
     shardings = tree_shardings(jax.eval_shape(init), mesh)
     state = jax.jit(init, out_shardings=shardings)()
-    return graphdef, state, Placement(mesh=mesh, state=shardings, batch=NamedSharding(mesh, batch_spec(2)))
+    return graphdef, state, Placement(mesh=mesh, state=shardings, batch=NamedSharding(mesh, batch_spec(2)), plan=plan)

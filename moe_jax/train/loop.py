@@ -23,7 +23,6 @@ from flax import nnx
 from moe_jax.data import make_lm_data
 from moe_jax.flops import train_flops_per_token
 from moe_jax.params import count_params
-from moe_jax.sharding import apply_expert_parallel
 from moe_jax.train import distributed
 from moe_jax.train.checkpoint import Checkpoints
 from moe_jax.train.metrics import MetricWriter, read_jsonl, to_python
@@ -177,7 +176,7 @@ def summarise(run, workdir, state, graphdef, data, counts, last_eval, log) -> di
     if run.train.sample_tokens and jax.process_count() == 1:  # (multi-host: the prompt is one host's array)
         from moe_jax.sampling import generate
 
-        model = apply_expert_parallel(nnx.merge(graphdef, state.params, state.rest), None)  # batch 1: plain path
+        model = nnx.merge(graphdef, state.params, state.rest)  # plain MoE layers: a batch of 1 fits no mesh
         prompt = data.encode(run.train.sample_prompt)[None, :]
         ids = generate(model, jnp.asarray(prompt), max_new_tokens=run.train.sample_tokens,
                        temperature=run.train.sample_temperature, rng=jax.random.PRNGKey(run.train.seed))

@@ -143,7 +143,7 @@ def measure(run) -> dict:
     expert_shapes = {(E, D, F), (E, F, D), (E // n, D, F), (E // n, F, D)}
     weight_gathers = [c for c in collectives if c["op"] == "all-gather"
                       and any(len(dims) == 3 and dims in expert_shapes for _, dims in c["arrays"])]
-    S = run.data.seq_len  # one routing group per sequence
+    S = moe.tokens_per_group(run.data.batch_size // sh.batch_shards(sizes), run.data.seq_len)  # on one device
     return {
         "mesh": sizes, "capacity_factor": moe.capacity_factor, "capacity": moe.capacity(S, True),
         "tokens_per_device": tokens_per_device, "moe_layers": layers,

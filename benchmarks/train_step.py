@@ -25,8 +25,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from moe_jax.flops import train_flops_per_token
 from moe_jax.params import count_params
-from moe_jax.train.loop import model_flops_per_token
 from moe_jax.train.run_config import build_run_config
 from moe_jax.train.state import init_state, learning_rate_schedule, make_optimizer
 from moe_jax.train.step import make_train_step
@@ -107,7 +107,7 @@ def main(argv=None):
     t = time_interleaved(candidates, rounds)
 
     counts = count_params(run.model)
-    flops_per_step = model_flops_per_token(run, counts) * B * L
+    flops_per_step = train_flops_per_token(run.model, counts, L) * B * L
     tokens_per_s = B * L / t["moe"]
     matmul_flops_per_s = matmul_flops / t["matmul"]
     out = {

@@ -30,7 +30,7 @@ import os
 
 import numpy as np
 
-from experiments.flops import group_size, run_flops
+from experiments.flops import run_flops
 from experiments.spec import RunSpec, workdir_of
 from moe_jax.params import count_params
 from moe_jax.train.metrics import read_jsonl
@@ -113,7 +113,7 @@ def run_row(spec: RunSpec, workdir: str) -> dict:
     row.update(experts=1 if moe is None else moe.num_routed_experts, top_k=1 if moe is None else moe.top_k,
                granularity=1 if moe is None else moe.granularity)
     if moe is not None:
-        S = group_size(run)
+        S = moe.tokens_per_group(run.data.batch_size, run.data.seq_len)
         C = moe.capacity(S, True)
         k = 1 if moe.router == "expert_choice" else moe.top_k
         row.update(capacity=C, effective_cf=None if C is None else C * moe.num_routed_experts / (S * k))

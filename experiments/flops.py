@@ -10,35 +10,20 @@
         useful_flops_no_router
 
 Everything is forward + backward of one training step (3x the forward for matmuls, see
-`moe_jax.flops.layer_train_flops`). The MoE layers come from `moe_jax.flops`; the rest is counted
-here as 6 x matmul parameters per token (attention projections, dense FFNs, the output projection;
-the embedding lookup excluded) plus 6 x the attention score and value matmuls over the full L x L
-matrix, as `moe_jax.train.loop.model_flops_per_token` does. Elementwise work is not counted.
+`moe_jax.flops.layer_train_flops`). The MoE layers come from `moe_jax.flops.layer_train_flops`; the
+rest from `moe_jax.flops.non_moe_train_flops_per_token`: 6 x matmul parameters per token (attention
+projections, dense FFNs, the output projection; the embedding lookup excluded) plus 6 x the attention
+score and value matmuls over the full L x L matrix, the count the training loop's `model_flops_per_s`
+also uses. Elementwise work is not counted.
 Evaluation FLOPs are not part of a run's budget.
 """
 from __future__ import annotations
 
 import functools
 
-from moe_jax.flops import layer_flops, layer_train_flops
+from moe_jax.flops import layer_flops, layer_train_flops, non_moe_train_flops_per_token
 from moe_jax.params import count_params
 from moe_jax.train.run_config import RunConfig
-
-
-def group_size(run: RunConfig) -> int:
-    """Tokens per routing group of the MoE layers (MoEConfig.group_size or its default)."""
-    moe = run.model.moe
-    if moe.group_size is not None:
-        return moe.group_size
-    return run.data.seq_len if moe.grouping == "tokens" else run.data.batch_size
-
-
-def non_moe_flops_per_token(run: RunConfig, counts: dict) -> float:
-    """Forward+backward FLOPs per token of everything but the MoE layers."""
-    m = run.model
-    matmul_params = counts["attention"] + counts["dense_ffn"] + m.vocab_size * m.d_model
-    scores = 6 * m.num_layers * run.data.seq_len * m.num_heads * (m.qk_head_dim + m.value_head_dim)
-    return 6.0 * matmul_params + scores
 
 
 @functools.lru_cache(maxsize=256)
@@ -49,12 +34,12 @@ def _count_params(model_cfg) -> dict:
 def run_flops(run: RunConfig, counts: dict | None = None) -> dict:
     counts = counts or _count_params(run.model)
     tokens = run.data.batch_size * run.data.seq_len
-    dense = non_moe_flops_per_token(run, counts) * tokens
+    dense = non_moe_train_flops_per_token(run.model, counts, run.data.seq_len) * tokens
     step = {"useful_flops": dense, "router_flops": 0.0, "executed_flops": dense}
     moe = run.model.moe
     if moe is not None:
         n_layers = len(run.model.moe_layer_indices)
-        S = group_size(run)
+        S = moe.tokens_per_group(run.data.batch_size, run.data.seq_len)
         train = layer_train_flops(moe, num_tokens=tokens, group_size=S)
         router_forward = layer_flops(moe, num_tokens=tokens, group_size=S, train=True)["router_flops"]
         step["useful_flops"] += n_layers * train["useful_flops"]

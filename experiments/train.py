@@ -44,9 +44,7 @@ def main(argv):
         counts = count_params(run.model)
         print("derived:", {k: f"{v:,}" for k, v in counts.items()})
         if run.model.moe is not None:
-            m = run.model.moe
-            print(f"derived: routed experts {m.num_routed_experts}, k {m.top_k}, expert width {m.expert_d_ff}, "
-                  f"train capacity/group {m.capacity(m.group_size or run.data.seq_len, True)}")
+            print("derived: " + ", ".join(f"{name} {value}" for name, value in run.moe_derived().items()))
         return
     if not _WORKDIR.value:
         sys.exit("--workdir is required (an empty or existing directory; an existing run there is resumed).")

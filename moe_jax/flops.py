@@ -1,4 +1,5 @@
-"""FLOP accounting of one MoE layer, from the config alone (multiply-adds count 2).
+"""FLOP accounting of one MoE layer, and the 6N-plus-attention count of a model, from configs alone
+(multiply-adds count 2).
 
 useful_flops:   what the model needs: the router, k expert FFNs per token, the shared experts.
 executed_flops: what the configured path computes: every capacity slot (padding included), the
@@ -14,9 +15,15 @@ constant (once again: the input gradient). For the einsum path this agrees with 
 One-hot einsum dispatch and combine cost 2 * G * S * E * C * D each; relative to the useful expert
 FLOPs of gated experts (6 * D * F per token and choice) that is 2 * cf * S / (3F) forward and
 5 * cf * S / (9F) forward+backward: it grows linearly with the group size S.
+
+`train_flops_per_token` counts a whole model's training step the common way (PaLM, Chowdhery et al.
+2022, App. B): 6 x the matmul parameters a token passes through + 6 x the attention score and value
+matmuls; `non_moe_train_flops_per_token` is its part outside the MoE layers, for callers that count
+those with `layer_train_flops`.
 """
 from __future__ import annotations
 
+from moe_jax.model_config import ModelConfig
 from moe_jax.moe_config import MoEConfig
 
 
@@ -101,3 +108,19 @@ def layer_train_flops(cfg: MoEConfig, *, num_tokens: int, group_size: int) -> di
         "forward_useful_flops": useful,
         "forward_executed_flops": forward,
     }
+
+
+def non_moe_train_flops_per_token(model: ModelConfig, counts: dict, seq_len: int) -> float:
+    """Forward+backward FLOPs per token of everything but the MoE layers: 6 x the matmul parameters
+    (attention projections, dense FFNs, the output projection; the embedding lookup excluded) + 6 x the
+    attention score and value matmuls over the full L x L matrix. counts: `moe_jax.params.count_params(model)`."""
+    matmul_params = counts["attention"] + counts["dense_ffn"] + model.vocab_size * model.d_model
+    scores = 6 * model.num_layers * seq_len * model.num_heads * (model.qk_head_dim + model.value_head_dim)
+    return 6.0 * matmul_params + scores
+
+
+def train_flops_per_token(model: ModelConfig, counts: dict, seq_len: int) -> float:
+    """Forward+backward FLOPs per token of the whole model: `non_moe_train_flops_per_token` + 6 x the MoE
+    layers' active parameters (routers, the k routed experts of a token, shared experts)."""
+    moe_active = counts["router"] + counts["routed_experts_active"] + counts["shared_experts"]
+    return non_moe_train_flops_per_token(model, counts, seq_len) + 6.0 * moe_active

@@ -2,7 +2,8 @@
 
 Layers take this dataclass, never a raw ConfigDict or a mesh. It is validated on construction, so a
 bad field fails with a message naming the field and the fix before anything is traced or compiled.
-Derived values (routed experts, k, expert width, capacity) are computed here and nowhere else.
+Derived values (routed experts, k, expert width, tokens per routing group, capacity) are computed here
+and nowhere else.
 """
 from __future__ import annotations
 
@@ -223,6 +224,13 @@ class MoEConfig:
     @property
     def gated(self) -> bool:
         return self.activation in ("swiglu", "geglu")
+
+    def tokens_per_group(self, batch: int, length: int) -> int:
+        """S, the tokens of one routing group of a `[batch, length]` batch: `group_size`, or by default one
+        sequence (grouping='tokens': `length`) or one position across the batch (grouping='position': `batch`)."""
+        if self.group_size is not None:
+            return self.group_size
+        return length if self.grouping == "tokens" else batch
 
     def capacity_factor_for(self, train: bool) -> Optional[float]:
         return self.capacity_factor if train else self.eval_capacity_factor

@@ -3,6 +3,11 @@
     y, aux = layer(x_BLD, train=True, rng=key)       # aux.losses, aux.metrics
     loss = task_loss + aux.losses["aux_loss"]       # the weighted sum; the layer never adds it itself
 
+A call is `forward` (the output and the routing results, `RoutingStats`) then `aux` (losses and metrics
+from them). Code that runs the layer another way calls the two itself: the expert-parallel wrapper
+(moe_jax.sharding) runs `forward` per device under shard_map, with the expert buffers sent through
+all_to_all (`run_experts`), and `aux` on the gathered results. The layer knows nothing of meshes.
+
 Tokens are routed within groups (`MoEConfig.grouping`, `group_size`):
   tokens    groups of consecutive tokens of the flattened [B * L] batch (default: one sequence).
             Token choice is causal per token, but capacity is not: whether a choice is dropped
@@ -40,7 +45,7 @@ class MoEAux:
 
 @struct.dataclass
 class RoutingStats:
-    """What `MoELayer._aux` needs from a forward pass (G groups of S tokens, K choices, E experts).
+    """What `MoELayer.aux` needs from a forward pass (G groups of S tokens, K choices, E experts).
 
     logits_GSE: <float32>[G, S, E] router logits.  expert_GSK: <int32>[G, S, K] the router's token
     choices before capacity (None for expert choice and Soft MoE).  served_E: <float32>[E] choices each
@@ -58,14 +63,13 @@ def group_tokens(x_BLX: Array, cfg: MoEConfig) -> Array:
     """[B, L, ...] -> [G, S, ...] per `cfg.grouping` / `cfg.group_size` (error names the field)."""
     B, L = x_BLX.shape[:2]
     rest = x_BLX.shape[2:]
+    S = cfg.tokens_per_group(B, L)
     if cfg.grouping == "tokens":
-        S = cfg.group_size or L
         if (B * L) % S:
             raise ValueError(
                 f"MoEConfig.group_size={S} does not divide the {B * L} tokens of a [{B}, {L}] batch; "
                 "choose a group size that divides batch * length.")
         return x_BLX.reshape((B * L // S, S) + rest)
-    S = cfg.group_size or B
     if B % S:
         raise ValueError(
             f"MoEConfig.group_size={S} does not divide the batch of {B} sequences (grouping='position' "
@@ -102,30 +106,24 @@ class MoELayer(nnx.Module):
         self.shared = nnx.data(shared)
         self.shared_gate_D1 = nnx.data(shared_gate)
 
-    # Set by `moe_jax.sharding.apply_expert_parallel` (static, part of the graphdef): runs `forward`
-    # under shard_map with the expert buffers sent through all_to_all. None: one device does it all.
-    expert_parallel = None
-
     def __call__(self, x_BLD: Array, *, train: bool = False, rng: Optional[Array] = None,
                  token_ids_BL: Optional[Array] = None) -> tuple[Array, MoEAux]:
         """x_BLD <dtype>[B, L, D] -> (y_BLD, MoEAux). `rng` turns on router noise (training only)."""
-        B, L, D = x_BLD.shape
-        if D != self.cfg.d_model:
-            raise ValueError(f"MoELayer: input width {D} != MoEConfig.d_model={self.cfg.d_model}.")
-        if self.expert_parallel is not None:
-            return self.expert_parallel(self, x_BLD, train=train, rng=rng, token_ids_BL=token_ids_BL)
+        B, L, _ = x_BLD.shape
         y_BLD, stats = self.forward(x_BLD, train=train, rng=rng, token_ids_BL=token_ids_BL)
-        return y_BLD, self._aux(stats, B, L, train)
+        return y_BLD, self.aux(stats, B, L, train)
 
     def forward(self, x_BLD: Array, *, train: bool, rng: Optional[Array] = None,
                 token_ids_BL: Optional[Array] = None, run_experts=None) -> tuple[Array, RoutingStats]:
-        """The layer without its losses and metrics: (y_BLD, RoutingStats).
+        """The layer without its losses and metrics: x_BLD <dtype>[B, L, D] -> (y_BLD, RoutingStats).
 
         run_experts: capacity buffers `[E, X, D] -> [E, X, D]` through the experts; default `self.experts`
         (the expert-parallel path sends the buffers to the devices holding the experts and back).
         """
         cfg = self.cfg
         B, L, D = x_BLD.shape
+        if D != cfg.d_model:
+            raise ValueError(f"MoELayer: input width {D} != MoEConfig.d_model={cfg.d_model}.")
         x_GSD = group_tokens(x_BLD, cfg).astype(self.dtype)
         G, S, _ = x_GSD.shape
         token_ids_GS = None if token_ids_BL is None else group_tokens(token_ids_BL, cfg)
@@ -169,10 +167,11 @@ class MoELayer(nnx.Module):
                                       block_size=block, counts_E=sorted_routing.counts_E)
         return dispatcher.combine(out_MD, sorted_routing).reshape(G, S, D), expert_GSK
 
-    def _aux(self, stats: RoutingStats, B: int, L: int, train: bool, balance_shards: int = 1) -> MoEAux:
-        """Losses and metrics. stats.expert_GSK: the router's token choices before capacity (None for
-        expert choice and Soft MoE, which have none: they are balanced by construction, so their
-        balance loss is reported as 0).
+    def aux(self, stats: RoutingStats, B: int, L: int, train: bool, balance_shards: int = 1) -> MoEAux:
+        """Losses and metrics of a forward pass over a `[B, L]` batch, from its `RoutingStats` (grouped as
+        `group_tokens` groups that batch). stats.expert_GSK: the router's token choices before capacity
+        (None for expert choice and Soft MoE, which have none: they are balanced by construction, so
+        their balance loss is reported as 0).
 
         balance_shards: with balance_loss_scope='batch', the balance loss is the mean of its value over
         this many equal contiguous slices of the batch (the per-shard statistics of a data-parallel run

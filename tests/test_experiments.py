@@ -203,6 +203,19 @@ def test_run_flops_by_hand():
     assert fd["useful_flops"] == fd["executed_flops"] == 11_010_048 + 4_718_592 and fd["router_flops"] == 0
 
 
+def test_training_loop_flop_count_is_the_useful_count():
+    """The training loop's count (`model_flops_per_s`) and run_flops' useful FLOPs are one formula: for the
+    xs run of test_run_flops_by_hand (untied output projection, top-1, no expert biases) both are 86,016 +
+    6 x (router D E = 256 + one SwiGLU expert 3 D F = 6,144) = 124,416 per token, 15,925,248 per step."""
+    from moe_jax.flops import train_flops_per_token
+
+    smoke = scales.get("smoke")
+    run = build_run_config(make_spec("f", smoke, size="xs", seed=0, axes={}, model=smoke.model("xs")).config)
+    assert not run.model.tie_embeddings
+    per_token = train_flops_per_token(run.model, count_params(run.model), run.data.seq_len)
+    assert per_token == 124_416 and per_token * 128 == run_flops(run)["per_step"]["useful_flops"]
+
+
 def test_loss_at_and_aggregate():
     row = {"train_curve": [[10, 3.0], [20, 2.0], [30, 1.5]]}
     assert loss_at(row, 5.0, 75.0) == pytest.approx(2.5)  # step 15, halfway from 3.0 to 2.0
@@ -273,6 +286,49 @@ def test_emitted_command_runs_unchanged():
     proc = subprocess.run([sys.executable] + argv, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "routed experts 32, k 4" in proc.stdout, proc.stdout[-1500:]
+
+
+@pytest.mark.parametrize("overrides", [{}, dict(group_size=64), dict(grouping="position"),
+                                       dict(grouping="position", group_size=8)],
+                         ids=["tokens", "tokens_S64", "position", "position_S8"])
+def test_print_config_group_size_and_capacity_are_what_the_layer_uses(overrides):
+    """The default preset's derived group size and capacities equal the routing groups and expert buffers of
+    an MoE layer's forward pass on a [32, 128] batch (shapes only: traced, never run)."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from configs import default
+    from moe_jax.moe_layer import MoELayer
+
+    config = default.get_config()
+    for name, value in overrides.items():
+        setattr(config.model, name, value)
+    run = build_run_config(config)
+    derived, cfg = run.moe_derived(), run.model.moe
+    graphdef, state = nnx.split(nnx.eval_shape(lambda: MoELayer(cfg, rngs=nnx.Rngs(params=0))))
+    x_BLD = jax.ShapeDtypeStruct((run.data.batch_size, run.data.seq_len, cfg.d_model), jnp.float32)
+    for train, name in ((True, "train capacity/group"), (False, "eval capacity/group")):
+        buffers = []
+
+        def forward(state, x_BLD):
+            layer = nnx.merge(graphdef, state)
+            run_experts = lambda buffer_EXD: (buffers.append(buffer_EXD.shape), layer.experts(buffer_EXD))[1]
+            return layer.forward(x_BLD, train=train, run_experts=run_experts)[1]
+
+        G, S, _ = jax.eval_shape(forward, state, x_BLD).logits_GSE.shape
+        (E, X, _), = buffers  # X = G groups x C slots per expert
+        assert (S, X) == (derived["group size"], G * derived[name]), name
+    if overrides == dict(grouping="position"):
+        # A group is one position across the 32 sequences: C = ceil(1.0 x 32 x 2 / 8) = 8 in training, 16 at
+        # evaluation (capacity factor 2.0); --print_config once took a sequence of 128 as the group (C = 32).
+        assert (derived["group size"], derived["train capacity/group"], derived["eval capacity/group"]) == (32, 8, 16)
+        env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=REPO)
+        proc = subprocess.run([sys.executable, "-m", "experiments.train", "--config=configs/default.py",
+                               "--config.model.grouping=position", "--print_config"],
+                              cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        assert "group size 32, train capacity/group 8, eval capacity/group 16" in proc.stdout, proc.stdout[-1500:]
 
 
 def test_pod_budgets_are_about_20_tokens_per_parameter():

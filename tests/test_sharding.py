@@ -199,6 +199,23 @@ def test_train_step_matches_single_device(eight_devices, sizes, model):
     assert emb.addressable_shards[0].data.shape == (256 // sizes.get("model", 1), 32 // sizes.get("fsdp", 1))
 
 
+def test_expert_parallel_wrappers_swap_in_and_out(eight_devices):
+    """apply_expert_parallel swaps an ExpertParallelMoE in for the MoE block's FFN (once, however often it is
+    applied) and the plain layer back for plan=None; the layer itself holds no plan or mesh. Shapes only."""
+    run = tiny_run()
+    model = nnx.eval_shape(lambda: Transformer(run.model, rngs=nnx.Rngs(params=0)))
+    layer = model.blocks[1].ffn
+    plan = sh.ExpertParallel(mesh_of(expert=8))
+    for _ in range(2):
+        assert sh.apply_expert_parallel(model, plan) is model
+        wrapper = model.blocks[1].ffn
+        assert isinstance(wrapper, sh.ExpertParallelMoE) and wrapper.layer is layer and wrapper.plan == plan
+    assert not isinstance(model.blocks[0].ffn, sh.ExpertParallelMoE)  # the dense block
+    assert sh.apply_expert_parallel(model, None).blocks[1].ffn is layer
+    assert not any(isinstance(v, sh.ExpertParallel) for v in vars(layer).values())
+    assert isinstance(sh.apply_expert_parallel(layer, plan), sh.ExpertParallelMoE)  # a bare layer comes back wrapped
+
+
 def test_rule_table_places_every_parameter_kind():
     """Specs from parameter paths alone: experts over 'expert', heads/mlp/vocab over 'model', d_model over
     'fsdp'; the router, norms and the one-expert dense FFN's E axis stay whole. Runs on shapes only."""

@@ -1,7 +1,12 @@
 """Expert parallelism: the MoE layer under `jax.shard_map`, capacity buffers through `all_to_all`.
 
     plan = ExpertParallel(mesh)
-    apply_expert_parallel(model, plan)      # every MoELayer of `model` now runs through `plan`
+    model = apply_expert_parallel(model, plan)   # each MoE FFN swapped for ExpertParallelMoE(layer, plan)
+
+The wrapper holds the `MoELayer` and the plan (static: part of the wrapper's graphdef); it runs the
+layer's public `forward` on each device and its `aux` on the gathered results, so the layer itself
+knows nothing of meshes. The train and eval steps swap the wrappers in on a fresh merge of the model
+(`Placement.expert_parallel`); the train state and the graphdef the loop holds are the plain model's.
 
 GShard (Lepikhin et al. 2020) / Switch layout. With n = mesh 'expert' size and X = G_local * C slots per
 expert on one device (G_local groups of its own tokens, C = capacity):
@@ -56,9 +61,9 @@ def _inner_spec(path, leaf, mesh_shape: dict) -> P:
 
 @dataclasses.dataclass(frozen=True)
 class ExpertParallel:
-    """Runs an `MoELayer` on `mesh`: tokens split over data x fsdp x expert, experts over 'expert'.
+    """How an `MoELayer` runs on `mesh`: tokens split over data x fsdp x expert, experts over 'expert'.
 
-    Static and hashable: it is an attribute of the layers (part of the graphdef), not of their state.
+    Static and hashable: an attribute of the `ExpertParallelMoE` wrappers (part of their graphdef).
     """
 
     mesh: Mesh
@@ -89,15 +94,24 @@ class ExpertParallel:
             out_EXD = jax.lax.all_to_all(out_EXD, "expert", 1, 0, tiled=True)
         return out_EXD
 
-    def __call__(self, layer: MoELayer, x_BLD: jax.Array, *, train: bool, rng=None, token_ids_BL=None):
+
+class ExpertParallelMoE(nnx.Module):
+    """An `MoELayer` run through `plan`; called exactly like the layer: `(y_BLD, MoEAux)`."""
+
+    def __init__(self, layer: MoELayer, plan: ExpertParallel):
+        self.layer = layer
+        self.plan = plan
+
+    def __call__(self, x_BLD: jax.Array, *, train: bool = False, rng=None, token_ids_BL=None):
+        layer, plan = self.layer, self.plan
         cfg = layer.cfg
         B, L, _ = x_BLD.shape
-        mesh_shape = self.mesh_shape
+        mesh_shape = plan.mesh_shape
         check_moe_layout(cfg, B, L, mesh_shape, train=train)
         graphdef, state = nnx.split(layer)
         state_specs = jax.tree_util.tree_map_with_path(
             functools.partial(_inner_spec, mesh_shape=mesh_shape), state)
-        batch_axes = self.batch_axes
+        batch_axes = plan.batch_axes
         tokens = P(batch_axes or None)
         with_rng, with_ids = rng is not None, token_ids_BL is not None
 
@@ -109,7 +123,7 @@ class ExpertParallel:
                 rng = jax.random.fold_in(rng, jax.lax.axis_index(batch_axes))
             local = nnx.merge(graphdef, state)
             y_BLD, stats = local.forward(x_BLD, train=train, rng=rng, token_ids_BL=ids_BL,
-                                         run_experts=functools.partial(self.run_experts, local.experts))
+                                         run_experts=functools.partial(plan.run_experts, local.experts))
             b = x_BLD.shape[0]
             per_token = {k: ungroup_tokens(getattr(stats, k), cfg, b, L) for k in _PER_TOKEN
                          if getattr(stats, k) is not None}
@@ -126,17 +140,28 @@ class ExpertParallel:
         has_choices = cfg.router not in ("soft", "expert_choice")  # they have no token choices (expert_GSK None)
         out_specs = (tokens, {k: tokens for k in _PER_TOKEN if k != "expert_GSK" or has_choices}, P())
         y_BLD, per_token, served_E = jax.shard_map(
-            body, mesh=self.mesh, in_specs=tuple(in_specs), out_specs=out_specs)(*args)
+            body, mesh=plan.mesh, in_specs=tuple(in_specs), out_specs=out_specs)(*args)
 
         grouped = {k: group_tokens(v, cfg) for k, v in per_token.items()}
         stats = RoutingStats(served_E=served_E, expert_GSK=grouped.pop("expert_GSK", None), **grouped)
-        shards = batch_shards(mesh_shape) if self.balance_stats == "shard" else 1
-        return y_BLD, layer._aux(stats, B, L, train, balance_shards=shards)
+        shards = batch_shards(mesh_shape) if plan.balance_stats == "shard" else 1
+        return y_BLD, layer.aux(stats, B, L, train, balance_shards=shards)
+
+
+def _swap(ffn, plan: ExpertParallel | None):
+    layer = ffn.layer if isinstance(ffn, ExpertParallelMoE) else ffn
+    return layer if plan is None else ExpertParallelMoE(layer, plan)
 
 
 def apply_expert_parallel(model: nnx.Module, plan: ExpertParallel | None) -> nnx.Module:
-    """Sets `plan` on every `MoELayer` in `model` (None: back to the single-device path); returns `model`."""
-    for _, module in nnx.iter_modules(model):
-        if isinstance(module, MoELayer):
-            module.expert_parallel = plan
+    """Swaps an `ExpertParallelMoE(layer, plan)` in for every `MoELayer` of `model` (in place; None: the plain
+    layers back) and returns `model`, or the wrapper when `model` is itself an MoE layer."""
+    if isinstance(model, (MoELayer, ExpertParallelMoE)):
+        return _swap(model, plan)
+    for _, module in list(nnx.iter_modules(model)):
+        if isinstance(module, ExpertParallelMoE):
+            continue
+        for name, child in list(vars(module).items()):
+            if isinstance(child, (MoELayer, ExpertParallelMoE)):
+                setattr(module, name, _swap(child, plan))
     return model

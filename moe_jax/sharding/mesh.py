@@ -52,7 +52,7 @@ def check_moe_layout(cfg: MoEConfig, batch: int, length: int, mesh_shape: Mappin
     _divides(batch, shards, "the batch", "batch_size", _batch_axes(mesh_shape))
     local = batch // shards
     if cfg.grouping == "tokens":
-        S = cfg.group_size or length
+        S = cfg.tokens_per_group(local, length)
         if (local * length) % S:
             raise ValueError(
                 f"config.model.group_size={S}: routing groups of consecutive tokens must not straddle devices, "

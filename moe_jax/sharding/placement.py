@@ -3,6 +3,7 @@
     graphdef, state, placement = init_sharded_state(make_model, tx, mesh, plan)  # moe_jax.train.distributed
     train_step = make_train_step(graphdef, tx, schedule, placement=placement)
     batch = placement.put_batch(host_rows_of_the_batch)
+    model = placement.expert_parallel(nnx.merge(graphdef, state.params, state.rest))   # what the steps run
 """
 from __future__ import annotations
 
@@ -11,7 +12,10 @@ from typing import Any, Optional
 
 import jax
 import numpy as np
+from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from moe_jax.sharding.expert_parallel import ExpertParallel, apply_expert_parallel
 
 
 def host_rows(sharding: NamedSharding, global_shape: tuple[int, ...]) -> slice:
@@ -34,11 +38,17 @@ def host_rows(sharding: NamedSharding, global_shape: tuple[int, ...]) -> slice:
 
 @dataclasses.dataclass(frozen=True)
 class Placement:
-    """Shardings of a sharded run: the train state, the token batch, and replicated values (metrics, keys)."""
+    """Shardings of a sharded run: the train state, the token batch, and replicated values (metrics, keys);
+    and `plan`, how its MoE layers run on the mesh (None: plain layers, GSPMD partitions them)."""
 
     mesh: Mesh
     state: Any  # a pytree of NamedSharding, the structure of TrainState
     batch: NamedSharding
+    plan: Optional[ExpertParallel] = None
+
+    def expert_parallel(self, model: nnx.Module) -> nnx.Module:
+        """`model` with its MoE layers run through `plan` (`apply_expert_parallel`: wrappers swapped in)."""
+        return model if self.plan is None else apply_expert_parallel(model, self.plan)
 
     @property
     def replicated(self) -> NamedSharding:

@@ -25,7 +25,7 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
-from moe_jax.sharding import (ExpertParallel, ShardingConfig, apply_expert_parallel, batch_spec, check_layout,
+from moe_jax.sharding import (ExpertParallel, ShardingConfig, batch_spec, check_layout,
                               make_mesh, tree_shardings)
 from moe_jax.sharding.placement import Placement
 from moe_jax.train.state import init_state, split_model
@@ -56,18 +56,17 @@ def init_sharded_state(make_model: Callable[[], nnx.Module], tx: optax.GradientT
     """-> (graphdef, TrainState laid out on `mesh`, Placement). `make_model()` builds the model from its
     seed (called only under `eval_shape` and `jit`); `plan` routes its MoE layers through shard_map.
 
-    The returned graphdef carries `plan`; `split_model` of a plain model gives the one without it.
+    The graphdef is the plain model's (no mesh in it); `placement.plan` holds `plan`, which the train and
+    eval steps apply (`Placement.expert_parallel`) to the model they merge.
     """
-    abstract = nnx.eval_shape(make_model)
-    apply_expert_parallel(abstract, plan)
-    graphdef, _, _ = split_model(abstract)
+    graphdef, _, _ = split_model(nnx.eval_shape(make_model))
 
     def init():
         return init_state(make_model(), tx)[1]
 
     shardings = tree_shardings(jax.eval_shape(init), mesh)
     state = jax.jit(init, out_shardings=shardings)()
-    return graphdef, state, Placement(mesh=mesh, state=shardings, batch=NamedSharding(mesh, batch_spec(2)))
+    return graphdef, state, Placement(mesh=mesh, state=shardings, batch=NamedSharding(mesh, batch_spec(2)), plan=plan)
 
 
 def init_sharded(run, tx: optax.GradientTransformation, *, log=print):

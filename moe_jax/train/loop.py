@@ -21,8 +21,8 @@ import numpy as np
 from flax import nnx
 
 from moe_jax.data import make_lm_data
+from moe_jax.flops import train_flops_per_token
 from moe_jax.params import count_params
-from moe_jax.sharding import apply_expert_parallel
 from moe_jax.train import distributed
 from moe_jax.train.checkpoint import Checkpoints
 from moe_jax.train.metrics import MetricWriter, read_jsonl, to_python
@@ -33,15 +33,6 @@ from moe_jax.train.step import make_eval_step, make_train_step
 from moe_jax.transformer import Transformer
 
 MAX_CONSECUTIVE_SKIPS = 10
-
-
-def model_flops_per_token(run: RunConfig, counts: dict) -> float:
-    """Training FLOPs per token: 6 x active matmul parameters (the embedding lookup excluded, the output
-    projection included) + 6 x the attention score/value matmuls (PaLM, Chowdhery et al. 2022, App. B)."""
-    m = run.model
-    matmul_params = counts["active_per_token"] - counts["embedding"] + m.vocab_size * m.d_model
-    attn = 6 * m.num_layers * run.data.seq_len * m.num_heads * (m.qk_head_dim + m.value_head_dim)
-    return 6.0 * matmul_params + attn
 
 
 def _mean_metrics(rows: list[dict]) -> dict:
@@ -70,7 +61,7 @@ def train(run: RunConfig, workdir: str, *, log=print) -> dict:
         raise ValueError(f"config.model.vocab_size={cfg.vocab_size} is smaller than the tokenizer's "
                          f"{data.vocab_size} tokens; set config.model.vocab_size >= {data.vocab_size}.")
     counts = count_params(cfg)
-    flops_per_token = model_flops_per_token(run, counts)
+    flops_per_token = train_flops_per_token(cfg, counts, run.data.seq_len)
     record = {"name": run.name, "model": model_record(cfg), "data": _plain(run.data), "train": _plain(run.train),
               "mesh": _plain(run.mesh)}
     with open(os.path.join(workdir, "config.json"), "w") as f:
@@ -185,7 +176,7 @@ def summarise(run, workdir, state, graphdef, data, counts, last_eval, log) -> di
     if run.train.sample_tokens and jax.process_count() == 1:  # (multi-host: the prompt is one host's array)
         from moe_jax.sampling import generate
 
-        model = apply_expert_parallel(nnx.merge(graphdef, state.params, state.rest), None)  # batch 1: plain path
+        model = nnx.merge(graphdef, state.params, state.rest)  # plain MoE layers: a batch of 1 fits no mesh
         prompt = data.encode(run.train.sample_prompt)[None, :]
         ids = generate(model, jnp.asarray(prompt), max_new_tokens=run.train.sample_tokens,
                        temperature=run.train.sample_temperature, rng=jax.random.PRNGKey(run.train.seed))

@@ -41,6 +41,18 @@ class RunConfig:
     name: str = "run"
     mesh: ShardingConfig = dataclasses.field(default_factory=ShardingConfig)
 
+    def moe_derived(self) -> dict:
+        """The MoE layers' derived values on this run's `[batch_size, seq_len]` batches (MoEConfig computes
+        them; `--print_config` prints these): routed experts, k, expert width, tokens per routing group, and
+        slots per expert per group in training and evaluation (None: dropless). Empty for a dense model."""
+        m = self.model.moe
+        if m is None:
+            return {}
+        S = m.tokens_per_group(self.data.batch_size, self.data.seq_len)
+        return {"routed experts": m.num_routed_experts, "k": m.top_k, "expert width": m.expert_d_ff,
+                "group size": S, "train capacity/group": m.capacity(S, True),
+                "eval capacity/group": m.capacity(S, False)}
+
 
 def _fields(cls) -> set[str]:
     return {f.name for f in dataclasses.fields(cls)}

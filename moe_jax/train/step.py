@@ -34,11 +34,18 @@ def _layer_metrics(aux) -> dict:
     return out
 
 
+def _model(graphdef, placement, *states):
+    """The model to run: merged, with its MoE layers expert-parallel per `placement.plan` on a mesh."""
+    model = nnx.merge(graphdef, *states)
+    return model if placement is None else placement.expert_parallel(model)
+
+
 def make_train_step(graphdef, tx: optax.GradientTransformation, schedule, *, placement=None):
     """Returns `step(state, batch_BL1, key) -> (state, metrics)`, jitted with the state donated.
 
     placement: a `moe_jax.sharding.placement.Placement` for a run on a device mesh (the state keeps its
-    sharding from step to step, metrics come back replicated); None = one device.
+    sharding from step to step, metrics come back replicated, the MoE layers run through its plan);
+    None = one device.
     """
 
     def train_step(state: TrainState, batch_BL1: jax.Array, key: jax.Array):
@@ -46,7 +53,7 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, schedule, *, pla
         inputs_BL, targets_BL = batch_BL1[:, :-1], batch_BL1[:, 1:]
 
         def loss_fn(params):
-            model = nnx.merge(graphdef, params, state.rest)
+            model = _model(graphdef, placement, params, state.rest)
             logits_BLV, aux = model(inputs_BL, train=True, rng=rng)
             ce = cross_entropy(logits_BLV, targets_BL)
             return ce + aux.aux_loss, (ce, aux)
@@ -85,7 +92,7 @@ def make_eval_step(graphdef, *, placement=None):
     placement: as for `make_train_step`."""
 
     def eval_step(state: TrainState, batch_BL1: jax.Array):
-        model = nnx.merge(graphdef, state.params, state.rest)
+        model = _model(graphdef, placement, state.params, state.rest)
         logits_BLV, aux = model(batch_BL1[:, :-1], train=False)
         return {"ce": cross_entropy(logits_BLV, batch_BL1[:, 1:]), **_layer_metrics(aux)}
 

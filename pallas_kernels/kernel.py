@@ -181,9 +181,9 @@ def gmm(lhs, rhs, group_sizes, *, group_offset=None, tiling=None, transpose_rhs:
                          itemsize=lhs.dtype.itemsize, out_itemsize=out_dtype.itemsize)
     tm = tiling[0]
     if lowering == "triton":
-        glo_T, ghi_T, start_J, end_J = metadata.tile_group_range(
+        glo_Y, ghi_Y, start_W, end_W = metadata.tile_group_range(
             group_sizes, m=m, tm=tm, group_offset=offset, num_local_groups=num_local)
-        return gpu_triton.gmm(lhs, rhs, glo_T, ghi_T, start_J, end_J, tiling=tiling, transpose_rhs=transpose_rhs,
+        return gpu_triton.gmm(lhs, rhs, glo_Y, ghi_Y, start_W, end_W, tiling=tiling, transpose_rhs=transpose_rhs,
                               out_dtype=out_dtype, interpret=interpret, cost_estimate=cost,
                               num_warps=TRITON_NUM_WARPS, num_stages=TRITON_NUM_STAGES)
     m_pad = _round_up(m, tm)
@@ -222,8 +222,8 @@ def tgmm(lhs_t, grad, group_sizes, *, num_local_groups: int | None = None, group
                          itemsize=lhs_t.dtype.itemsize, out_itemsize=out_dtype.itemsize)
     tm = tiling[0]
     if lowering == "triton":
-        start_J, end_J = metadata.local_group_bounds(group_sizes, offset, num_local, m)
-        return gpu_triton.tgmm(lhs_t, grad, start_J, end_J, num_groups=num_local, tiling=tiling,
+        start_W, end_W = metadata.local_group_bounds(group_sizes, offset, num_local, m)
+        return gpu_triton.tgmm(lhs_t, grad, start_W, end_W, num_groups=num_local, tiling=tiling,
                                out_dtype=out_dtype, interpret=interpret, cost_estimate=cost,
                                num_warps=TRITON_NUM_WARPS, num_stages=TRITON_NUM_STAGES)
     m_pad = _round_up(m, tm)

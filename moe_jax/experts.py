@@ -74,17 +74,18 @@ def _steps(rows: Array, start: Array, ladder: tuple[int, ...]):
     return out
 
 
-def _activated(activation: str, d_ff: int, hg_bN: Array) -> Array:
-    """act(g) * h from the concatenated pre-activations [h | g] (gated), or act(h)."""
+def _activated(activation: str, d_ff: int, hg: Array) -> Array:
+    """act(g) * h from the concatenated pre-activations hg = [h | g] `[m, 2F]` (gated), or act(h) from
+    hg = h `[m, F]`."""
     act = activation_fn(activation)
-    if hg_bN.shape[-1] == 2 * d_ff:
-        return act(hg_bN[:, d_ff:]) * hg_bN[:, :d_ff]
-    return act(hg_bN)
+    if hg.shape[-1] == 2 * d_ff:
+        return act(hg[:, d_ff:]) * hg[:, :d_ff]
+    return act(hg)
 
 
 def _expert_weights(p: dict, e: Array) -> dict:
     """Expert e's weights, sliced once per expert (never per block), with w_in and w_gate side by
-    side as w_cat `[D, N]` (N = 2F gated, else F) so that one matmul computes both pre-activations."""
+    side as w_cat `[D, 2F]` (gated; else w_in, `[D, F]`) so that one matmul computes both pre-activations."""
     take = lambda w: None if w is None else jax.lax.dynamic_index_in_dim(w, e, 0, keepdims=False)
     w_in, w_gate, b_in = take(p["w_in"]), take(p["w_gate"]), take(p["b_in"])
     gated = w_gate is not None
@@ -107,34 +108,35 @@ def _put_expert_grads(dp: dict, dw: dict, e: Array) -> dict:
 
 
 def _blocked_forward(activation, block, x_MD, p, start_E, rows_E):
-    """y_MD and the pre-activations hg_MN ([h | g] side by side) of the rows processed; 0 elsewhere."""
+    """y_MD and the pre-activations hg_rows `[M, 2F]` ([h | g] side by side; `[M, F]` without a gate) of
+    the rows processed; 0 elsewhere."""
     M, D = x_MD.shape
     E, F, _ = p["w_out"].shape
-    N = 2 * F if p["w_gate"] is not None else F
+    hg_width = 2 * F if p["w_gate"] is not None else F
     dtype = x_MD.dtype
 
     def expert(e, carry):
         w = _expert_weights(p, e)
 
         def step(size, base, j, carry):
-            y_MD, hg_MN = carry
+            y_MD, hg_rows = carry
             r = base + j * size
-            x_bD = jax.lax.dynamic_slice_in_dim(x_MD, r, size)
-            hg_bN = x_bD @ w["w_cat"]
+            x_mD = jax.lax.dynamic_slice_in_dim(x_MD, r, size)
+            hg = x_mD @ w["w_cat"]
             if w["b_cat"] is not None:
-                hg_bN = hg_bN + w["b_cat"]
-            y_bD = _activated(activation, F, hg_bN) @ w["w_out"]
+                hg = hg + w["b_cat"]
+            y_mD = _activated(activation, F, hg) @ w["w_out"]
             if w["b_out"] is not None:
-                y_bD = y_bD + w["b_out"]
-            y_MD = jax.lax.dynamic_update_slice_in_dim(y_MD, y_bD.astype(dtype), r, 0)
-            hg_MN = jax.lax.dynamic_update_slice_in_dim(hg_MN, hg_bN.astype(dtype), r, 0)
-            return y_MD, hg_MN
+                y_mD = y_mD + w["b_out"]
+            y_MD = jax.lax.dynamic_update_slice_in_dim(y_MD, y_mD.astype(dtype), r, 0)
+            hg_rows = jax.lax.dynamic_update_slice_in_dim(hg_rows, hg.astype(dtype), r, 0)
+            return y_MD, hg_rows
 
         for size, base, n in _steps(rows_E[e], start_E[e], block_ladder(block, M)):
             carry = jax.lax.fori_loop(0, n, functools.partial(step, size, base), carry)
         return carry
 
-    return jax.lax.fori_loop(0, E, expert, (jnp.zeros((M, D), dtype), jnp.zeros((M, N), dtype)))
+    return jax.lax.fori_loop(0, E, expert, (jnp.zeros((M, D), dtype), jnp.zeros((M, hg_width), dtype)))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
@@ -149,16 +151,16 @@ def blocked_ffn(activation: str, block: int, x_MD: Array, p: dict, start_E: Arra
 
 
 def _blocked_ffn_fwd(activation, block, x_MD, p, start_E, rows_E):
-    y_MD, hg_MN = _blocked_forward(activation, block, x_MD, p, start_E, rows_E)
-    return y_MD, (x_MD, p, start_E, rows_E, hg_MN)
+    y_MD, hg_rows = _blocked_forward(activation, block, x_MD, p, start_E, rows_E)
+    return y_MD, (x_MD, p, start_E, rows_E, hg_rows)
 
 
 def _blocked_ffn_bwd(activation, block, res, dy_MD):
-    x_MD, p, start_E, rows_E, hg_MN = res
+    x_MD, p, start_E, rows_E, hg_rows = res
     M = x_MD.shape[0]
     F = p["w_out"].shape[1]
     f32 = jnp.float32
-    wgrad = lambda a, b: jnp.matmul(a.T, b, preferred_element_type=f32)  # [b, I]^T [b, O] -> [I, O]
+    wgrad = lambda a, b: jnp.matmul(a.T, b, preferred_element_type=f32)  # [m, in]^T [m, out] -> [in, out]
 
     def expert(e, carry):
         dx_MD, dp = carry
@@ -168,14 +170,14 @@ def _blocked_ffn_bwd(activation, block, res, dy_MD):
             dx_MD, dw = carry
             r = base + j * size
             rows = lambda a: jax.lax.dynamic_slice_in_dim(a, r, size)
-            x_bD, dy_bD, hg_bN = rows(x_MD), rows(dy_MD), rows(hg_MN)
-            a_bF, activated_vjp = jax.vjp(functools.partial(_activated, activation, F), hg_bN)
-            (dhg_bN,) = activated_vjp(dy_bD @ w["w_out"].T)
-            dx_bD = (dhg_bN @ w["w_cat"].T).astype(dx_MD.dtype)
-            dx_MD = jax.lax.dynamic_update_slice_in_dim(dx_MD, dx_bD, r, 0)
-            new = {"w_cat": wgrad(x_bD, dhg_bN), "w_out": wgrad(a_bF, dy_bD),
-                   "b_cat": None if w["b_cat"] is None else dhg_bN.astype(f32).sum(0),
-                   "b_out": None if w["b_out"] is None else dy_bD.astype(f32).sum(0)}
+            x_mD, dy_mD, hg = rows(x_MD), rows(dy_MD), rows(hg_rows)
+            a_mF, activated_vjp = jax.vjp(functools.partial(_activated, activation, F), hg)
+            (dhg,) = activated_vjp(dy_mD @ w["w_out"].T)
+            dx_mD = (dhg @ w["w_cat"].T).astype(dx_MD.dtype)
+            dx_MD = jax.lax.dynamic_update_slice_in_dim(dx_MD, dx_mD, r, 0)
+            new = {"w_cat": wgrad(x_mD, dhg), "w_out": wgrad(a_mF, dy_mD),
+                   "b_cat": None if w["b_cat"] is None else dhg.astype(f32).sum(0),
+                   "b_out": None if w["b_out"] is None else dy_mD.astype(f32).sum(0)}
             return dx_MD, jax.tree.map(jnp.add, dw, new)
 
         carry = (dx_MD, jax.tree.map(lambda v: jnp.zeros(v.shape, f32), w))

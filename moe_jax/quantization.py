@@ -6,7 +6,7 @@
 
 What is quantized: the routed experts of every `MoELayer` (`experts.w_in_EDF`, `w_gate_EDF`,
 `w_out_EFD`), which hold most of an MoE model's parameters but each serve only the tokens routed to
-them. Each matrix `[E, in, out]` gets one scale per (expert, output channel), `scale_E1O`, symmetric
+them. Each matrix `[E, in, out]` gets one scale per (expert, output channel), `scale [E, 1, out]`, symmetric
 absmax: scale = max_i |w[e, i, o]| / (qmax + 1/2) and q = clip(round(w / scale)), so every weight is
 reconstructed within scale / 2 (qmax = 127 for int8, 7 for int4; the +1/2 lets the extreme bucket
 be used fully). The expert FFN dequantizes `q * scale` right before its matmuls, inside the jitted
@@ -72,12 +72,12 @@ def check_bits(bits: Any) -> int:
     return int(bits)
 
 
-def quantize_weight(w_EIO: Array, bits: int) -> qwix.QArray:
+def quantize_weight(w: Array, bits: int) -> qwix.QArray:
     """<float>[E, in, out] -> QArray: per-(expert, output channel) symmetric absmax, scales float32."""
     bits = check_bits(bits)
-    if w_EIO.ndim != 3:
-        raise ValueError(f"quantize_weight: expected an expert weight [E, in, out], got shape {w_EIO.shape}.")
-    return qwix.quantize(jnp.asarray(w_EIO, jnp.float32), QTYPES[bits], channelwise_axes=(0, 2))
+    if w.ndim != 3:
+        raise ValueError(f"quantize_weight: expected an expert weight [E, in, out], got shape {w.shape}.")
+    return qwix.quantize(jnp.asarray(w, jnp.float32), QTYPES[bits], channelwise_axes=(0, 2))
 
 
 def dequantize_weight(q: qwix.QArray, dtype=jnp.float32) -> Array:

@@ -21,7 +21,7 @@ class RouterBias(nnx.Variable):
 
 
 class Router(nnx.Module):
-    """x -> float32 logits -> routing. Gate weight `w_DE` (Soft MoE: `w_DN`, N = E * slots)."""
+    """x -> float32 logits -> routing. Gate weight `w_DE` (Soft MoE: `[D, E * C]`, C slots per expert)."""
 
     def __init__(self, cfg: MoEConfig, *, rngs: nnx.Rngs):
         self.cfg = cfg

@@ -1,7 +1,7 @@
 """Autoregressive generation with the fixed-size decode cache: greedy, temperature and top-k sampling.
 
-    ids_BT = generate(model, prompt_BL, max_new_tokens=32)                          # greedy
-    ids_BT = generate(model, prompt_BL, max_new_tokens=32, temperature=0.8, rng=key)  # sampled
+    ids = generate(model, prompt_BL, max_new_tokens=32)                          # greedy
+    ids = generate(model, prompt_BL, max_new_tokens=32, temperature=0.8, rng=key)  # sampled
 
 Returns the prompt followed by the new tokens, <int32>[B, L + max_new_tokens]. The prompt is fed in
 one prefill call, then one jitted step per token. Both take the model as (graphdef, state), so they

@@ -133,7 +133,7 @@ def _routing_facts(layer: MoELayer, x_BLD) -> dict:
         if cfg.capacity_factor is None:
             expert_GSK = layer.router.choices(logits_GSE, None)[0]
             return jnp.bincount(expert_GSK.reshape(-1), length=cfg.num_routed_experts)
-        routing, _ = layer.router.route(logits_GSE, train=True)
+        routing = layer.router.route(logits_GSE, train=True).routing
         return routing.dropped_GSK.mean()
 
     value = np.asarray(jax.jit(facts)(x_BLD))

@@ -138,7 +138,8 @@ class MoELayer(nnx.Module):
             dropped_GSK = jnp.zeros(expert_GSK.shape, jnp.bool_)
             unserved_GS = jnp.zeros((G, S), jnp.bool_)
         else:
-            routing, expert_GSK = self.router.route(logits_GSE, train=train, token_ids_GS=token_ids_GS)
+            routed = self.router.route(logits_GSE, train=train, token_ids_GS=token_ids_GS)
+            routing, expert_GSK = routed.routing, routed.expert_GSK
             dispatcher = dispatch_lib.make_dispatcher(cfg.dispatch)
             buffer_EXD = dispatcher.dispatch(x_GSD, routing)
             y_GSD = dispatcher.combine((run_experts or self.experts)(buffer_EXD), routing)

@@ -114,7 +114,7 @@ def forward(layer: MoELayer, x_BLD):
     y_BLD, aux = layer(x_BLD, train=False)
     routing = None
     if layer.cfg.capacity_factor_for(False) is not None:
-        routing, _ = layer.router.route(logits_GSE, train=False)
+        routing = layer.router.route(logits_GSE, train=False).routing
     return logits_GSE, expert_GSK, weight_GSK, y_BLD, aux, routing
 
 
@@ -191,7 +191,7 @@ def test_switch_fixture_distinguishes_per_sequence_capacity():
     flat_cfg = dataclasses.replace(cfg, group_size=16, capacity_factor=0.75, eval_capacity_factor=0.75)
     layer = build_layer(arrays, flat_cfg)
     logits = layer.router.logits(jnp.asarray(arrays["x"]).reshape(1, 16, -1))
-    routing, _ = layer.router.route(logits, train=False)
+    routing = layer.router.route(logits, train=False).routing
     assert routing.capacity == 3
     kept_flat = ~np.asarray(routing.dropped_GSK).reshape(2, 8)
     assert np.any(kept_flat != arrays["kept"])

@@ -23,15 +23,14 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import statistics
 import sys
-import time
 from typing import Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from benchmarks.timing import time_interleaved
 from pallas_kernels import default_interpret, default_lowering, gmm
 
 
@@ -75,19 +74,6 @@ def candidates(shape: Shape, dtype, tiling) -> dict[str, dict[str, Callable]]:
     return out
 
 
-def time_interleaved(runs: dict[str, Callable], repeats: int) -> dict[str, list[float]]:
-    names = list(runs)
-    for name in names:  # warm-up: compile
-        runs[name]()
-    times = {name: [] for name in names}
-    for r in range(repeats):
-        for name in names[r % len(names):] + names[: r % len(names)]:
-            t0 = time.perf_counter()
-            runs[name]()
-            times[name].append(time.perf_counter() - t0)
-    return times
-
-
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--json", help="write the figures to this path")
@@ -117,8 +103,8 @@ def main(argv=None) -> dict:
     result["max_abs_diff_vs_ragged_dot"] = float(np.abs(got - ref).max())
     result["max_abs_ragged_dot"] = float(np.abs(ref).max())
     for mode in ("fwd", "train"):
-        times = time_interleaved({name: c[mode] for name, c in cands.items()}, shape.repeats)
-        med = {name: statistics.median(t) for name, t in times.items()}
+        timings = time_interleaved({name: c[mode] for name, c in cands.items()}, shape.repeats)
+        med = {name: timings.median(name) for name in cands}
         result["median_s"][mode] = med
         result["ratio_to_dense"][mode] = {name: med[name] / med["dense"] for name in med}
     print(f"\n{'candidate':<12}{'fwd / dense':>14}{'train / dense':>16}")

@@ -16,8 +16,9 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import importlib.util
 import typing
-from typing import Any
+from typing import Any, Optional
 
 import ml_collections
 from ml_collections import config_dict
@@ -134,6 +135,16 @@ def make_config_dict(name: str, model: dict, data: dict, train: dict,
     for section, value in sections.items():
         setattr(config, section, value)
     return config
+
+
+def load_config_file(path: str, arg: Optional[str] = None) -> ml_collections.ConfigDict:
+    """`get_config(arg)` of the config file at `path` (what `--config=path:arg` gives experiments.train)."""
+    spec = importlib.util.spec_from_file_location("moe_jax_config_file", path)
+    if spec is None:
+        raise FileNotFoundError(f"{path} is not a Python config file: give the path of a file with get_config(arg).")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(arg)
 
 
 def to_dict(config) -> dict:

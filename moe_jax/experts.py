@@ -20,8 +20,9 @@ Backends:
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
-from typing import Optional
+from typing import Any, Optional
 
 import jax
 import jax.numpy as jnp
@@ -194,42 +195,32 @@ def _blocked_ffn_bwd(activation, block, res, dy_MD):
 blocked_ffn.defvjp(_blocked_ffn_fwd, _blocked_ffn_bwd)
 
 
-class Experts(nnx.Module):
-    """E independent FFNs: w_in_EDF (and w_gate_EDF for gated activations), w_out_EFD, optional biases.
+@dataclasses.dataclass(frozen=True)
+class ExpertFFN:
+    """How E expert FFNs compute, given their weights: what `Experts` and `QuantizedExperts` share.
 
-    capacity_backend: how `__call__` runs capacity buffers: 'einsum' (batched matmuls over E, the
-    form accelerators want) or 'blocked' (the dropless path's loops over experts and row blocks:
-    on CPU a few percent faster, the block's hidden activations staying in cache).
+    Weights come as `(w_in_EDF, w_gate_EDF or None, w_out_EFD, b_in_EF or None, b_out_ED or None)`,
+    already in the compute `dtype`. capacity_backend: how capacity buffers run: 'einsum' (batched
+    matmuls over E, the form accelerators want) or 'blocked' (the dropless path's loops over experts
+    and row blocks: on CPU a few percent faster, the block's hidden activations staying in cache).
     """
 
-    capacity_backend = "einsum"  # class default, so subclasses that skip __init__ have it too
+    activation: str = "swiglu"
+    dtype: Any = jnp.float32
+    capacity_backend: str = "einsum"
 
-    def __init__(self, num_experts: int, d_model: int, d_ff: int, *, activation: str = "swiglu",
-                 use_bias: bool = False, init_scale: float = 1.0, dtype=jnp.float32,
-                 param_dtype=jnp.float32, capacity_backend: str = "einsum", rngs: nnx.Rngs):
-        if capacity_backend not in ("einsum", "blocked"):
-            raise ValueError(f"Experts: capacity_backend={capacity_backend!r} is not 'einsum' or 'blocked' "
+    def __post_init__(self):
+        if self.capacity_backend not in ("einsum", "blocked"):
+            raise ValueError(f"Experts: capacity_backend={self.capacity_backend!r} is not 'einsum' or 'blocked' "
                              "(MoEConfig.expert_backend picks it).")
-        E, D, F = num_experts, d_model, d_ff
-        init = _init(init_scale)
-        self.capacity_backend = capacity_backend
-        self.activation = activation
-        self.gated = activation in ("swiglu", "geglu")
-        self.dtype = dtype
-        self.w_in_EDF = nnx.Param(init(rngs.params(), (E, D, F), param_dtype))
-        self.w_gate_EDF = nnx.data(nnx.Param(init(rngs.params(), (E, D, F), param_dtype)) if self.gated else None)
-        self.w_out_EFD = nnx.Param(init(rngs.params(), (E, F, D), param_dtype))
-        self.b_in_EF = nnx.data(nnx.Param(jnp.zeros((E, F), param_dtype)) if use_bias else None)
-        self.b_out_ED = nnx.data(nnx.Param(jnp.zeros((E, D), param_dtype)) if use_bias else None)
 
-    def _weights(self):
-        cast = lambda p: None if p is None else p[...].astype(self.dtype)
-        return (cast(self.w_in_EDF), cast(self.w_gate_EDF), cast(self.w_out_EFD),
-                cast(self.b_in_EF), cast(self.b_out_ED))
+    @property
+    def gated(self) -> bool:
+        return self.activation in ("swiglu", "geglu")
 
-    def __call__(self, x_EXD: Array) -> Array:
+    def capacity(self, x_EXD: Array, weights: tuple) -> Array:
         """Capacity buffers `[E, X, D]` -> `[E, X, D]` (through `capacity_backend`)."""
-        w_in, w_gate, w_out, b_in, b_out = self._weights()
+        w_in, w_gate, w_out, b_in, b_out = weights
         if self.capacity_backend == "blocked":
             E, X, D = x_EXD.shape
             p = {"w_in": w_in, "w_gate": w_gate, "w_out": w_out, "b_in": b_in, "b_out": b_out}
@@ -252,7 +243,7 @@ class Experts(nnx.Module):
             y_EXD = y_EXD + b_out[:, None, :]
         return y_EXD
 
-    def grouped(self, x_MD: Array, group_sizes_E: Array, *, backend: str, block_size: int,
+    def grouped(self, x_MD: Array, weights: tuple, group_sizes_E: Array, *, backend: str, block_size: int,
                 counts_E: Optional[Array] = None) -> Array:
         """Rows sorted by expert `[M, D]` with `group_sizes_E` (summing to M) -> `[M, D]`.
 
@@ -264,7 +255,7 @@ class Experts(nnx.Module):
             if M % block_size:
                 raise ValueError(f"blocked experts: {M} rows are not a multiple of block_size={block_size}; "
                                  "pad the rows (dispatch.sort_choices does) or change dropless_block_size.")
-            w_in, w_gate, w_out, b_in, b_out = self._weights()
+            w_in, w_gate, w_out, b_in, b_out = weights
             p = {"w_in": w_in, "w_gate": w_gate, "w_out": w_out, "b_in": b_in, "b_out": b_out}
             group_sizes_E = group_sizes_E.astype(jnp.int32)
             start_E = jnp.cumsum(group_sizes_E) - group_sizes_E
@@ -273,7 +264,7 @@ class Experts(nnx.Module):
             return blocked_ffn(self.activation, block_size, x_MD.astype(self.dtype), p, start_E, rows_E)
         if backend not in ("ragged_dot", "pallas"):
             raise ValueError(f"expert_backend={backend!r} is not 'ragged_dot', 'pallas' or 'blocked'.")
-        w_in, w_gate, w_out, b_in, b_out = self._weights()
+        w_in, w_gate, w_out, b_in, b_out = weights
         act = activation_fn(self.activation)
         x_MD = x_MD.astype(self.dtype)
         E = w_in.shape[0]
@@ -293,6 +284,38 @@ class Experts(nnx.Module):
         if b_out is not None:
             y_MD = y_MD + b_out[row_expert_M]
         return y_MD
+
+
+class Experts(nnx.Module):
+    """E independent FFNs: w_in_EDF (and w_gate_EDF for gated activations), w_out_EFD, optional biases,
+    computed by `self.ffn` (an `ExpertFFN`; capacity_backend: see there)."""
+
+    def __init__(self, num_experts: int, d_model: int, d_ff: int, *, activation: str = "swiglu",
+                 use_bias: bool = False, init_scale: float = 1.0, dtype=jnp.float32,
+                 param_dtype=jnp.float32, capacity_backend: str = "einsum", rngs: nnx.Rngs):
+        self.ffn = ExpertFFN(activation=activation, dtype=dtype, capacity_backend=capacity_backend)
+        E, D, F = num_experts, d_model, d_ff
+        init = _init(init_scale)
+        self.w_in_EDF = nnx.Param(init(rngs.params(), (E, D, F), param_dtype))
+        self.w_gate_EDF = nnx.data(nnx.Param(init(rngs.params(), (E, D, F), param_dtype)) if self.ffn.gated else None)
+        self.w_out_EFD = nnx.Param(init(rngs.params(), (E, F, D), param_dtype))
+        self.b_in_EF = nnx.data(nnx.Param(jnp.zeros((E, F), param_dtype)) if use_bias else None)
+        self.b_out_ED = nnx.data(nnx.Param(jnp.zeros((E, D), param_dtype)) if use_bias else None)
+
+    def _weights(self) -> tuple:
+        cast = lambda p: None if p is None else p[...].astype(self.ffn.dtype)
+        return (cast(self.w_in_EDF), cast(self.w_gate_EDF), cast(self.w_out_EFD),
+                cast(self.b_in_EF), cast(self.b_out_ED))
+
+    def __call__(self, x_EXD: Array) -> Array:
+        """Capacity buffers `[E, X, D]` -> `[E, X, D]`."""
+        return self.ffn.capacity(x_EXD, self._weights())
+
+    def grouped(self, x_MD: Array, group_sizes_E: Array, *, backend: str, block_size: int,
+                counts_E: Optional[Array] = None) -> Array:
+        """Rows sorted by expert `[M, D]` -> `[M, D]`; see `ExpertFFN.grouped`."""
+        return self.ffn.grouped(x_MD, self._weights(), group_sizes_E, backend=backend, block_size=block_size,
+                                counts_E=counts_E)
 
 
 class FeedForward(nnx.Module):

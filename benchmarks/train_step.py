@@ -89,7 +89,8 @@ def main(argv=None):
     tokens_per_s = B * L / t["moe"]
     matmul_flops_per_s = matmul_flops / t["matmul"]
     out = {
-        "config": args.config, "batch": B, "seq_len": L, "rounds": rounds, "device": str(jax.devices()[0]),
+        "config": os.path.relpath(os.path.abspath(args.config), root),  # repository-relative: no machine path
+        "batch": B, "seq_len": L, "rounds": rounds, "device": str(jax.devices()[0]),
         "d_model": run.model.d_model, "num_layers": run.model.num_layers, "num_experts": run.model.moe.num_experts,
         "params_total": counts["total"], "params_active_per_token": counts["active_per_token"],
         "dense_equivalent_params": count_params(dense_cfg)["total"],

@@ -35,8 +35,9 @@ def load_run_config(workdir: str) -> RunConfig:
         raise FileNotFoundError(f"{path} does not exist: --workdir must be a directory that "
                                 "`python -m experiments.train` wrote (it holds config.json and checkpoints/).")
     with open(path) as f:
-        record = json.load(f)
-    return RunConfig(model=ModelConfig.from_dict(record["model"]), data=DataConfig(**record["data"]),
+        record = json.load(f)  # run_config.run_record's layout
+    data = dict(record["data"], data_dir=os.path.abspath(os.path.expanduser(record["data"]["data_dir"])))
+    return RunConfig(model=ModelConfig.from_dict(record["model"]), data=DataConfig(**data),
                      train=TrainConfig(**record["train"]), name=record.get("name", "run"))
 
 

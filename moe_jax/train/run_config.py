@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import importlib.util
+import os
 import typing
 from typing import Any, Optional
 
@@ -209,3 +210,24 @@ def model_record(model_cfg: ModelConfig) -> dict:
         return v if isinstance(v, (int, float, str, bool, type(None))) else str(v)
 
     return plain(model_cfg)
+
+
+def home_relative(path: str) -> str:
+    """`path` with the user's home directory written `~`, so that a record names no machine's home;
+    `os.path.expanduser` reads it back."""
+    home = os.path.expanduser("~").rstrip(os.sep)
+    if home and (path == home or path.startswith(home + os.sep)):
+        return "~" + path[len(home):]
+    return path
+
+
+def run_record(run: RunConfig) -> dict:
+    """The run as the training loop writes it to a workdir's `config.json`: what `load_run_config`
+    (moe_jax.train.restore) reads back and the experiment runner compares a new run with.
+
+    {"name", "model": `model_record`, "data", "train", "mesh"}, JSON-able. data.data_dir is written
+    with the home directory as `~` (`home_relative`).
+    """
+    data = dict(dataclasses.asdict(run.data), data_dir=home_relative(run.data.data_dir))
+    return {"name": run.name, "model": model_record(run.model), "data": data,
+            "train": dataclasses.asdict(run.train), "mesh": dataclasses.asdict(run.mesh)}

@@ -32,7 +32,8 @@ SUPPORTED_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
 # Defaults per lowering. TPU: bf16 blocks of 256x512 / 512x512 with double buffering and an f32
 # accumulator need ~3 MiB of VMEM (f32 inputs ~5 MiB), inside every generation's default scoped
 # limit. GPU: a classic Triton GEMM tile. Interpret mode: large tiles, because an interpreted grid
-# step costs far more than the matmul inside it (NOTES.md).
+# step costs far more than the matmul inside it (on a CPU, an interpreted grouped matmul of m=4096,
+# k=n=1024 took 38 s with 128^3 tiles and 0.3 s with 512x1024x1024 tiles).
 DEFAULT_TILING = {"mosaic": (256, 512, 512), "triton": (128, 32, 128)}
 INTERPRET_TILING = (512, 1024, 1024)
 TRITON_NUM_WARPS, TRITON_NUM_STAGES = 4, 3

@@ -7,7 +7,7 @@
 Candidates, each forward only (`fwd`) and forward+backward of 0.5 * sum(y ** 2) in both operands (`train`):
   pallas      pallas_kernels.gmm (Mosaic on TPU, Triton on GPU, the Mosaic kernel interpreted on CPU).
   ragged_dot  jax.lax.ragged_dot with the same group sizes (XLA's grouped matmul).
-  dense       einsum('egk,ekn->egn') over E equal groups of m / E rows: the same useful flops with no
+  dense       einsum('exd,edf->exf') over E equal groups of X = m / E rows: the same useful flops with no
               raggedness, the speed a perfectly balanced router could reach. It is the denominator.
 Group sizes are drawn once (multinomial over E experts with Dirichlet(2) probabilities), so groups
 are ragged and tiles straddle groups. All candidates are timed interleaved (the order rotates every
@@ -61,7 +61,7 @@ def candidates(shape: Shape, dtype, tiling) -> dict[str, dict[str, Callable]]:
     fns = {
         "pallas": (lambda x, w: gmm(x, w, gs, tiling=tiling), (x, w)),
         "ragged_dot": (lambda x, w: jax.lax.ragged_dot(x, w, gs), (x, w)),
-        "dense": (lambda x, w: jnp.einsum("egk,ekn->egn", x, w).reshape(shape.m, shape.n), (x_dense, w)),
+        "dense": (lambda x, w: jnp.einsum("exd,edf->exf", x, w).reshape(shape.m, shape.n), (x_dense, w)),
     }
     out = {}
     for name, (f, args) in fns.items():

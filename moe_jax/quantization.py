@@ -11,9 +11,9 @@ absmax: scale = max_i |w[e, i, o]| / (qmax + 1/2) and q = clip(round(w / scale))
 reconstructed within scale / 2 (qmax = 127 for int8, 7 for int4; the +1/2 lets the extreme bucket
 be used fully). The expert FFN dequantizes `q * scale` right before its matmuls, inside the jitted
 call, in every expert backend (einsum, ragged_dot, blocked, pallas), because `QuantizedExperts`
-hands its dequantized weights to the same computation (`ExpertFFN`) that `Experts` hands its own. On the CPU this is extra
-work (benchmarks/quantization.py: the eval forward takes ~1.1x (int8) and ~1.2x (int4) the float
-time); the saving is memory: weights are stored and moved as int8 / int4.
+hands its dequantized weights to the same computation (`ExpertFFN`) that `Experts` hands its own.
+On the CPU this is extra work (benchmarks/quantization.py: the eval forward takes ~1.1x (int8) and
+~1.2x (int4) the float time); the saving is memory: weights are stored and moved as int8 / int4.
 
 What is kept in higher precision, as MoE inference work recommends (Frantar & Alistarh 2023,
 "QMoE"; Kim et al. 2023, "Mixture of Quantized Experts"; DeepSeek-V3's FP8 recipe keeps the gate in

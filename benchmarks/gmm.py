@@ -7,7 +7,7 @@
 Candidates, each forward only (`fwd`) and forward+backward of 0.5 * sum(y ** 2) in both operands (`train`):
   pallas      pallas_kernels.gmm (Mosaic on TPU, Triton on GPU, the Mosaic kernel interpreted on CPU).
   ragged_dot  jax.lax.ragged_dot with the same group sizes (XLA's grouped matmul).
-  dense       einsum('egk,ekn->egn') over E equal groups of m / E rows: the same useful flops with no
+  dense       einsum('exd,edf->exf') over E equal groups of X = m / E rows: the same useful flops with no
               raggedness, the speed a perfectly balanced router could reach. It is the denominator.
 Group sizes are drawn once (multinomial over E experts with Dirichlet(2) probabilities), so groups
 are ragged and tiles straddle groups. All candidates are timed interleaved (the order rotates every
@@ -23,15 +23,14 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import statistics
 import sys
-import time
 from typing import Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from benchmarks.timing import time_interleaved
 from pallas_kernels import default_interpret, default_lowering, gmm
 
 
@@ -62,7 +61,7 @@ def candidates(shape: Shape, dtype, tiling) -> dict[str, dict[str, Callable]]:
     fns = {
         "pallas": (lambda x, w: gmm(x, w, gs, tiling=tiling), (x, w)),
         "ragged_dot": (lambda x, w: jax.lax.ragged_dot(x, w, gs), (x, w)),
-        "dense": (lambda x, w: jnp.einsum("egk,ekn->egn", x, w).reshape(shape.m, shape.n), (x_dense, w)),
+        "dense": (lambda x, w: jnp.einsum("exd,edf->exf", x, w).reshape(shape.m, shape.n), (x_dense, w)),
     }
     out = {}
     for name, (f, args) in fns.items():
@@ -73,19 +72,6 @@ def candidates(shape: Shape, dtype, tiling) -> dict[str, dict[str, Callable]]:
                      "train": (lambda train=train, args=args: jax.block_until_ready(train(*args))),
                      "check": (lambda fwd=fwd, args=args: fwd(*args))}
     return out
-
-
-def time_interleaved(runs: dict[str, Callable], repeats: int) -> dict[str, list[float]]:
-    names = list(runs)
-    for name in names:  # warm-up: compile
-        runs[name]()
-    times = {name: [] for name in names}
-    for r in range(repeats):
-        for name in names[r % len(names):] + names[: r % len(names)]:
-            t0 = time.perf_counter()
-            runs[name]()
-            times[name].append(time.perf_counter() - t0)
-    return times
 
 
 def main(argv=None) -> dict:
@@ -117,8 +103,8 @@ def main(argv=None) -> dict:
     result["max_abs_diff_vs_ragged_dot"] = float(np.abs(got - ref).max())
     result["max_abs_ragged_dot"] = float(np.abs(ref).max())
     for mode in ("fwd", "train"):
-        times = time_interleaved({name: c[mode] for name, c in cands.items()}, shape.repeats)
-        med = {name: statistics.median(t) for name, t in times.items()}
+        timings = time_interleaved({name: c[mode] for name, c in cands.items()}, shape.repeats)
+        med = {name: timings.median(name) for name in cands}
         result["median_s"][mode] = med
         result["ratio_to_dense"][mode] = {name: med[name] / med["dense"] for name in med}
     print(f"\n{'candidate':<12}{'fwd / dense':>14}{'train / dense':>16}")

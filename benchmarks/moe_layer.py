@@ -42,7 +42,6 @@ import json
 import re
 import statistics
 import sys
-import time
 from typing import Callable, Optional
 
 import jax
@@ -50,6 +49,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from benchmarks.timing import Timings, time_interleaved
 from moe_jax.moe_config import MoEConfig
 from moe_jax.experts import Experts, FeedForward
 from moe_jax.flops import dense_train_flops, ffn_flops_per_token, layer_train_flops
@@ -87,10 +87,6 @@ class Candidate:
     name: str
     run: Callable[[], None]  # one forward+backward step, blocking until it is done
     info: dict
-    times: list = dataclasses.field(default_factory=list)  # wall-clock seconds of each run
-    cpu_times: list = dataclasses.field(default_factory=list)  # process CPU seconds (all threads) of each run
-    ratios: list = dataclasses.field(default_factory=list)  # per round: time / the bracketing dense runs
-    cpu_ratios: list = dataclasses.field(default_factory=list)
 
 
 # ---- JAX candidates ----
@@ -133,7 +129,7 @@ def _routing_facts(layer: MoELayer, x_BLD) -> dict:
         if cfg.capacity_factor is None:
             expert_GSK = layer.router.choices(logits_GSE, None)[0]
             return jnp.bincount(expert_GSK.reshape(-1), length=cfg.num_routed_experts)
-        routing, _ = layer.router.route(logits_GSE, train=True)
+        routing = layer.router.route(logits_GSE, train=True).routing
         return routing.dropped_GSK.mean()
 
     value = np.asarray(jax.jit(facts)(x_BLD))
@@ -242,44 +238,21 @@ def torch_candidates(shape: Shape, x_np: np.ndarray) -> list[Candidate]:
 
 # ---- timing and report ----
 
-def _timed(c: Candidate) -> tuple[float, float]:
-    t0, c0 = time.perf_counter(), time.process_time()
-    c.run()
-    wall, cpu = time.perf_counter() - t0, time.process_time() - c0
-    c.times.append(wall)
-    c.cpu_times.append(cpu)
-    return wall, cpu
-
-
-def time_interleaved(reference: Candidate, candidates: list[Candidate], repeats: int, warmup: int = 1) -> None:
-    """Rounds of `reference, c1, reference, c2, ..., reference`, the candidates' order rotating;
-    each candidate records its time over the mean of the two reference runs around it."""
-    for _ in range(warmup):
-        for c in [reference] + candidates:
-            c.run()
-    for r in range(repeats):
-        shift = r % max(len(candidates), 1)
-        before = _timed(reference)
-        for c in candidates[shift:] + candidates[:shift]:
-            wall, cpu = _timed(c)
-            after = _timed(reference)
-            c.ratios.append(wall / (0.5 * (before[0] + after[0])))
-            c.cpu_ratios.append(cpu / (0.5 * (before[1] + after[1])))
-            before = after
-
-
-def summarize(shape: Shape, reference: Candidate, candidates: list[Candidate]) -> dict:
+def summarize(shape: Shape, reference: Candidate, candidates: list[Candidate], timings: Timings) -> dict:
+    """Rows per candidate from `timings` (timed with `reference`, the dense layer, around every other run)."""
     med = statistics.median
     rows = {}
     for c in [reference] + candidates:
-        row = dict(c.info, median_s=med(c.times), min_s=min(c.times), times_s=c.times,
-                   cpu_median_s=med(c.cpu_times), cpu_times_s=c.cpu_times)
+        times, cpu_times = timings.wall[c.name], timings.cpu[c.name]
+        row = dict(c.info, median_s=med(times), min_s=min(times), times_s=times,
+                   cpu_median_s=med(cpu_times), cpu_times_s=cpu_times)
         if c is reference:
             row.update(time_vs_dense=1.0, cpu_time_vs_dense=1.0, time_vs_dense_of_medians=1.0)
         else:
-            row.update(time_vs_dense=med(c.ratios), cpu_time_vs_dense=med(c.cpu_ratios),
-                       time_vs_dense_of_medians=med(c.times) / med(reference.times),
-                       ratios=c.ratios, cpu_ratios=c.cpu_ratios)
+            ratios, cpu_ratios = timings.ratios[c.name], timings.cpu_ratios[c.name]
+            row.update(time_vs_dense=med(ratios), cpu_time_vs_dense=med(cpu_ratios),
+                       time_vs_dense_of_medians=med(times) / timings.median(reference.name),
+                       ratios=ratios, cpu_ratios=cpu_ratios)
         if "useful_train_flops" in row:
             useful = row["useful_train_flops"]
             row["xla_executed_over_useful"] = row["xla_train_flops"] / useful
@@ -365,8 +338,8 @@ def main(argv=None) -> dict:
     candidates = jax_candidates(shape, jnp.asarray(x_np), only, args.ragged_dot)
     if not args.no_torch and (only is None or only.search("hf_mixtral")):
         candidates += torch_candidates(shape, x_np)
-    time_interleaved(candidates[0], candidates[1:], shape.repeats)
-    summary = summarize(shape, candidates[0], candidates[1:])
+    timings = time_interleaved({c.name: c.run for c in candidates}, shape.repeats, reference=candidates[0].name)
+    summary = summarize(shape, candidates[0], candidates[1:], timings)
     print_table(summary)
     if args.json:
         with open(args.json, "w") as f:

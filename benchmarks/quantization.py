@@ -17,10 +17,8 @@ CPU dequantization is extra work, not a saving).
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
-import statistics
 import time
 
 import jax
@@ -29,17 +27,15 @@ import numpy as np
 import optax
 from flax import nnx
 
+from benchmarks.timing import time_interleaved
 from moe_jax import quantization as Q
 from moe_jax.data import make_lm_data
 from moe_jax.train.restore import load_run
-from moe_jax.train.run_config import build_run_config
+from moe_jax.train.run_config import build_run_config, load_config_file
 
 
 def load_config(path: str, overrides: dict):
-    spec = importlib.util.spec_from_file_location("bench_config", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    config = module.get_config(None)
+    config = load_config_file(path)
     for dotted, value in overrides.items():
         section, field = dotted.split(".")
         config[section][field] = value
@@ -126,20 +122,13 @@ def main():
         metrics, logps, timers[name] = evaluate(model, batches, reference)
         reference = logps if reference is None else reference
         results[name] = dict(metrics, expert_bytes=Q.expert_weight_bytes(model), model_bytes=Q.model_bytes(model))
-    times = {name: [] for name in models}
-    for name in models:
-        timers[name]()  # compiled already; one more call to settle
-    for _ in range(args.rounds):
-        for name in models:
-            t0 = time.perf_counter()
-            timers[name]()
-            times[name].append(time.perf_counter() - t0)
+    timings = time_interleaved(timers, args.rounds)  # compiled already; the warm-up call settles
     base = results["float32"]
     for name, r in results.items():
         r["expert_bytes_ratio"] = r["expert_bytes"]["total"] / base["expert_bytes"]["total"]
         r["model_bytes_ratio"] = r["model_bytes"] / base["model_bytes"]
         r["delta_eval_ce"] = r["eval_ce"] - base["eval_ce"]
-        r["forward_time_ratio"] = statistics.median(times[name]) / statistics.median(times["float32"])
+        r["forward_time_ratio"] = timings.median(name) / timings.median("float32")
 
     print(f"{'format':8} {'expert bytes':>13} {'ratio':>6} {'model bytes':>12} {'ratio':>6} {'eval CE':>8} "
           f"{'dCE':>8} {'top1 agree':>10} {'KL':>9} {'fwd time':>8}")

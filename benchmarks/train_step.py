@@ -14,30 +14,20 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import importlib.util
 import json
 import os
-import statistics
-import time
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
+from benchmarks.timing import time_interleaved
 from moe_jax.flops import train_flops_per_token
 from moe_jax.params import count_params
-from moe_jax.train.run_config import build_run_config
+from moe_jax.train.run_config import build_run_config, load_config_file
 from moe_jax.train.state import init_state, learning_rate_schedule, make_optimizer
 from moe_jax.train.step import make_train_step
 from moe_jax.transformer import Transformer
-
-
-def load_config(path: str):
-    spec = importlib.util.spec_from_file_location("bench_config", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(None)
 
 
 def dense_equivalent(model_cfg):
@@ -71,19 +61,6 @@ def make_matmul(n: int):
     return run_once, 2.0 * n**3
 
 
-def time_interleaved(candidates: dict, rounds: int, warmup: int = 2) -> dict:
-    times = {name: [] for name in candidates}
-    names = list(candidates)
-    for r in range(warmup + rounds):
-        order = names[r % len(names):] + names[: r % len(names)]
-        for name in order:
-            t0 = time.perf_counter()
-            candidates[name]()
-            if r >= warmup:
-                times[name].append(time.perf_counter() - t0)
-    return {name: statistics.median(ts) for name, ts in times.items()}
-
-
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -93,7 +70,7 @@ def main(argv=None):
     parser.add_argument("--rounds", type=int, default=None)
     args = parser.parse_args(argv)
 
-    config = load_config(args.config)
+    config = load_config_file(args.config)
     if args.quick:
         config.model.num_layers, config.data.seq_len, config.data.batch_size = 2, 32, 2
     run = build_run_config(config)
@@ -104,14 +81,16 @@ def main(argv=None):
     candidates = {"moe": make_candidate(run.model, run, batch), "dense_equivalent": make_candidate(dense_cfg, run, batch),
                   "matmul": matmul}
     rounds = args.rounds or (3 if args.quick else 15)
-    t = time_interleaved(candidates, rounds)
+    timings = time_interleaved(candidates, rounds, warmup=2)
+    t = {name: timings.median(name) for name in candidates}
 
     counts = count_params(run.model)
     flops_per_step = train_flops_per_token(run.model, counts, L) * B * L
     tokens_per_s = B * L / t["moe"]
     matmul_flops_per_s = matmul_flops / t["matmul"]
     out = {
-        "config": args.config, "batch": B, "seq_len": L, "rounds": rounds, "device": str(jax.devices()[0]),
+        "config": os.path.relpath(os.path.abspath(args.config), root),  # repository-relative: no machine path
+        "batch": B, "seq_len": L, "rounds": rounds, "device": str(jax.devices()[0]),
         "d_model": run.model.d_model, "num_layers": run.model.num_layers, "num_experts": run.model.moe.num_experts,
         "params_total": counts["total"], "params_active_per_token": counts["active_per_token"],
         "dense_equivalent_params": count_params(dense_cfg)["total"],

@@ -2,9 +2,10 @@
 
     result = analyse(rows, bootstrap_n=100)    # JSON-able dict, one entry per sweep + "self_test"
 
-Every number comes from the rows (or, for "published", from the papers' tables cited in PUBLISHED); a
-comparison that lacks the points it needs says so in "skipped" instead of fitting fewer points than the
-law has coefficients. `checks(result)` turns the numbers into the protocol's pass / not-met verdicts.
+Every number comes from the rows (or, for "published", from the papers: the table or figure is
+named in each key of `PUBLISHED`); a comparison that lacks the points it needs says so in "skipped"
+instead of fitting fewer points than the law has coefficients. `checks(result)` turns the numbers
+into the protocol's pass / not-met verdicts.
 """
 from __future__ import annotations
 

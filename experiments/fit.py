@@ -79,9 +79,9 @@ def fit_granularity(G, L, *, delta: float = HUBER_DELTA, starts=None) -> Fit:
 _JOINT = ("A", "alpha", "B", "beta", "Gl", "gamma", "C")
 
 
-def _joint_log_pred(theta_P7, lnN, lnD, lnG):
-    """log L_fit for P parameter vectors at once: (u <[P, 3, n]>, log L_fit <[P, n]>, tg, m)."""
-    A, alpha, B, beta, Gl, gamma, C = (theta_P7[:, i:i + 1] for i in range(7))
+def _joint_log_pred(thetas, lnN, lnD, lnG):
+    """log L_fit for v parameter vectors `thetas` <[v, 7]> at once: (u <[v, 3, n]>, log L_fit <[v, n]>, tg, m)."""
+    A, alpha, B, beta, Gl, gamma, C = (thetas[:, i:i + 1] for i in range(7))
     tg = Gl - gamma * lnG
     m = np.logaddexp(tg, A)  # log(g G^-gamma + a)
     u = np.stack([np.broadcast_to(C, tg.shape), m - alpha * lnN, B - beta * lnD], axis=1)

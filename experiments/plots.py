@@ -177,8 +177,8 @@ def plot_expert_load(rows, out):
     fig, axes = plt.subplots(1, len(runs), figsize=(3.2 * len(runs), 2.8), squeeze=False, layout="constrained")
     for ax, r in zip(axes[0], runs):
         layers = sorted(r["expert_load"], key=int)
-        share_LE = np.array([r["expert_load"][layer] for layer in layers])
-        im = ax.imshow(share_LE * share_LE.shape[1], aspect="auto", cmap="viridis", vmin=0, vmax=2,
+        share = np.array([r["expert_load"][layer] for layer in layers])  # [layers, E]
+        im = ax.imshow(share * share.shape[1], aspect="auto", cmap="viridis", vmin=0, vmax=2,
                        origin="lower")
         ax.set_title(r["name"].replace("_seed0", ""), fontsize=7)
         ax.set_yticks(range(len(layers)), layers)

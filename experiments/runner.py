@@ -82,17 +82,15 @@ def stale_fields(workdir: str, run) -> list[str]:
     would continue another run. Only fields present in both are compared: a field the library added later
     (whose default keeps the old behaviour) does not make a finished run stale. data_dir is not compared
     (results may move between machines)."""
-    import dataclasses
-
-    from moe_jax.train.run_config import model_record
+    from moe_jax.train.run_config import run_record
 
     path = os.path.join(workdir, "config.json")
     if not os.path.exists(path):
         return []
     with open(path) as f:
         recorded = json.load(f)
-    expected = json.loads(json.dumps({"model": model_record(run.model), "data": dataclasses.asdict(run.data),
-                                      "train": dataclasses.asdict(run.train)}))
+    record = json.loads(json.dumps(run_record(run)))  # what the training loop would write for `run`
+    expected = {section: record[section] for section in ("model", "data", "train")}
     return _differences(expected, recorded, "")
 
 

@@ -46,14 +46,14 @@ def _positions(expert_GSK: Array, active_GSK: Array, order_GS: Array, start_GE: 
     where not active).
     """
     G, S, K = expert_GSK.shape
-    # Reorder to claim order [G, K, S] -> [G, K*S].
+    # Reorder to claim order [G, K, S].
     expert_GKS = jnp.swapaxes(jnp.take_along_axis(expert_GSK, order_GS[..., None], axis=1), 1, 2)
     active_GKS = jnp.swapaxes(jnp.take_along_axis(active_GSK, order_GS[..., None], axis=1), 1, 2)
-    onehot_GNE = jax.nn.one_hot(expert_GKS.reshape(G, K * S), num_experts, dtype=jnp.int32)
-    onehot_GNE = onehot_GNE * active_GKS.reshape(G, K * S, 1)
-    before_GNE = jnp.cumsum(onehot_GNE, axis=1) - onehot_GNE  # earlier claims on each expert
-    pos_GN = jnp.sum((before_GNE + start_GE[:, None, :]) * onehot_GNE, axis=-1)
-    pos_GKS = pos_GN.reshape(G, K, S)
+    onehot_GKSE = jax.nn.one_hot(expert_GKS, num_experts, dtype=jnp.int32) * active_GKS[..., None]
+    # Earlier claims on each expert: a cumulative sum over the K * S claims in claim order.
+    claims = onehot_GKSE.reshape(G, K * S, num_experts)
+    before_GKSE = (jnp.cumsum(claims, axis=1) - claims).reshape(G, K, S, num_experts)
+    pos_GKS = jnp.sum((before_GKSE + start_GE[:, None, None, :]) * onehot_GKSE, axis=-1)
     # Undo the reorder.
     inverse_GS = jnp.argsort(order_GS, axis=1)
     return jnp.take_along_axis(jnp.swapaxes(pos_GKS, 1, 2), inverse_GS[..., None], axis=1)
@@ -112,11 +112,12 @@ def assign_capacity(
     slot_GSK = jnp.where(kept_GSK, expert_GSK * C + pos_GSK, E * C).astype(jnp.int32)
     weight_GSK = jnp.where(kept_GSK, weight_GSK, 0.0)
     sk_GSK = jnp.arange(S * K, dtype=jnp.int32).reshape(1, S, K)
-    src_GN = jnp.full((G, E * C + 1), S * K, jnp.int32).at[
-        jnp.arange(G)[:, None, None], slot_GSK].set(jnp.broadcast_to(sk_GSK, (G, S, K)))
+    # Invert slot_GSK over the E * C flat slots plus the "dropped" slot E * C, which is then cut off.
+    src = jnp.full((G, E * C + 1), S * K, jnp.int32).at[
+        jnp.arange(G)[:, None, None], slot_GSK].set(jnp.broadcast_to(sk_GSK, (G, S, K)))  # [G, E * C + 1]
     return Routing(
         slot_GSK=slot_GSK, weight_GSK=weight_GSK, expert_GSK=expert_GSK,
-        src_GEC=src_GN[:, : E * C].reshape(G, E, C), dropped_GSK=~kept_GSK,
+        src_GEC=src[:, : E * C].reshape(G, E, C), dropped_GSK=~kept_GSK,
         num_experts=E, capacity=C)
 
 

@@ -36,22 +36,22 @@ from moe_jax.types import Array
 # loop fusion, where a reduce over the K axis becomes a separate (YNNPACK) reduction over a
 # materialised `[T, K, D]` tensor, about twice as slow.
 
-def _rows(a_ND: Array, idx: Array) -> Array:
-    """a[idx] along axis 0, 0 where idx == len(a) (the "none" index); any shape of idx."""
-    n = a_ND.shape[0]
-    picked = a_ND.at[jnp.minimum(idx, n - 1)].get(mode="promise_in_bounds")
-    return jnp.where((idx < n)[..., None], picked, jnp.zeros((), a_ND.dtype))
+def _rows(a: Array, idx: Array) -> Array:
+    """a[idx] along axis 0 (a: `[n, d]` rows), 0 where idx == n (the "none" index); any shape of idx."""
+    n = a.shape[0]
+    picked = a.at[jnp.minimum(idx, n - 1)].get(mode="promise_in_bounds")
+    return jnp.where((idx < n)[..., None], picked, jnp.zeros((), a.dtype))
 
 
-def _sum_over_choices(a_ND: Array, idx_TK: Array, weight_TK: Optional[Array] = None) -> Array:
-    """sum_k w[t, k] * a[idx[t, k]] (w = 1 if None), accumulated in float32: `[T, D]`."""
+def _sum_over_choices(a: Array, idx_TK: Array, weight_TK: Optional[Array] = None) -> Array:
+    """sum_k w[t, k] * a[idx[t, k]] (a: `[n, D]` rows; w = 1 if None), accumulated in float32: `[T, D]`."""
     total = None
     for k in range(idx_TK.shape[1]):
-        term = _rows(a_ND, idx_TK[:, k]).astype(jnp.float32)
+        term = _rows(a, idx_TK[:, k]).astype(jnp.float32)
         if weight_TK is not None:
             term = term * weight_TK[:, k, None].astype(jnp.float32)
         total = term if total is None else total + term
-    return total.astype(a_ND.dtype)
+    return total.astype(a.dtype)
 
 
 @jax.custom_vjp
@@ -201,24 +201,26 @@ def sort_choices(expert_TK: Array, weight_TK: Array, num_experts: int, block_siz
     expert's rows to a multiple of `block_size` so a block of rows never straddles two experts."""
     T, K = expert_TK.shape
     E, b = num_experts, block_size
-    N = T * K
-    M = -(-(N + E * (b - 1)) // b) * b
-    flat_expert_N = expert_TK.reshape(N).astype(jnp.int32)
-    order_N = jnp.argsort(flat_expert_N, stable=True).astype(jnp.int32)
-    counts_E = jnp.bincount(flat_expert_N, length=E).astype(jnp.int32)
+    num_choices = T * K
+    M = -(-(num_choices + E * (b - 1)) // b) * b
+    # Flat arrays over the T * K choices: choice t * K + k (`expert`, `token_slot`), or the choices in
+    # sorted order (`order`: the choice at each sorted position, and `sorted_expert`, `rank`, `row`).
+    expert = expert_TK.reshape(num_choices).astype(jnp.int32)
+    order = jnp.argsort(expert, stable=True).astype(jnp.int32)
+    counts_E = jnp.bincount(expert, length=E).astype(jnp.int32)
     padded_E = -(-counts_E // b) * b
     start_E = jnp.cumsum(padded_E) - padded_E
     unpadded_start_E = jnp.cumsum(counts_E) - counts_E
-    sorted_expert_N = flat_expert_N[order_N]
-    rank_N = jnp.arange(N, dtype=jnp.int32) - unpadded_start_E[sorted_expert_N]
-    row_of_sorted_N = start_E[sorted_expert_N] + rank_N
-    token_slot_N = jnp.zeros((N,), jnp.int32).at[order_N].set(row_of_sorted_N)
-    row_choice_M = jnp.full((M + 1,), N, jnp.int32).at[row_of_sorted_N].set(order_N)[:M]
-    row_token_M = jnp.where(row_choice_M < N, row_choice_M // K, T)
+    sorted_expert = expert[order]
+    rank = jnp.arange(num_choices, dtype=jnp.int32) - unpadded_start_E[sorted_expert]  # within its expert
+    row = start_E[sorted_expert] + rank
+    token_slot = jnp.zeros((num_choices,), jnp.int32).at[order].set(row)
+    row_choice_M = jnp.full((M + 1,), num_choices, jnp.int32).at[row].set(order)[:M]
+    row_token_M = jnp.where(row_choice_M < num_choices, row_choice_M // K, T)
     # The padding left over at the end belongs to the last expert, so group sizes sum to M.
     group_sizes_E = padded_E.at[E - 1].add(M - padded_E.sum())
     return SortedRouting(
-        token_slot_TK=token_slot_N.reshape(T, K), row_token_M=row_token_M, row_choice_M=row_choice_M,
+        token_slot_TK=token_slot.reshape(T, K), row_token_M=row_token_M, row_choice_M=row_choice_M,
         group_sizes_E=group_sizes_E, counts_E=counts_E, weight_TK=weight_TK, expert_TK=expert_TK.astype(jnp.int32),
         num_experts=E, block_size=b)
 

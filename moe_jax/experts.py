@@ -20,8 +20,9 @@ Backends:
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
-from typing import Optional
+from typing import Any, Optional
 
 import jax
 import jax.numpy as jnp
@@ -74,17 +75,18 @@ def _steps(rows: Array, start: Array, ladder: tuple[int, ...]):
     return out
 
 
-def _activated(activation: str, d_ff: int, hg_bN: Array) -> Array:
-    """act(g) * h from the concatenated pre-activations [h | g] (gated), or act(h)."""
+def _activated(activation: str, d_ff: int, hg: Array) -> Array:
+    """act(g) * h from the concatenated pre-activations hg = [h | g] `[m, 2F]` (gated), or act(h) from
+    hg = h `[m, F]`."""
     act = activation_fn(activation)
-    if hg_bN.shape[-1] == 2 * d_ff:
-        return act(hg_bN[:, d_ff:]) * hg_bN[:, :d_ff]
-    return act(hg_bN)
+    if hg.shape[-1] == 2 * d_ff:
+        return act(hg[:, d_ff:]) * hg[:, :d_ff]
+    return act(hg)
 
 
 def _expert_weights(p: dict, e: Array) -> dict:
     """Expert e's weights, sliced once per expert (never per block), with w_in and w_gate side by
-    side as w_cat `[D, N]` (N = 2F gated, else F) so that one matmul computes both pre-activations."""
+    side as w_cat `[D, 2F]` (gated; else w_in, `[D, F]`) so that one matmul computes both pre-activations."""
     take = lambda w: None if w is None else jax.lax.dynamic_index_in_dim(w, e, 0, keepdims=False)
     w_in, w_gate, b_in = take(p["w_in"]), take(p["w_gate"]), take(p["b_in"])
     gated = w_gate is not None
@@ -107,34 +109,35 @@ def _put_expert_grads(dp: dict, dw: dict, e: Array) -> dict:
 
 
 def _blocked_forward(activation, block, x_MD, p, start_E, rows_E):
-    """y_MD and the pre-activations hg_MN ([h | g] side by side) of the rows processed; 0 elsewhere."""
+    """y_MD and the pre-activations hg_rows `[M, 2F]` ([h | g] side by side; `[M, F]` without a gate) of
+    the rows processed; 0 elsewhere."""
     M, D = x_MD.shape
     E, F, _ = p["w_out"].shape
-    N = 2 * F if p["w_gate"] is not None else F
+    hg_width = 2 * F if p["w_gate"] is not None else F
     dtype = x_MD.dtype
 
     def expert(e, carry):
         w = _expert_weights(p, e)
 
         def step(size, base, j, carry):
-            y_MD, hg_MN = carry
+            y_MD, hg_rows = carry
             r = base + j * size
-            x_bD = jax.lax.dynamic_slice_in_dim(x_MD, r, size)
-            hg_bN = x_bD @ w["w_cat"]
+            x_mD = jax.lax.dynamic_slice_in_dim(x_MD, r, size)
+            hg = x_mD @ w["w_cat"]
             if w["b_cat"] is not None:
-                hg_bN = hg_bN + w["b_cat"]
-            y_bD = _activated(activation, F, hg_bN) @ w["w_out"]
+                hg = hg + w["b_cat"]
+            y_mD = _activated(activation, F, hg) @ w["w_out"]
             if w["b_out"] is not None:
-                y_bD = y_bD + w["b_out"]
-            y_MD = jax.lax.dynamic_update_slice_in_dim(y_MD, y_bD.astype(dtype), r, 0)
-            hg_MN = jax.lax.dynamic_update_slice_in_dim(hg_MN, hg_bN.astype(dtype), r, 0)
-            return y_MD, hg_MN
+                y_mD = y_mD + w["b_out"]
+            y_MD = jax.lax.dynamic_update_slice_in_dim(y_MD, y_mD.astype(dtype), r, 0)
+            hg_rows = jax.lax.dynamic_update_slice_in_dim(hg_rows, hg.astype(dtype), r, 0)
+            return y_MD, hg_rows
 
         for size, base, n in _steps(rows_E[e], start_E[e], block_ladder(block, M)):
             carry = jax.lax.fori_loop(0, n, functools.partial(step, size, base), carry)
         return carry
 
-    return jax.lax.fori_loop(0, E, expert, (jnp.zeros((M, D), dtype), jnp.zeros((M, N), dtype)))
+    return jax.lax.fori_loop(0, E, expert, (jnp.zeros((M, D), dtype), jnp.zeros((M, hg_width), dtype)))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
@@ -149,16 +152,16 @@ def blocked_ffn(activation: str, block: int, x_MD: Array, p: dict, start_E: Arra
 
 
 def _blocked_ffn_fwd(activation, block, x_MD, p, start_E, rows_E):
-    y_MD, hg_MN = _blocked_forward(activation, block, x_MD, p, start_E, rows_E)
-    return y_MD, (x_MD, p, start_E, rows_E, hg_MN)
+    y_MD, hg_rows = _blocked_forward(activation, block, x_MD, p, start_E, rows_E)
+    return y_MD, (x_MD, p, start_E, rows_E, hg_rows)
 
 
 def _blocked_ffn_bwd(activation, block, res, dy_MD):
-    x_MD, p, start_E, rows_E, hg_MN = res
+    x_MD, p, start_E, rows_E, hg_rows = res
     M = x_MD.shape[0]
     F = p["w_out"].shape[1]
     f32 = jnp.float32
-    wgrad = lambda a, b: jnp.matmul(a.T, b, preferred_element_type=f32)  # [b, I]^T [b, O] -> [I, O]
+    wgrad = lambda a, b: jnp.matmul(a.T, b, preferred_element_type=f32)  # [m, in]^T [m, out] -> [in, out]
 
     def expert(e, carry):
         dx_MD, dp = carry
@@ -168,14 +171,14 @@ def _blocked_ffn_bwd(activation, block, res, dy_MD):
             dx_MD, dw = carry
             r = base + j * size
             rows = lambda a: jax.lax.dynamic_slice_in_dim(a, r, size)
-            x_bD, dy_bD, hg_bN = rows(x_MD), rows(dy_MD), rows(hg_MN)
-            a_bF, activated_vjp = jax.vjp(functools.partial(_activated, activation, F), hg_bN)
-            (dhg_bN,) = activated_vjp(dy_bD @ w["w_out"].T)
-            dx_bD = (dhg_bN @ w["w_cat"].T).astype(dx_MD.dtype)
-            dx_MD = jax.lax.dynamic_update_slice_in_dim(dx_MD, dx_bD, r, 0)
-            new = {"w_cat": wgrad(x_bD, dhg_bN), "w_out": wgrad(a_bF, dy_bD),
-                   "b_cat": None if w["b_cat"] is None else dhg_bN.astype(f32).sum(0),
-                   "b_out": None if w["b_out"] is None else dy_bD.astype(f32).sum(0)}
+            x_mD, dy_mD, hg = rows(x_MD), rows(dy_MD), rows(hg_rows)
+            a_mF, activated_vjp = jax.vjp(functools.partial(_activated, activation, F), hg)
+            (dhg,) = activated_vjp(dy_mD @ w["w_out"].T)
+            dx_mD = (dhg @ w["w_cat"].T).astype(dx_MD.dtype)
+            dx_MD = jax.lax.dynamic_update_slice_in_dim(dx_MD, dx_mD, r, 0)
+            new = {"w_cat": wgrad(x_mD, dhg), "w_out": wgrad(a_mF, dy_mD),
+                   "b_cat": None if w["b_cat"] is None else dhg.astype(f32).sum(0),
+                   "b_out": None if w["b_out"] is None else dy_mD.astype(f32).sum(0)}
             return dx_MD, jax.tree.map(jnp.add, dw, new)
 
         carry = (dx_MD, jax.tree.map(lambda v: jnp.zeros(v.shape, f32), w))
@@ -192,42 +195,32 @@ def _blocked_ffn_bwd(activation, block, res, dy_MD):
 blocked_ffn.defvjp(_blocked_ffn_fwd, _blocked_ffn_bwd)
 
 
-class Experts(nnx.Module):
-    """E independent FFNs: w_in_EDF (and w_gate_EDF for gated activations), w_out_EFD, optional biases.
+@dataclasses.dataclass(frozen=True)
+class ExpertFFN:
+    """How E expert FFNs compute, given their weights: what `Experts` and `QuantizedExperts` share.
 
-    capacity_backend: how `__call__` runs capacity buffers: 'einsum' (batched matmuls over E, the
-    form accelerators want) or 'blocked' (the dropless path's loops over experts and row blocks:
-    on CPU a few percent faster, the block's hidden activations staying in cache).
+    Weights come as `(w_in_EDF, w_gate_EDF or None, w_out_EFD, b_in_EF or None, b_out_ED or None)`,
+    already in the compute `dtype`. capacity_backend: how capacity buffers run: 'einsum' (batched
+    matmuls over E, the form accelerators want) or 'blocked' (the dropless path's loops over experts
+    and row blocks: on CPU a few percent faster, the block's hidden activations staying in cache).
     """
 
-    capacity_backend = "einsum"  # class default, so subclasses that skip __init__ have it too
+    activation: str = "swiglu"
+    dtype: Any = jnp.float32
+    capacity_backend: str = "einsum"
 
-    def __init__(self, num_experts: int, d_model: int, d_ff: int, *, activation: str = "swiglu",
-                 use_bias: bool = False, init_scale: float = 1.0, dtype=jnp.float32,
-                 param_dtype=jnp.float32, capacity_backend: str = "einsum", rngs: nnx.Rngs):
-        if capacity_backend not in ("einsum", "blocked"):
-            raise ValueError(f"Experts: capacity_backend={capacity_backend!r} is not 'einsum' or 'blocked' "
+    def __post_init__(self):
+        if self.capacity_backend not in ("einsum", "blocked"):
+            raise ValueError(f"Experts: capacity_backend={self.capacity_backend!r} is not 'einsum' or 'blocked' "
                              "(MoEConfig.expert_backend picks it).")
-        E, D, F = num_experts, d_model, d_ff
-        init = _init(init_scale)
-        self.capacity_backend = capacity_backend
-        self.activation = activation
-        self.gated = activation in ("swiglu", "geglu")
-        self.dtype = dtype
-        self.w_in_EDF = nnx.Param(init(rngs.params(), (E, D, F), param_dtype))
-        self.w_gate_EDF = nnx.data(nnx.Param(init(rngs.params(), (E, D, F), param_dtype)) if self.gated else None)
-        self.w_out_EFD = nnx.Param(init(rngs.params(), (E, F, D), param_dtype))
-        self.b_in_EF = nnx.data(nnx.Param(jnp.zeros((E, F), param_dtype)) if use_bias else None)
-        self.b_out_ED = nnx.data(nnx.Param(jnp.zeros((E, D), param_dtype)) if use_bias else None)
 
-    def _weights(self):
-        cast = lambda p: None if p is None else p[...].astype(self.dtype)
-        return (cast(self.w_in_EDF), cast(self.w_gate_EDF), cast(self.w_out_EFD),
-                cast(self.b_in_EF), cast(self.b_out_ED))
+    @property
+    def gated(self) -> bool:
+        return self.activation in ("swiglu", "geglu")
 
-    def __call__(self, x_EXD: Array) -> Array:
+    def capacity(self, x_EXD: Array, weights: tuple) -> Array:
         """Capacity buffers `[E, X, D]` -> `[E, X, D]` (through `capacity_backend`)."""
-        w_in, w_gate, w_out, b_in, b_out = self._weights()
+        w_in, w_gate, w_out, b_in, b_out = weights
         if self.capacity_backend == "blocked":
             E, X, D = x_EXD.shape
             p = {"w_in": w_in, "w_gate": w_gate, "w_out": w_out, "b_in": b_in, "b_out": b_out}
@@ -250,7 +243,7 @@ class Experts(nnx.Module):
             y_EXD = y_EXD + b_out[:, None, :]
         return y_EXD
 
-    def grouped(self, x_MD: Array, group_sizes_E: Array, *, backend: str, block_size: int,
+    def grouped(self, x_MD: Array, weights: tuple, group_sizes_E: Array, *, backend: str, block_size: int,
                 counts_E: Optional[Array] = None) -> Array:
         """Rows sorted by expert `[M, D]` with `group_sizes_E` (summing to M) -> `[M, D]`.
 
@@ -262,7 +255,7 @@ class Experts(nnx.Module):
             if M % block_size:
                 raise ValueError(f"blocked experts: {M} rows are not a multiple of block_size={block_size}; "
                                  "pad the rows (dispatch.sort_choices does) or change dropless_block_size.")
-            w_in, w_gate, w_out, b_in, b_out = self._weights()
+            w_in, w_gate, w_out, b_in, b_out = weights
             p = {"w_in": w_in, "w_gate": w_gate, "w_out": w_out, "b_in": b_in, "b_out": b_out}
             group_sizes_E = group_sizes_E.astype(jnp.int32)
             start_E = jnp.cumsum(group_sizes_E) - group_sizes_E
@@ -271,7 +264,7 @@ class Experts(nnx.Module):
             return blocked_ffn(self.activation, block_size, x_MD.astype(self.dtype), p, start_E, rows_E)
         if backend not in ("ragged_dot", "pallas"):
             raise ValueError(f"expert_backend={backend!r} is not 'ragged_dot', 'pallas' or 'blocked'.")
-        w_in, w_gate, w_out, b_in, b_out = self._weights()
+        w_in, w_gate, w_out, b_in, b_out = weights
         act = activation_fn(self.activation)
         x_MD = x_MD.astype(self.dtype)
         E = w_in.shape[0]
@@ -291,6 +284,38 @@ class Experts(nnx.Module):
         if b_out is not None:
             y_MD = y_MD + b_out[row_expert_M]
         return y_MD
+
+
+class Experts(nnx.Module):
+    """E independent FFNs: w_in_EDF (and w_gate_EDF for gated activations), w_out_EFD, optional biases,
+    computed by `self.ffn` (an `ExpertFFN`; capacity_backend: see there)."""
+
+    def __init__(self, num_experts: int, d_model: int, d_ff: int, *, activation: str = "swiglu",
+                 use_bias: bool = False, init_scale: float = 1.0, dtype=jnp.float32,
+                 param_dtype=jnp.float32, capacity_backend: str = "einsum", rngs: nnx.Rngs):
+        self.ffn = ExpertFFN(activation=activation, dtype=dtype, capacity_backend=capacity_backend)
+        E, D, F = num_experts, d_model, d_ff
+        init = _init(init_scale)
+        self.w_in_EDF = nnx.Param(init(rngs.params(), (E, D, F), param_dtype))
+        self.w_gate_EDF = nnx.data(nnx.Param(init(rngs.params(), (E, D, F), param_dtype)) if self.ffn.gated else None)
+        self.w_out_EFD = nnx.Param(init(rngs.params(), (E, F, D), param_dtype))
+        self.b_in_EF = nnx.data(nnx.Param(jnp.zeros((E, F), param_dtype)) if use_bias else None)
+        self.b_out_ED = nnx.data(nnx.Param(jnp.zeros((E, D), param_dtype)) if use_bias else None)
+
+    def _weights(self) -> tuple:
+        cast = lambda p: None if p is None else p[...].astype(self.ffn.dtype)
+        return (cast(self.w_in_EDF), cast(self.w_gate_EDF), cast(self.w_out_EFD),
+                cast(self.b_in_EF), cast(self.b_out_ED))
+
+    def __call__(self, x_EXD: Array) -> Array:
+        """Capacity buffers `[E, X, D]` -> `[E, X, D]`."""
+        return self.ffn.capacity(x_EXD, self._weights())
+
+    def grouped(self, x_MD: Array, group_sizes_E: Array, *, backend: str, block_size: int,
+                counts_E: Optional[Array] = None) -> Array:
+        """Rows sorted by expert `[M, D]` -> `[M, D]`; see `ExpertFFN.grouped`."""
+        return self.ffn.grouped(x_MD, self._weights(), group_sizes_E, backend=backend, block_size=block_size,
+                                counts_E=counts_E)
 
 
 class FeedForward(nnx.Module):

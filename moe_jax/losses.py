@@ -11,19 +11,20 @@ import jax.numpy as jnp
 from moe_jax.types import Array
 
 
-def load_balancing_loss(probs_NTE: Array, expert_NTK: Array, num_experts: int) -> Array:
-    """E * sum_i f_i P_i, averaged over N scopes (groups, sequences, or 1 for the global batch).
+def load_balancing_loss(probs_GSE: Array, expert_GSK: Array, num_experts: int) -> Array:
+    """E * sum_i f_i P_i, averaged over G scopes of S tokens (routing groups, sequences, or one scope:
+    the global batch).
 
-    f_i: fraction of the scope's T * K router choices that picked expert i (before capacity drops),
-         so sum_i f_i = 1. P_i: mean router probability of expert i over the scope's T tokens.
+    f_i: fraction of the scope's S * K router choices that picked expert i (before capacity drops),
+         so sum_i f_i = 1. P_i: mean router probability of expert i over the scope's S tokens.
     Equals 1 for perfectly uniform routing, E (k = 1) when all tokens and all probability go to one
     expert. Switch Transformer (Fedus et al. 2022, Eq. 4) for k = 1; for k > 1 Hugging Face's Mixtral
     and Qwen-MoE loss counts f summed over k (sums to K), i.e. K times this value.
     """
-    N, T, K = expert_NTK.shape
-    f_NE = jax.nn.one_hot(expert_NTK, num_experts, dtype=jnp.float32).sum(axis=2).mean(axis=1) / K
-    p_NE = probs_NTE.astype(jnp.float32).mean(axis=1)
-    return num_experts * jnp.mean(jnp.sum(jax.lax.stop_gradient(f_NE) * p_NE, axis=-1))
+    K = expert_GSK.shape[-1]
+    f_GE = jax.nn.one_hot(expert_GSK, num_experts, dtype=jnp.float32).sum(axis=2).mean(axis=1) / K
+    p_GE = probs_GSE.astype(jnp.float32).mean(axis=1)
+    return num_experts * jnp.mean(jnp.sum(jax.lax.stop_gradient(f_GE) * p_GE, axis=-1))
 
 
 def router_z_loss(logits_TE: Array) -> Array:

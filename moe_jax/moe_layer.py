@@ -59,30 +59,31 @@ class RoutingStats:
     unserved_GS: Array
 
 
-def group_tokens(x_BLX: Array, cfg: MoEConfig) -> Array:
+def group_tokens(x: Array, cfg: MoEConfig) -> Array:
     """[B, L, ...] -> [G, S, ...] per `cfg.grouping` / `cfg.group_size` (error names the field)."""
-    B, L = x_BLX.shape[:2]
-    rest = x_BLX.shape[2:]
+    B, L = x.shape[:2]
+    rest = x.shape[2:]
     S = cfg.tokens_per_group(B, L)
     if cfg.grouping == "tokens":
         if (B * L) % S:
             raise ValueError(
                 f"MoEConfig.group_size={S} does not divide the {B * L} tokens of a [{B}, {L}] batch; "
                 "choose a group size that divides batch * length.")
-        return x_BLX.reshape((B * L // S, S) + rest)
+        return x.reshape((B * L // S, S) + rest)
     if B % S:
         raise ValueError(
             f"MoEConfig.group_size={S} does not divide the batch of {B} sequences (grouping='position' "
             "groups the same position across sequences); choose a group size that divides the batch.")
-    x_LBX = jnp.swapaxes(x_BLX, 0, 1)
-    return x_LBX.reshape((L * B // S, S) + rest)
+    x = jnp.swapaxes(x, 0, 1)  # [L, B, ...]
+    return x.reshape((L * B // S, S) + rest)
 
 
-def ungroup_tokens(x_GSX: Array, cfg: MoEConfig, B: int, L: int) -> Array:
-    rest = x_GSX.shape[2:]
+def ungroup_tokens(x: Array, cfg: MoEConfig, B: int, L: int) -> Array:
+    """[G, S, ...] -> [B, L, ...], the inverse of `group_tokens`."""
+    rest = x.shape[2:]
     if cfg.grouping == "tokens":
-        return x_GSX.reshape((B, L) + rest)
-    return jnp.swapaxes(x_GSX.reshape((L, B) + rest), 0, 1)
+        return x.reshape((B, L) + rest)
+    return jnp.swapaxes(x.reshape((L, B) + rest), 0, 1)
 
 
 class MoELayer(nnx.Module):
@@ -135,7 +136,8 @@ class MoELayer(nnx.Module):
             dropped_GSK = jnp.zeros(expert_GSK.shape, jnp.bool_)
             unserved_GS = jnp.zeros((G, S), jnp.bool_)
         else:
-            routing, expert_GSK = self.router.route(logits_GSE, train=train, token_ids_GS=token_ids_GS)
+            routed = self.router.route(logits_GSE, train=train, token_ids_GS=token_ids_GS)
+            routing, expert_GSK = routed.routing, routed.expert_GSK
             dispatcher = dispatch_lib.make_dispatcher(cfg.dispatch)
             buffer_EXD = dispatcher.dispatch(x_GSD, routing)
             y_GSD = dispatcher.combine((run_experts or self.experts)(buffer_EXD), routing)

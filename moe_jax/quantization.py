@@ -6,14 +6,14 @@
 
 What is quantized: the routed experts of every `MoELayer` (`experts.w_in_EDF`, `w_gate_EDF`,
 `w_out_EFD`), which hold most of an MoE model's parameters but each serve only the tokens routed to
-them. Each matrix `[E, in, out]` gets one scale per (expert, output channel), `scale_E1O`, symmetric
+them. Each matrix `[E, in, out]` gets one scale per (expert, output channel), `scale [E, 1, out]`, symmetric
 absmax: scale = max_i |w[e, i, o]| / (qmax + 1/2) and q = clip(round(w / scale)), so every weight is
 reconstructed within scale / 2 (qmax = 127 for int8, 7 for int4; the +1/2 lets the extreme bucket
 be used fully). The expert FFN dequantizes `q * scale` right before its matmuls, inside the jitted
-call, in every expert backend (einsum, ragged_dot, blocked, pallas), because they all read their
-weights through `Experts._weights()`, which `QuantizedExperts` overrides. On the CPU this is extra
-work (benchmarks/quantization.py: the eval forward takes ~1.1x (int8) and ~1.2x (int4) the float
-time); the saving is memory: weights are stored and moved as int8 / int4.
+call, in every expert backend (einsum, ragged_dot, blocked, pallas), because `QuantizedExperts`
+hands its dequantized weights to the same computation (`ExpertFFN`) that `Experts` hands its own.
+On the CPU this is extra work (benchmarks/quantization.py: the eval forward takes ~1.1x (int8) and
+~1.2x (int4) the float time); the saving is memory: weights are stored and moved as int8 / int4.
 
 What is kept in higher precision, as MoE inference work recommends (Frantar & Alistarh 2023,
 "QMoE"; Kim et al. 2023, "Mixture of Quantized Experts"; DeepSeek-V3's FP8 recipe keeps the gate in
@@ -54,6 +54,7 @@ from moe_jax.types import Array
 
 QTYPES = {8: jnp.int8, 4: jnp.int4}
 WEIGHT_NAMES = ("w_in_EDF", "w_gate_EDF", "w_out_EFD")
+BIAS_NAMES = ("b_in_EF", "b_out_ED")
 
 
 class QuantizedWeight(nnx.Variable):
@@ -72,12 +73,12 @@ def check_bits(bits: Any) -> int:
     return int(bits)
 
 
-def quantize_weight(w_EIO: Array, bits: int) -> qwix.QArray:
+def quantize_weight(w: Array, bits: int) -> qwix.QArray:
     """<float>[E, in, out] -> QArray: per-(expert, output channel) symmetric absmax, scales float32."""
     bits = check_bits(bits)
-    if w_EIO.ndim != 3:
-        raise ValueError(f"quantize_weight: expected an expert weight [E, in, out], got shape {w_EIO.shape}.")
-    return qwix.quantize(jnp.asarray(w_EIO, jnp.float32), QTYPES[bits], channelwise_axes=(0, 2))
+    if w.ndim != 3:
+        raise ValueError(f"quantize_weight: expected an expert weight [E, in, out], got shape {w.shape}.")
+    return qwix.quantize(jnp.asarray(w, jnp.float32), QTYPES[bits], channelwise_axes=(0, 2))
 
 
 def dequantize_weight(q: qwix.QArray, dtype=jnp.float32) -> Array:
@@ -85,11 +86,12 @@ def dequantize_weight(q: qwix.QArray, dtype=jnp.float32) -> Array:
     return qwix.dequantize(q).astype(dtype)
 
 
-class QuantizedExperts(Experts):
-    """`Experts` whose matrices are stored quantized (`QuantizedWeight`) and dequantized in the call.
+class QuantizedExperts(nnx.Module):
+    """Routed experts whose matrices are stored quantized (`QuantizedWeight`) and dequantized in the call.
 
-    Built from a float `Experts`; biases (if any) stay float `nnx.Param`s. Same interface and
-    backends as `Experts`: only `_weights()` differs.
+    Built from a float `Experts`, whose computation (`ExpertFFN`: activation, dtype, backends) it uses
+    as is; biases (if any) stay float `nnx.Param`s. Same interface as `Experts` (`__call__`, `grouped`);
+    only the weights it hands the computation differ.
     """
 
     def __init__(self, experts: Experts, bits: int):
@@ -99,31 +101,40 @@ class QuantizedExperts(Experts):
                              f"({experts.bits}-bit); quantize the float model instead.")
         if not isinstance(experts, Experts):
             raise TypeError(f"QuantizedExperts: expected an Experts module, got {type(experts).__name__}.")
-        self.activation = experts.activation
-        self.capacity_backend = experts.capacity_backend
-        self.gated = experts.gated
-        self.dtype = experts.dtype
+        self.ffn = experts.ffn
         self.bits = bits
         for name in WEIGHT_NAMES:
             p = getattr(experts, name)
             setattr(self, name, nnx.data(None if p is None else QuantizedWeight(quantize_weight(p[...], bits))))
-        for name in ("b_in_EF", "b_out_ED"):
+        for name in BIAS_NAMES:
             p = getattr(experts, name)
             setattr(self, name, nnx.data(None if p is None else nnx.Param(p[...])))
 
-    def _weights(self):
-        deq = lambda v: None if v is None else dequantize_weight(v.get_value(), self.dtype)
-        cast = lambda p: None if p is None else p[...].astype(self.dtype)
+    def _weights(self) -> tuple:
+        deq = lambda v: None if v is None else dequantize_weight(v.get_value(), self.ffn.dtype)
+        cast = lambda p: None if p is None else p[...].astype(self.ffn.dtype)
         return (deq(self.w_in_EDF), deq(self.w_gate_EDF), deq(self.w_out_EFD),
                 cast(self.b_in_EF), cast(self.b_out_ED))
+
+    def __call__(self, x_EXD: Array) -> Array:
+        """Capacity buffers `[E, X, D]` -> `[E, X, D]`."""
+        return self.ffn.capacity(x_EXD, self._weights())
+
+    def grouped(self, x_MD: Array, group_sizes_E: Array, *, backend: str, block_size: int,
+                counts_E: Array | None = None) -> Array:
+        """Rows sorted by expert `[M, D]` -> `[M, D]`; see `ExpertFFN.grouped`."""
+        return self.ffn.grouped(x_MD, self._weights(), group_sizes_E, backend=backend, block_size=block_size,
+                                counts_E=counts_E)
 
     def dequantized(self, *, rngs: nnx.Rngs | None = None) -> Experts:
         """A float `Experts` holding the dequantized weights (what this module computes with)."""
         w_in, w_gate, w_out, b_in, b_out = self._weights()
         E, D, F = w_in.shape
-        out = Experts(E, D, F, activation=self.activation, use_bias=b_in is not None, dtype=self.dtype,
-                      param_dtype=w_in.dtype, rngs=rngs or nnx.Rngs(params=0))
-        for name, value in zip(WEIGHT_NAMES + ("b_in_EF", "b_out_ED"), (w_in, w_gate, w_out, b_in, b_out)):
+        ffn = self.ffn
+        out = Experts(E, D, F, activation=ffn.activation, use_bias=b_in is not None, dtype=ffn.dtype,
+                      param_dtype=w_in.dtype, capacity_backend=ffn.capacity_backend,
+                      rngs=rngs or nnx.Rngs(params=0))
+        for name, value in zip(WEIGHT_NAMES + BIAS_NAMES, (w_in, w_gate, w_out, b_in, b_out)):
             if value is not None:
                 getattr(out, name)[...] = value
         return out

@@ -8,7 +8,7 @@ from typing import Optional
 
 import jax
 import jax.numpy as jnp
-from flax import nnx
+from flax import nnx, struct
 
 from moe_jax import capacity as capacity_lib
 from moe_jax import routing as routing_lib
@@ -16,12 +16,25 @@ from moe_jax.moe_config import MoEConfig
 from moe_jax.types import Array
 
 
+@struct.dataclass
+class RouterOutput:
+    """What `Router.route` gives the fixed-buffer (capacity) paths.
+
+    routing: the slot form every dispatcher consumes (`SoftRouting` for Soft MoE).
+    expert_GSK: <int32>[G, S, K] the router's own token choices before capacity (f_i in the balance
+        loss); None for expert choice and Soft MoE, which make no token choices.
+    """
+
+    routing: routing_lib.Routing | routing_lib.SoftRouting
+    expert_GSK: Optional[Array]
+
+
 class RouterBias(nnx.Variable):
     """DeepSeek-V3's expert correction bias: state updated by a rule, not by the optimizer."""
 
 
 class Router(nnx.Module):
-    """x -> float32 logits -> routing. Gate weight `w_DE` (Soft MoE: `w_DN`, N = E * slots)."""
+    """x -> float32 logits -> routing. Gate weight `w_DE` (Soft MoE: `[D, E * C]`, C slots per expert)."""
 
     def __init__(self, cfg: MoEConfig, *, rngs: nnx.Rngs):
         self.cfg = cfg
@@ -74,21 +87,18 @@ class Router(nnx.Module):
                                                              cfg.group_score)
         return expert_GSK, weight_GSK, selection_GSE
 
-    def route(self, logits_GSE: Array, *, train: bool, token_ids_GS: Optional[Array] = None):
-        """Capacity routing for the fixed-buffer paths: returns (Routing | SoftRouting, expert_GSK or None).
-
-        expert_GSK is the router's own token choice before capacity (for f_i in the balance loss).
-        """
+    def route(self, logits_GSE: Array, *, train: bool, token_ids_GS: Optional[Array] = None) -> RouterOutput:
+        """Capacity routing for the fixed-buffer paths (Soft MoE: logits_GSE are its slot logits)."""
         cfg = self.cfg
         S = logits_GSE.shape[1]
         C = cfg.capacity(S, train)
         if cfg.router == "soft":
-            return routing_lib.soft_routing(logits_GSE, cfg.num_routed_experts), None
+            return RouterOutput(routing_lib.soft_routing(logits_GSE, cfg.num_routed_experts), expert_GSK=None)
         if cfg.router == "expert_choice":
-            return routing_lib.expert_choice_routing(logits_GSE, C), None
+            return RouterOutput(routing_lib.expert_choice_routing(logits_GSE, C), expert_GSK=None)
         expert_GSK, weight_GSK, selection_GSE = self.choices(logits_GSE, token_ids_GS)
         routing = capacity_lib.assign_capacity(
             expert_GSK, weight_GSK, num_experts=cfg.num_routed_experts, capacity=C, priority=cfg.priority,
             overflow=cfg.overflow, nominal_capacity=cfg.nominal_capacity(S, train),
             selection_GSE=selection_GSE, max_rounds=cfg.max_reroute_rounds)
-        return routing, expert_GSK
+        return RouterOutput(routing, expert_GSK)

@@ -54,16 +54,18 @@ class Routing:
 
     def dispatch_tensor(self, dtype=jnp.float32) -> Array:
         """One-hot `<dtype>[G, S, E, C]`: 1 where token s sits in slot (e, c) (Switch/GShard's dispatch)."""
-        E, C = self.num_experts, self.capacity
-        onehot_GSKN = jax.nn.one_hot(self.slot_GSK, E * C + 1, dtype=dtype)[..., : E * C]
-        return onehot_GSKN.sum(axis=2).reshape(*self.slot_GSK.shape[:2], E, C)
+        return self._onehot_GSKEC(dtype).sum(axis=2)
 
     def combine_tensor(self, dtype=jnp.float32) -> Array:
         """`<dtype>[G, S, E, C]`: the combine weight of token s from slot (e, c); differentiable in weights."""
+        return jnp.einsum("gskec,gsk->gsec", self._onehot_GSKEC(dtype), self.weight_GSK.astype(dtype))
+
+    def _onehot_GSKEC(self, dtype) -> Array:
+        """1 where choice k of token s sits in slot (e, c); all 0 for a dropped choice."""
         E, C = self.num_experts, self.capacity
-        onehot_GSKN = jax.nn.one_hot(self.slot_GSK, E * C + 1, dtype=dtype)[..., : E * C]
-        combine_GSN = jnp.einsum("gskn,gsk->gsn", onehot_GSKN, self.weight_GSK.astype(dtype))
-        return combine_GSN.reshape(*self.slot_GSK.shape[:2], E, C)
+        # One-hot over the E * C flat slots plus the "dropped" index E * C, which is then cut off.
+        onehot = jax.nn.one_hot(self.slot_GSK, E * C + 1, dtype=dtype)[..., : E * C]  # [G, S, K, E * C]
+        return onehot.reshape(*self.slot_GSK.shape, E, C)
 
     def tokens_per_expert_E(self) -> Array:
         """<float32>[E]: assignments each expert actually serves (after capacity), summed over groups."""
@@ -79,8 +81,9 @@ class Routing:
 class SoftRouting:
     """Dense Soft MoE routing (Puigcerver et al. 2023): every slot is a mixture of every token.
 
-    dispatch_GSEC: <float32>[G, S, E, P] softmax over S for each slot (slot input = sum_s w * x_s).
-    combine_GSEC:  <float32>[G, S, E, P] softmax over all E * P slots for each token.
+    dispatch_GSEC: <float32>[G, S, E, C] softmax over S for each slot (slot input = sum_s w * x_s).
+    combine_GSEC:  <float32>[G, S, E, C] softmax over all E * C slots for each token.
+    capacity: C, the slots per expert (`MoEConfig.soft_slots_per_expert`).
     """
 
     dispatch_GSEC: Array
@@ -136,17 +139,16 @@ def group_limited_mask(selection_GSE: Array, n_groups: int, topk_groups: int, gr
     """
     G, S, E = selection_GSE.shape
     per_group = E // n_groups
-    grouped_GSNP = selection_GSE.reshape(G, S, n_groups, per_group)
+    by_group = selection_GSE.reshape(G, S, n_groups, per_group)
     if group_score == "max":
-        group_score_GSN = grouped_GSNP.max(-1)
+        score = by_group.max(-1)  # [G, S, n_groups]
     elif group_score == "top2_sum":
-        top2_GSN2, _ = jax.lax.top_k(grouped_GSNP, min(2, per_group))
-        group_score_GSN = top2_GSN2.sum(-1)
+        score = jax.lax.top_k(by_group, min(2, per_group))[0].sum(-1)
     else:
         raise ValueError(f"group_limited_mask: group_score={group_score!r} is not 'top2_sum' or 'max'.")
-    _, keep_GSk = jax.lax.top_k(group_score_GSN, topk_groups)
-    keep_GSN = jax.nn.one_hot(keep_GSk, n_groups, dtype=jnp.bool_).any(axis=-2)
-    keep_GSE = jnp.repeat(keep_GSN, per_group, axis=-1)
+    _, kept_groups = jax.lax.top_k(score, topk_groups)  # [G, S, topk_groups]
+    keep = jax.nn.one_hot(kept_groups, n_groups, dtype=jnp.bool_).any(axis=-2)  # [G, S, n_groups]
+    keep_GSE = jnp.repeat(keep, per_group, axis=-1)
     return jnp.where(keep_GSE, selection_GSE, -jnp.inf)
 
 
@@ -245,18 +247,16 @@ def expert_choice_routing(logits_GSE: Array, capacity: int) -> Routing:
         dropped_GSK=jnp.zeros((G, S, E), jnp.bool_), num_experts=E, capacity=capacity)
 
 
-def soft_routing(logits_GSN: Array, num_experts: int) -> SoftRouting:
-    """Soft MoE (Puigcerver et al. 2023) from slot logits `<float32>[G, S, E * P]`.
+def soft_routing(slot_logits: Array, num_experts: int) -> SoftRouting:
+    """Soft MoE (Puigcerver et al. 2023) from slot logits `<float32>[G, S, E * C]` (C slots per expert).
 
-    dispatch: softmax over the S tokens of each slot; combine: softmax over the E * P slots of each
+    dispatch: softmax over the S tokens of each slot; combine: softmax over the E * C slots of each
     token. Not causal: every slot mixes every token of the group, future tokens included.
     """
-    G, S, N = logits_GSN.shape
-    P = N // num_experts
-    logits_GSN = logits_GSN.astype(jnp.float32)
-    dispatch_GSN = jax.nn.softmax(logits_GSN, axis=1)
-    combine_GSN = jax.nn.softmax(logits_GSN, axis=2)
+    G, S, num_slots = slot_logits.shape
+    E, C = num_experts, num_slots // num_experts
+    slot_logits = slot_logits.astype(jnp.float32)
     return SoftRouting(
-        dispatch_GSEC=dispatch_GSN.reshape(G, S, num_experts, P),
-        combine_GSEC=combine_GSN.reshape(G, S, num_experts, P),
-        num_experts=num_experts, capacity=P)
+        dispatch_GSEC=jax.nn.softmax(slot_logits, axis=1).reshape(G, S, E, C),
+        combine_GSEC=jax.nn.softmax(slot_logits, axis=2).reshape(G, S, E, C),
+        num_experts=E, capacity=C)

@@ -1,13 +1,14 @@
 """Autoregressive generation with the fixed-size decode cache: greedy, temperature and top-k sampling.
 
-    ids_BT = generate(model, prompt_BL, max_new_tokens=32)                          # greedy
-    ids_BT = generate(model, prompt_BL, max_new_tokens=32, temperature=0.8, rng=key)  # sampled
+    ids = generate(model, prompt_BL, max_new_tokens=32)                          # greedy
+    ids = generate(model, prompt_BL, max_new_tokens=32, temperature=0.8, rng=key)  # sampled
 
 Returns the prompt followed by the new tokens, <int32>[B, L + max_new_tokens]. The prompt is fed in
 one prefill call, then one jitted step per token. Both take the model as (graphdef, state), so they
 are traced once per (model structure, batch, prompt length, cache length, sampling mode) and reused
 across tokens and across calls; the cache has a fixed size and a position index, so a step's shapes
-never change. `TRACES` counts the traces (tests check that a step is not re-traced per token).
+never change (tests check, through the jit caches of `_prefill` and `_step`, that a step is compiled
+once, not per token).
 
 MoE layers run in eval mode on the tokens of each call (see transformer.py for when that routes every
 token as the full forward pass does). Expert-choice and Soft MoE routers with grouping='tokens' mix
@@ -26,9 +27,6 @@ from flax import nnx
 from moe_jax.transformer import DecodeCache, Transformer
 from moe_jax.types import Array
 
-TRACES = {"prefill": 0, "step": 0}
-
-
 def select_next(logits_BV: Array, key: Optional[Array], temperature: Array, *, greedy: bool,
                 top_k: Optional[int]) -> Array:
     """<float32>[B, V] -> <int32>[B]: argmax, or a draw from softmax(logits / temperature) over the top_k."""
@@ -43,14 +41,12 @@ def select_next(logits_BV: Array, key: Optional[Array], temperature: Array, *, g
 
 @functools.partial(jax.jit, static_argnums=(0,), static_argnames=("greedy", "top_k"))
 def _prefill(graphdef, state, prompt_BL, cache, key, temperature, *, greedy, top_k):
-    TRACES["prefill"] += 1
     logits_BLV, cache = nnx.merge(graphdef, state).decode(prompt_BL, cache)
     return select_next(logits_BLV[:, -1], key, temperature, greedy=greedy, top_k=top_k), cache
 
 
 @functools.partial(jax.jit, static_argnums=(0,), static_argnames=("greedy", "top_k"))
 def _step(graphdef, state, token_B, cache, key, temperature, *, greedy, top_k):
-    TRACES["step"] += 1
     logits_BLV, cache = nnx.merge(graphdef, state).decode(token_B[:, None], cache)
     return select_next(logits_BLV[:, -1], key, temperature, greedy=greedy, top_k=top_k), cache
 

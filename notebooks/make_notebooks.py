@@ -137,7 +137,7 @@ ROUTERS = {
 
 @jax.jit
 def route(router, x_GSD, token_ids_GS):
-    return router.route(router.logits(x_GSD), train=False, token_ids_GS=token_ids_GS)[0]
+    return router.route(router.logits(x_GSD), train=False, token_ids_GS=token_ids_GS).routing
 
 
 results = {}

@@ -1,7 +1,7 @@
 """Pallas grouped-matmul kernels for the routed experts (dropless MoE, MegaBlocks-style).
 
     from pallas_kernels import gmm
-    y_MN = gmm(x_MK, w_EKN, group_sizes_E)          # rows sorted by expert; differentiable in x and w
+    y_MF = gmm(x_MD, w_EDF, group_sizes_E)          # rows sorted by expert; differentiable in x and w
 
 Files: metadata.py (which tile serves which group), tpu_mosaic.py / gpu_triton.py (the pallas_calls),
 kernel.py (checks, tiling, cost estimate, lowering switch), ops.py (custom_vjp), reference.py (jnp oracle).

@@ -26,7 +26,7 @@ def _precision(dtype):
     return jax.lax.Precision.HIGHEST if jnp.dtype(dtype) == jnp.float32 else jax.lax.Precision.DEFAULT
 
 
-def gmm(lhs, rhs, glo_T, ghi_T, start_J, end_J, *, tiling, transpose_rhs: bool, out_dtype, interpret,
+def gmm(lhs, rhs, glo_Y, ghi_Y, start_W, end_W, *, tiling, transpose_rhs: bool, out_dtype, interpret,
         cost_estimate: pl.CostEstimate, num_warps: int, num_stages: int):
     """lhs <dtype>[m, k], rhs [E_local, k, n] ([E_local, n, k] if transpose_rhs) -> [m, n]."""
     tm, tk, tn = tiling
@@ -77,10 +77,10 @@ def gmm(lhs, rhs, glo_T, ghi_T, start_J, end_J, *, tiling, transpose_rhs: bool, 
         interpret=interpret,
         cost_estimate=cost_estimate,
         name="moe_gmm",
-    )(glo_T, ghi_T, start_J, end_J, lhs, rhs)
+    )(glo_Y, ghi_Y, start_W, end_W, lhs, rhs)
 
 
-def tgmm(lhs_t, grad, start_J, end_J, *, num_groups: int, tiling, out_dtype, interpret,
+def tgmm(lhs_t, grad, start_W, end_W, *, num_groups: int, tiling, out_dtype, interpret,
          cost_estimate: pl.CostEstimate, num_warps: int, num_stages: int):
     """lhs_t <dtype>[k, m], grad [m, n] -> [E_local, k, n]: per group lhs_t[:, rows] @ grad[rows]."""
     tm, tk, tn = tiling
@@ -120,4 +120,4 @@ def tgmm(lhs_t, grad, start_J, end_J, *, num_groups: int, tiling, out_dtype, int
         interpret=interpret,
         cost_estimate=cost_estimate,
         name="moe_tgmm",
-    )(start_J, end_J, lhs_t, grad)
+    )(start_W, end_W, lhs_t, grad)

@@ -26,6 +26,9 @@ index past the global groups is an empty group at the end. `group_offset` may be
 
 Group sizes whose sum exceeds m are cut at m (rows past m do not exist); negative sizes are not
 checked at run time (they are traced) and give undefined results.
+
+Shape suffixes (the letters of moe_jax/types.py): `_I` per item, `_Y` per row tile, `_W` per local
+group, `_E` per global group.
 """
 from __future__ import annotations
 
@@ -66,37 +69,38 @@ def local_group_bounds(group_sizes_E: jax.Array, group_offset, num_local_groups:
     num_groups = sizes_E.shape[0]
     end_E = jnp.minimum(jnp.cumsum(sizes_E), m)
     start_E = jnp.concatenate([jnp.zeros((1,), jnp.int32), end_E[:-1]])
-    global_J = jnp.asarray(group_offset, jnp.int32) + jnp.arange(num_local_groups, dtype=jnp.int32)
-    inside_J = (global_J >= 0) & (global_J < num_groups)
-    clipped_J = jnp.clip(global_J, 0, num_groups - 1)
+    global_W = jnp.asarray(group_offset, jnp.int32) + jnp.arange(num_local_groups, dtype=jnp.int32)
+    inside_W = (global_W >= 0) & (global_W < num_groups)
+    clipped_W = jnp.clip(global_W, 0, num_groups - 1)
     # Local indices before the first global group are empty at row 0, after the last empty at the end.
-    outside_row_J = jnp.where(global_J < 0, 0, end_E[-1])
-    start_J = jnp.where(inside_J, start_E[clipped_J], outside_row_J)
-    end_J = jnp.where(inside_J, end_E[clipped_J], outside_row_J)
-    return start_J, end_J
+    outside_row_W = jnp.where(global_W < 0, 0, end_E[-1])
+    start_W = jnp.where(inside_W, start_E[clipped_W], outside_row_W)
+    end_W = jnp.where(inside_W, end_E[clipped_W], outside_row_W)
+    return start_W, end_W
 
 
-def _items(start_S: jax.Array, end_S: jax.Array, *, tm: int, num_tiles: int, max_items: int, visit_empty: bool):
-    """Items of S row segments [start_s, end_s), ordered by segment then tile (= by row, since
-    segments are ordered and disjoint). A segment spans ceil(end / tm) - floor(start / tm) tiles."""
-    size_S = end_S - start_S
-    first_tile_S = jnp.minimum(start_S // tm, num_tiles - 1)
-    span_S = jnp.where(size_S > 0, -(-end_S // tm) - start_S // tm, 1 if visit_empty else 0)
-    stop_S = jnp.cumsum(span_S)  # items of segment s: [stop_S[s] - span_S[s], stop_S[s])
-    num_items = stop_S[-1]
+def _items(seg_start: jax.Array, seg_end: jax.Array, *, tm: int, num_tiles: int, max_items: int, visit_empty: bool):
+    """Items of the row segments [seg_start[s], seg_end[s]), ordered by segment then tile (= by row,
+    since segments are ordered and disjoint). A segment spans ceil(end / tm) - floor(start / tm) tiles.
+    The seg_* arrays are <int32>[number of segments]."""
+    seg_size = seg_end - seg_start
+    seg_first_tile = jnp.minimum(seg_start // tm, num_tiles - 1)
+    seg_span = jnp.where(seg_size > 0, -(-seg_end // tm) - seg_start // tm, 1 if visit_empty else 0)
+    seg_stop = jnp.cumsum(seg_span)  # items of segment s: [seg_stop[s] - seg_span[s], seg_stop[s])
+    num_items = seg_stop[-1]
     item_I = jnp.arange(max_items, dtype=jnp.int32)
     live_I = item_I < num_items
     # Idle items copy the last real item (a real item always exists: see the callers' bounds).
     item_I = jnp.minimum(item_I, num_items - 1)
-    seg_I = jnp.searchsorted(stop_S, item_I, side="right").astype(jnp.int32)
-    rank_I = item_I - (stop_S[seg_I] - span_S[seg_I])
-    tile_I = first_tile_S[seg_I] + rank_I
-    lo_I = jnp.maximum(start_S[seg_I], tile_I * tm)
-    hi_I = jnp.minimum(end_S[seg_I], (tile_I + 1) * tm)
+    seg_I = jnp.searchsorted(seg_stop, item_I, side="right").astype(jnp.int32)
+    rank_I = item_I - (seg_stop[seg_I] - seg_span[seg_I])
+    tile_I = seg_first_tile[seg_I] + rank_I
+    lo_I = jnp.maximum(seg_start[seg_I], tile_I * tm)
+    hi_I = jnp.minimum(seg_end[seg_I], (tile_I + 1) * tm)
     lo_I = jnp.where(live_I, lo_I, 0)
     hi_I = jnp.where(live_I, jnp.maximum(hi_I, lo_I), 0)
     first_I = live_I & (rank_I == 0)
-    last_I = live_I & (rank_I == span_S[seg_I] - 1)
+    last_I = live_I & (rank_I == seg_span[seg_I] - 1)
     return seg_I, tile_I, lo_I, hi_I, live_I, first_I, last_I, num_items
 
 
@@ -113,11 +117,11 @@ def gmm_metadata(group_sizes_E: jax.Array, *, m: int, tm: int, group_offset=0,
         raise ValueError(f"gmm_metadata: m={m} must be a multiple of tm={tm} (pad the rows first).")
     num_tiles = m // tm
     max_items = num_tiles + num_local_groups + 1
-    start_J, end_J = local_group_bounds(group_sizes_E, group_offset, num_local_groups, m)
-    start_S = jnp.concatenate([jnp.zeros((1,), jnp.int32), start_J, end_J[-1:]])
-    end_S = jnp.concatenate([start_J[:1], end_J, jnp.full((1,), m, jnp.int32)])
+    start_W, end_W = local_group_bounds(group_sizes_E, group_offset, num_local_groups, m)
+    seg_start = jnp.concatenate([jnp.zeros((1,), jnp.int32), start_W, end_W[-1:]])
+    seg_end = jnp.concatenate([start_W[:1], end_W, jnp.full((1,), m, jnp.int32)])
     seg_I, tile_I, lo_I, hi_I, live_I, first_I, last_I, num_items = _items(
-        start_S, end_S, tm=tm, num_tiles=num_tiles, max_items=max_items, visit_empty=False)
+        seg_start, seg_end, tm=tm, num_tiles=num_tiles, max_items=max_items, visit_empty=False)
     is_group_I = (seg_I >= 1) & (seg_I <= num_local_groups)
     return ItemMetadata(
         tile_I=tile_I, group_I=jnp.clip(seg_I - 1, 0, num_local_groups - 1), lo_I=lo_I, hi_I=hi_I,
@@ -134,9 +138,9 @@ def tgmm_metadata(group_sizes_E: jax.Array, *, m: int, tm: int, group_offset=0,
         raise ValueError(f"tgmm_metadata: m={m} must be a multiple of tm={tm} (pad the rows first).")
     num_tiles = m // tm
     max_items = num_tiles + num_local_groups - 1
-    start_J, end_J = local_group_bounds(group_sizes_E, group_offset, num_local_groups, m)
+    start_W, end_W = local_group_bounds(group_sizes_E, group_offset, num_local_groups, m)
     seg_I, tile_I, lo_I, hi_I, live_I, first_I, last_I, num_items = _items(
-        start_J, end_J, tm=tm, num_tiles=num_tiles, max_items=max_items, visit_empty=True)
+        start_W, end_W, tm=tm, num_tiles=num_tiles, max_items=max_items, visit_empty=True)
     return ItemMetadata(
         tile_I=tile_I, group_I=seg_I, lo_I=lo_I, hi_I=hi_I, real_I=(live_I & (hi_I > lo_I)).astype(jnp.int32),
         first_I=first_I.astype(jnp.int32), last_I=last_I.astype(jnp.int32), num_items=num_items,
@@ -145,16 +149,16 @@ def tgmm_metadata(group_sizes_E: jax.Array, *, m: int, tm: int, group_offset=0,
 
 def tile_group_range(group_sizes_E: jax.Array, *, m: int, tm: int, group_offset=0,
                      num_local_groups: int) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
-    """Per row tile (the GPU kernel's view): local groups [glo_T, ghi_T) whose rows touch the tile,
-    and the local groups' row bounds start_J, end_J. A group touches tile t if it is non-empty and
+    """Per row tile (the GPU kernel's view): local groups [glo_Y, ghi_Y) whose rows touch the tile,
+    and the local groups' row bounds start_W, end_W. A group touches tile t if it is non-empty and
     start < (t + 1) * tm and end > t * tm; empty groups inside the range are skipped by the kernel."""
     num_tiles = -(-m // tm)
-    start_J, end_J = local_group_bounds(group_sizes_E, group_offset, num_local_groups, m)
-    tile_lo_T = jnp.arange(num_tiles, dtype=jnp.int32) * tm
+    start_W, end_W = local_group_bounds(group_sizes_E, group_offset, num_local_groups, m)
+    tile_lo_Y = jnp.arange(num_tiles, dtype=jnp.int32) * tm
     # Groups are ordered by row: the first touching group is the first whose end > tile start
     # (ignoring empty groups, whose end equals a neighbour's), the last the last whose start < tile end.
-    glo_T = jnp.searchsorted(end_J, tile_lo_T, side="right").astype(jnp.int32)
-    ghi_T = jnp.searchsorted(start_J, tile_lo_T + tm, side="left").astype(jnp.int32)
-    ghi_T = jnp.maximum(ghi_T, glo_T)
-    return glo_T, ghi_T, start_J, end_J
+    glo_Y = jnp.searchsorted(end_W, tile_lo_Y, side="right").astype(jnp.int32)
+    ghi_Y = jnp.searchsorted(start_W, tile_lo_Y + tm, side="left").astype(jnp.int32)
+    ghi_Y = jnp.maximum(ghi_Y, glo_Y)
+    return glo_Y, ghi_Y, start_W, end_W
 

@@ -1,7 +1,7 @@
 """`gmm` with gradients for both operands: a `jax.custom_vjp` over the raw kernels of kernel.py.
 
-    y = gmm(x_MK, w_EKN, group_sizes_E)                       # y[rows of e] = x[rows of e] @ w[e]
-    jax.grad(loss)(x_MK, w_EKN)                                # dx = gmm(dy, w^T), dw = tgmm(x^T, dy)
+    y = gmm(x_MD, w_EDF, group_sizes_E)                       # y[rows of e] = x[rows of e] @ w[e]
+    jax.grad(loss)(x_MD, w_EDF)                                # dx = gmm(dy, w^T), dw = tgmm(x^T, dy)
 
 With `transpose_rhs=True` the rhs is `[E_local, n, k]` (y[rows of e] = x[rows] @ w[e]^T), its
 gradient `tgmm(dy^T, x)`. The cotangent is cast to the operands' dtype before the backward kernels

@@ -60,17 +60,17 @@ def _reference_mha(x, positions, wq, wk, wv, wo, theta):
     H, N, Q = wq.shape[1], wk.shape[1], wq.shape[2]
     rope = lambda a: np.asarray(apply_rope(jnp.asarray(a, jnp.float32), positions, theta), np.float64)
     q, k = rope(np.einsum("bld,dhq->blhq", x, wq)), rope(np.einsum("bld,dnq->blnq", x, wk))
-    v = np.einsum("bld,dnv->blnv", x, wv)
+    v = np.einsum("bld,dnu->blnu", x, wv)
     out = np.zeros((B, L, H, wv.shape[2]))
     for b in range(B):
         for h in range(H):
             n = h // (H // N)
             for l in range(L):
-                s = np.array([q[b, l, h] @ k[b, m, n] / math.sqrt(Q) for m in range(l + 1)])
+                s = np.array([q[b, l, h] @ k[b, j, n] / math.sqrt(Q) for j in range(l + 1)])
                 p = np.exp(s - s.max())
                 p /= p.sum()
                 out[b, l, h] = p @ v[b, : l + 1, n]
-    return np.einsum("blhv,hvd->bld", out, wo)
+    return np.einsum("blhu,hud->bld", out, wo)
 
 
 def test_gqa_matches_loop_reference():
@@ -80,7 +80,7 @@ def test_gqa_matches_loop_reference():
     pos = _positions(2, 6)
     y = call(attn, x, pos)
     assert y.shape == (2, 6, 32)
-    ref = _reference_mha(x, pos, attn.w_q_DHQ[...], attn.w_k_DNQ[...], attn.w_v_DNV[...], attn.w_o_HVD[...],
+    ref = _reference_mha(x, pos, attn.w_q_DHQ[...], attn.w_k_DNQ[...], attn.w_v_DNU[...], attn.w_o_HUD[...],
                          cfg.rope_theta)
     np.testing.assert_allclose(y, ref, atol=1e-5, rtol=1e-5)
 
@@ -90,9 +90,9 @@ def test_gqa_equals_mha_with_repeated_kv_heads():
     gqa = Attention(_cfg(num_kv_heads=2), rngs=_rngs(0))
     mha = Attention(_cfg(num_kv_heads=4), rngs=_rngs(1))
     mha.w_q_DHQ[...] = gqa.w_q_DHQ[...]
-    mha.w_o_HVD[...] = gqa.w_o_HVD[...]
+    mha.w_o_HUD[...] = gqa.w_o_HUD[...]
     mha.w_k_DNQ[...] = jnp.repeat(gqa.w_k_DNQ[...], 2, axis=1)  # query head h = n * R + r reads kv head n
-    mha.w_v_DNV[...] = jnp.repeat(gqa.w_v_DNV[...], 2, axis=1)
+    mha.w_v_DNU[...] = jnp.repeat(gqa.w_v_DNU[...], 2, axis=1)
     x = jax.random.normal(jax.random.key(2), (2, 5, 32))
     pos = _positions(2, 5)
     np.testing.assert_allclose(call(gqa, x, pos), call(mha, x, pos), atol=1e-6)
@@ -118,11 +118,11 @@ def test_mla_matches_explicit_per_head_reference(q_lora_rank):
     cq = xn if q_lora_rank is None else rms(xn @ p(mla.w_dq_DA), p(mla.q_norm.scale))
     q = np.einsum("bla,ahq->blhq", cq, p(mla.w_q_AHQ))
     q_nope, q_rope = q[..., :6], np.asarray(apply_rope(jnp.asarray(q[..., 6:], jnp.float32), pos, cfg.rope_theta))
-    ckv = rms(xn @ p(mla.w_dkv_DC), p(mla.kv_norm.scale))  # [B, L, C=12]
+    ckv = rms(xn @ p(mla.w_dkv_DZ), p(mla.kv_norm.scale))  # [B, L, Z=12]
     k_rope = np.asarray(apply_rope(jnp.asarray(xn @ p(mla.w_kr_DP), jnp.float32)[:, :, None], pos, cfg.rope_theta))
     k_rope = k_rope[:, :, 0]  # one RoPE key per position, shared by the heads
-    k_nope = np.einsum("blc,cho->blho", ckv, p(mla.w_uk_CHO))
-    v = np.einsum("blc,chv->blhv", ckv, p(mla.w_uv_CHV))
+    k_nope = np.einsum("blz,zho->blho", ckv, p(mla.w_uk_ZHO))
+    v = np.einsum("blz,zhu->blhu", ckv, p(mla.w_uv_ZHU))
     out = np.zeros((B, L, 4, 5))
     for b in range(B):
         for h in range(4):
@@ -131,7 +131,7 @@ def test_mla_matches_explicit_per_head_reference(q_lora_rank):
                 s = k_h @ np.concatenate([q_nope[b, l, h], q_rope[b, l, h]]) / math.sqrt(6 + 4)
                 w = np.exp(s - s.max())
                 out[b, l, h] = (w / w.sum()) @ v[b, : l + 1, h]
-    np.testing.assert_allclose(y, np.einsum("blhv,hvd->bld", out, p(mla.w_o_HVD)), atol=2e-5, rtol=1e-4)
+    np.testing.assert_allclose(y, np.einsum("blhu,hud->bld", out, p(mla.w_o_HUD)), atol=2e-5, rtol=1e-4)
 
 
 @pytest.mark.parametrize("kind", ["mha", "mla"])

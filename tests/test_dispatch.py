@@ -1,8 +1,9 @@
 """Dispatch paths agree: gather vs einsum (with and without drops), dropless sorted vs capacity.
 
 Forward outputs and gradients with respect to the input and every parameter are compared between
-two layers holding the same parameters. The loss needs the output (0.5 * sum(y**2), see NOTES.md)
-and adds the auxiliary loss so that the router's gradient through both paths is compared too.
+two layers holding the same parameters. The loss needs the output, 0.5 * sum(y**2) (with sum(y) the
+cotangent is all ones whatever y is, and XLA deletes an FFN's output matmul from the gradient), and
+adds the auxiliary loss so that the router's gradient through both paths is compared too.
 """
 from __future__ import annotations
 

@@ -2,7 +2,8 @@
 jnp reference under hypothesis-drawn group sizes, both lowerings in interpret mode, lowering for real
 TPU / GPU targets, expert-parallel offsets, argument errors, and the MoE layer's backends agreeing.
 
-Interpret mode costs per grid step (NOTES.md), so shapes are small and tiles are large; every jitted
+Interpret mode costs per grid step (on a CPU, a grouped matmul of m=4096, k=n=1024 took 38 s with 128^3
+tiles and 0.3 s with 512x1024x1024 tiles), so shapes are small and tiles are large; every jitted
 function is built once per configuration and hypothesis varies only the traced group sizes.
 """
 from __future__ import annotations

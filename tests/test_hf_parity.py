@@ -62,7 +62,7 @@ def config_for(arrays: dict, path: str) -> MoEConfig:
         common.update(capacity_factor=None, eval_capacity_factor=None, expert_backend=path,
                       dropless_block_size=4)
     if m["case"] in ("mixtral", "qwen2_moe_norm", "qwen2_moe_nonorm"):
-        common.update(balance_loss_scope="batch")  # HF's statistics are over all N tokens
+        common.update(balance_loss_scope="batch")  # HF's statistics are over all T tokens
     if m["case"].startswith("qwen2_moe"):
         common.update(num_shared_experts=1, shared_d_ff=m["shared_d_ff"], shared_expert_gate=True)
     if m["case"] == "deepseek_v3":
@@ -114,7 +114,7 @@ def forward(layer: MoELayer, x_BLD):
     y_BLD, aux = layer(x_BLD, train=False)
     routing = None
     if layer.cfg.capacity_factor_for(False) is not None:
-        routing, _ = layer.router.route(logits_GSE, train=False)
+        routing = layer.router.route(logits_GSE, train=False).routing
     return logits_GSE, expert_GSK, weight_GSK, y_BLD, aux, routing
 
 
@@ -125,28 +125,28 @@ def check_case(arrays: dict, path: str) -> None:
     layer = build_layer(arrays, cfg)
     x_BLD = jnp.asarray(arrays["x"])
     B, L, D = x_BLD.shape
-    N, E = B * L, m["num_experts"]
+    T, E = B * L, m["num_experts"]
     logits_GSE, expert_GSK, weight_GSK, y_BLD, aux, routing = forward(layer, x_BLD)
 
-    np.testing.assert_allclose(logits_GSE.reshape(N, E), arrays["router_logits"].reshape(N, E), atol=ATOL)
-    expert_NK = np.asarray(expert_GSK).reshape(N, -1)
-    weight_NK = np.asarray(weight_GSK).reshape(N, -1)
+    np.testing.assert_allclose(logits_GSE.reshape(T, E), arrays["router_logits"].reshape(T, E), atol=ATOL)
+    expert_TK = np.asarray(expert_GSK).reshape(T, -1)
+    weight_TK = np.asarray(weight_GSK).reshape(T, -1)
     hf_idx, hf_w = arrays["topk_idx"], arrays["topk_weight"]
     if m["case"] in ("deepseek_v3", "deepseek_v2"):
         # HF's topk(sorted=False): compare as sets, weights aligned by expert id.
-        ours_order, hf_order = np.argsort(expert_NK, -1), np.argsort(hf_idx, -1)
-        expert_NK, weight_NK = (np.take_along_axis(a, ours_order, -1) for a in (expert_NK, weight_NK))
+        ours_order, hf_order = np.argsort(expert_TK, -1), np.argsort(hf_idx, -1)
+        expert_TK, weight_TK = (np.take_along_axis(a, ours_order, -1) for a in (expert_TK, weight_TK))
         hf_idx, hf_w = (np.take_along_axis(a, hf_order, -1) for a in (hf_idx, hf_w))
     if m["case"] == "switch":
-        np.testing.assert_array_equal(expert_NK, hf_idx)  # before the capacity cut
-        kept_N = arrays["kept"].reshape(N)
-        np.testing.assert_allclose(weight_NK[kept_N], hf_w[kept_N], atol=ATOL)
+        np.testing.assert_array_equal(expert_TK, hf_idx)  # before the capacity cut
+        kept_T = arrays["kept"].reshape(T)
+        np.testing.assert_allclose(weight_TK[kept_T], hf_w[kept_T], atol=ATOL)
     else:
-        np.testing.assert_array_equal(expert_NK, hf_idx)
-        np.testing.assert_allclose(weight_NK, hf_w, atol=ATOL)
+        np.testing.assert_array_equal(expert_TK, hf_idx)
+        np.testing.assert_allclose(weight_TK, hf_w, atol=ATOL)
 
     np.testing.assert_allclose(np.asarray(y_BLD), arrays["y"], atol=ATOL)
-    assert aux.metrics["dropped_fraction"] == (m.get("n_dropped", 0) / N)
+    assert aux.metrics["dropped_fraction"] == (m.get("n_dropped", 0) / T)
 
     if m["case"] == "switch":
         assert routing.capacity == m["capacity"] == 3
@@ -191,7 +191,7 @@ def test_switch_fixture_distinguishes_per_sequence_capacity():
     flat_cfg = dataclasses.replace(cfg, group_size=16, capacity_factor=0.75, eval_capacity_factor=0.75)
     layer = build_layer(arrays, flat_cfg)
     logits = layer.router.logits(jnp.asarray(arrays["x"]).reshape(1, 16, -1))
-    routing, _ = layer.router.route(logits, train=False)
+    routing = layer.router.route(logits, train=False).routing
     assert routing.capacity == 3
     kept_flat = ~np.asarray(routing.dropped_GSK).reshape(2, 8)
     assert np.any(kept_flat != arrays["kept"])
@@ -219,23 +219,23 @@ def test_deepseek_v2_fixture_needs_max_group_score():
     fixture names, so the V2 parity above would fail if group_score were ignored."""
     arrays = load_case("deepseek_v2")
     m = arrays["meta"]
-    N, K = m["batch"] * m["seq_len"], m["top_k"]
+    T, K = m["batch"] * m["seq_len"], m["top_k"]
     cfg = config_for(arrays, "gather")
     assert cfg.group_score == "max"
-    hf_NK = np.sort(arrays["topk_idx"], -1)
-    top2_NK = arrays["topk_idx_top2_sum"]  # ascending, from the generator's float64 reference
-    differs_N = np.any(top2_NK != hf_NK, -1)
-    assert differs_N.sum() == m["n_tokens_top2_sum_changes_selection"] > 0
+    hf_TK = np.sort(arrays["topk_idx"], -1)
+    top2_TK = arrays["topk_idx_top2_sum"]  # ascending, from the generator's float64 reference
+    differs_T = np.any(top2_TK != hf_TK, -1)
+    assert differs_T.sum() == m["n_tokens_top2_sum_changes_selection"] > 0
     x_BLD = jnp.asarray(arrays["x"])
-    for group_score, want_NK in (("max", hf_NK), ("top2_sum", top2_NK)):
+    for group_score, want_TK in (("max", hf_TK), ("top2_sum", top2_TK)):
         layer = build_layer(arrays, dataclasses.replace(cfg, group_score=group_score))
         _, expert_GSK, _, y_BLD, _, _ = forward(layer, x_BLD)
-        np.testing.assert_array_equal(np.sort(np.asarray(expert_GSK).reshape(N, K), -1), want_NK)
-        y_diff_N = np.abs(np.asarray(y_BLD) - arrays["y"]).reshape(N, -1).max(-1) > 1e-3
-        np.testing.assert_array_equal(y_diff_N, differs_N if group_score == "top2_sum" else False)
+        np.testing.assert_array_equal(np.sort(np.asarray(expert_GSK).reshape(T, K), -1), want_TK)
+        y_diff_T = np.abs(np.asarray(y_BLD) - arrays["y"]).reshape(T, -1).max(-1) > 1e-3
+        np.testing.assert_array_equal(y_diff_T, differs_T if group_score == "top2_sum" else False)
     # HF's group scores are the per-group max of the softmax probabilities.
     p = jax.nn.softmax(jnp.asarray(arrays["router_logits"]), -1)
-    np.testing.assert_allclose(p.reshape(N, m["n_group"], -1).max(-1), arrays["group_scores"], atol=ATOL)
+    np.testing.assert_allclose(p.reshape(T, m["n_group"], -1).max(-1), arrays["group_scores"], atol=ATOL)
 
 
 # ---- live: rebuild the HF blocks (only where torch and transformers import) ----

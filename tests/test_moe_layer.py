@@ -129,7 +129,7 @@ def _layer_and_fn(name):
         @nnx.jit
         def run(layer, x):
             y, aux = layer(x, train=True)
-            routing, _ = layer.router.route(layer.router.logits(x), train=True)  # groups = sequences
+            routing = layer.router.route(layer.router.logits(x), train=True).routing  # groups = sequences
             return y, aux, routing
 
         _LAYERS[name] = (layer, run)

@@ -89,14 +89,15 @@ def test_only_routed_experts_change(bits):
     assert not any(v.dtype in (jnp.int8, jnp.int4) for v in jax.tree.leaves(params))
 
 
-def test_quantized_experts_carry_every_field_of_experts():
-    # QuantizedExperts copies Experts' fields by name: a field added to Experts must be added there too.
-    experts = Experts(2, 8, 16, activation="gelu", use_bias=True, rngs=nnx.Rngs(params=0))
+def test_quantized_experts_compute_as_the_float_experts_do():
+    # QuantizedExperts uses the float experts' computation (ExpertFFN) itself, not copies of its fields.
+    experts = Experts(2, 8, 16, activation="gelu", use_bias=True, capacity_backend="blocked",
+                      rngs=nnx.Rngs(params=0))
     quantized = Q.QuantizedExperts(experts, 8)
-    public = lambda m: {k for k in vars(m) if not k.startswith("_")}
-    assert public(experts) <= public(quantized)
-    assert quantized.bits == 8 and quantized.activation == "gelu" and not quantized.gated
+    assert quantized.ffn is experts.ffn
+    assert quantized.bits == 8 and quantized.ffn.activation == "gelu" and not quantized.ffn.gated
     np.testing.assert_array_equal(quantized.b_in_EF[...], experts.b_in_EF[...])
+    assert quantized.dequantized().ffn == experts.ffn
 
 
 @pytest.mark.parametrize("backend,capacity_factor,activation,bias", [
@@ -108,7 +109,7 @@ def test_quantized_experts_carry_every_field_of_experts():
 ])  # 'pallas' reads its weights in the same line of Experts.grouped as 'ragged_dot' (and interprets slowly on CPU)
 def test_every_backend_computes_with_the_dequantized_weights(backend, capacity_factor, activation, bias):
     # The quantized layer must equal a float layer whose experts hold the dequantized weights, in every
-    # backend (they all read weights through Experts._weights, which QuantizedExperts overrides).
+    # backend (QuantizedExperts hands its dequantized weights to the float experts' ExpertFFN).
     cfg = MoEConfig(d_model=16, d_ff=32, num_experts=4, num_experts_per_token=2, capacity_factor=capacity_factor,
                     eval_capacity_factor=capacity_factor, expert_backend=backend, dropless_block_size=8,
                     activation=activation, expert_bias=bias, num_shared_experts=1)

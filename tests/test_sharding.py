@@ -233,9 +233,9 @@ def test_rule_table_places_every_parameter_kind():
     assert specs["params/blocks/1/ffn/shared/experts/w_in_EDF"] == P(None, "fsdp", "model")  # E = 1: whole
     assert specs["params/blocks/0/ffn/experts/w_in_EDF"] == P(None, "fsdp", "model")  # dense FFN
     assert specs["params/blocks/1/ffn/router/w_DE"] == P()
-    assert specs["params/blocks/1/attn/w_uk_CHO"] == P(None, "model")
-    assert specs["params/blocks/1/attn/w_dkv_DC"] == P("fsdp")
-    assert specs["params/blocks/1/attn/w_o_HVD"] == P("model", None, "fsdp")
+    assert specs["params/blocks/1/attn/w_uk_ZHO"] == P(None, "model")
+    assert specs["params/blocks/1/attn/w_dkv_DZ"] == P("fsdp")
+    assert specs["params/blocks/1/attn/w_o_HUD"] == P("model", None, "fsdp")
     assert specs["params/embed_VD"] == P("model", "fsdp")
     assert specs["params/final_norm/scale"] == P()
     assert specs["step"] == P()

@@ -9,7 +9,7 @@ import pytest
 from configs import base
 from moe_jax.train import loop as loop_lib
 from moe_jax.train.metrics import read_jsonl
-from moe_jax.train.run_config import build_run_config
+from moe_jax.train.run_config import build_run_config, run_record
 
 
 def tiny_run(tmp_path, steps=12, **train):
@@ -41,6 +41,9 @@ def test_loss_decreases_and_summary_files(tmp_path):
     assert summary["steps"] == 40 and np.isfinite(summary["final_eval_ce"])
     for name in ("config.json", "summary.json", "training.png", "metrics.jsonl"):
         assert os.path.exists(tmp_path / "w" / name), name
+    assert summary["plot"] == "training.png"  # relative to the workdir: no machine path in the results
+    recorded = json.loads((tmp_path / "w" / "config.json").read_text())
+    assert recorded == json.loads(json.dumps(run_record(run)))
     assert os.listdir(tmp_path / "w" / "tensorboard")
 
     # Restore for evaluation: the restored model reproduces the run's final eval loss.
@@ -58,6 +61,20 @@ def test_loss_decreases_and_summary_files(tmp_path):
     np.testing.assert_allclose(float(ce), summary["final_eval_ce"], rtol=1e-5)
     with pytest.raises(FileNotFoundError, match="config.json"):
         load_run(str(tmp_path / "nowhere"))
+
+
+def test_run_record_writes_the_home_directory_as_tilde_and_reads_back(tmp_path, monkeypatch):
+    from moe_jax.train.restore import load_run_config
+
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    run = tiny_run(tmp_path / "home")  # data_dir = <home>/data
+    record = run_record(run)
+    assert record["data"]["data_dir"] == "~/data"
+    assert run_record(tiny_run(tmp_path))["data"]["data_dir"] == str(tmp_path / "data")  # outside home: as given
+    (tmp_path / "w").mkdir()
+    (tmp_path / "w" / "config.json").write_text(json.dumps(record))
+    loaded = load_run_config(str(tmp_path / "w"))
+    assert loaded.data == run.data and loaded.train == run.train and loaded.model == run.model
 
 
 def test_same_seed_same_losses_and_kill_resume_is_exact(tmp_path, monkeypatch):

@@ -25,7 +25,7 @@ class StreamLMData(LMData):
 
     def __init__(self, cfg: DataConfig, tokenizer, tokens: dict, info: dict):
         super().__init__(cfg, tokenizer)
-        self.tokens = tokens  # split -> <uint8 | uint16 | int32>[N]
+        self.tokens = tokens  # split -> <uint8 | uint16 | int32>[tokens of the split]
         self._info = info
         for split in SPLITS:
             if len(tokens[split]) < cfg.seq_len + 1:

@@ -1,6 +1,6 @@
 """Tokenizers: UTF-8 bytes (vocab 256, no file) and byte-level BPE trained locally (Hugging Face `tokenizers`).
 
-Both map `str -> <int32>[N]` and back. The BPE model is GPT-2's byte-level scheme (Radford et al. 2019):
+Both map `str -> <int32>[tokens]` and back. The BPE model is GPT-2's byte-level scheme (Radford et al. 2019):
 the 256 byte symbols are the initial alphabet, so every string encodes and `decode(encode(s)) == s`.
 `tokenizers` is optional and imported only when `DataConfig.tokenizer='bpe'`.
 """

@@ -43,11 +43,11 @@ PARAM_AXES: tuple[tuple[str, tuple[Optional[str], ...]], ...] = (
     (r"experts/b_in_EF", ("expert", "mlp")),
     (r"experts/b_out_ED", ("expert", "embed")),
     (r"attn/w_q_DHQ", ("embed", "heads", None)),
-    (r"attn/w_[kv]_DN[QV]", ("embed", "kv_heads", None)),
-    (r"attn/w_o_HVD", ("heads", None, "embed")),
+    (r"attn/w_[kv]_DN[QU]", ("embed", "kv_heads", None)),
+    (r"attn/w_o_HUD", ("heads", None, "embed")),
     (r"attn/w_q_AHQ", (None, "heads", None)),  # MLA (A = the query latent, or d_model)
-    (r"attn/w_u[kv]_CH[OV]", (None, "heads", None)),  # MLA up-projections from the KV latent
-    (r"attn/w_(dq_DA|dkv_DC|kr_DP)", ("embed", None)),  # MLA down-projections
+    (r"attn/w_u[kv]_ZH[OU]", (None, "heads", None)),  # MLA up-projections from the KV latent
+    (r"attn/w_(dq_DA|dkv_DZ|kr_DP)", ("embed", None)),  # MLA down-projections
     (r"embed_VD", ("vocab", "embed")),
     (r"unembed_DV", ("embed", "vocab")),
     (r"shared_gate_D1", ("embed", None)),

@@ -66,5 +66,14 @@ class Checkpoints:
         restored = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))
         return restored["state"]
 
+    def restore_fields(self, step: int, targets: dict) -> dict:
+        """Restores only the named fields of the saved `TrainState` (e.g. {"params": ..., "rest": ...}),
+        each onto the structure, shapes, dtypes and shardings of its target; the other fields (the
+        optimizer state) are not read."""
+        abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, targets)
+        args = ocp.args.PyTreeRestore(item=abstract, restore_args=ocp.checkpoint_utils.construct_restore_args(abstract),
+                                      partial_restore=True)
+        return self.manager.restore(step, args=ocp.args.Composite(state=args))["state"]
+
     def close(self) -> None:
         self.manager.close()

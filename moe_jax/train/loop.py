@@ -9,7 +9,6 @@ uninterrupted run: batches and RNG keys are pure functions of (seed, step).
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import os
@@ -25,9 +24,9 @@ from moe_jax.flops import train_flops_per_token
 from moe_jax.params import count_params
 from moe_jax.train import distributed
 from moe_jax.train.checkpoint import Checkpoints
-from moe_jax.train.metrics import MetricWriter, read_jsonl, to_python
+from moe_jax.train.metrics import MetricWriter, read_jsonl
 from moe_jax.train.plots import plot_run
-from moe_jax.train.run_config import RunConfig, model_record
+from moe_jax.train.run_config import RunConfig, run_record
 from moe_jax.train.state import init_state, learning_rate_schedule, make_optimizer
 from moe_jax.train.step import make_eval_step, make_train_step
 from moe_jax.transformer import Transformer
@@ -62,8 +61,7 @@ def train(run: RunConfig, workdir: str, *, log=print) -> dict:
                          f"{data.vocab_size} tokens; set config.model.vocab_size >= {data.vocab_size}.")
     counts = count_params(cfg)
     flops_per_token = train_flops_per_token(cfg, counts, run.data.seq_len)
-    record = {"name": run.name, "model": model_record(cfg), "data": _plain(run.data), "train": _plain(run.train),
-              "mesh": _plain(run.mesh)}
+    record = run_record(run)
     with open(os.path.join(workdir, "config.json"), "w") as f:
         json.dump(record, f, indent=2)
     log(f"[moe_jax] {run.name}: {counts['total']/1e6:.2f}M params, {counts['active_per_token']/1e6:.2f}M active "
@@ -147,11 +145,6 @@ def train(run: RunConfig, workdir: str, *, log=print) -> dict:
     return summary
 
 
-def _plain(dc) -> dict:
-    return {f.name: to_python(v) if isinstance(v, (np.ndarray, jax.Array)) else v
-            for f in dataclasses.fields(dc) for v in [getattr(dc, f.name)]}
-
-
 def summarise(run, workdir, state, graphdef, data, counts, last_eval, log) -> dict:
     records = read_jsonl(os.path.join(workdir, "metrics.jsonl"))
     train_rows = [r for r in records if r["split"] == "train"]
@@ -172,7 +165,8 @@ def summarise(run, workdir, state, graphdef, data, counts, last_eval, log) -> di
         "expert_load_final": loads,
     }
     if train_rows:
-        summary["plot"] = plot_run(records, os.path.join(workdir, "training.png"), title=run.name)
+        plot_run(records, os.path.join(workdir, "training.png"), title=run.name)
+        summary["plot"] = "training.png"  # relative to the workdir
     if run.train.sample_tokens and jax.process_count() == 1:  # (multi-host: the prompt is one host's array)
         from moe_jax.sampling import generate
 

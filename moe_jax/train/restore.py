@@ -17,7 +17,7 @@ from moe_jax.model_config import ModelConfig
 from moe_jax.train.checkpoint import Checkpoints
 from moe_jax.train.config import TrainConfig
 from moe_jax.train.run_config import RunConfig
-from moe_jax.train.state import init_state, make_optimizer
+from moe_jax.train.state import split_model
 from moe_jax.transformer import Transformer
 
 
@@ -35,16 +35,16 @@ def load_run_config(workdir: str) -> RunConfig:
         raise FileNotFoundError(f"{path} does not exist: --workdir must be a directory that "
                                 "`python -m experiments.train` wrote (it holds config.json and checkpoints/).")
     with open(path) as f:
-        record = json.load(f)
-    return RunConfig(model=ModelConfig.from_dict(record["model"]), data=DataConfig(**record["data"]),
+        record = json.load(f)  # run_config.run_record's layout
+    data = dict(record["data"], data_dir=os.path.abspath(os.path.expanduser(record["data"]["data_dir"])))
+    return RunConfig(model=ModelConfig.from_dict(record["model"]), data=DataConfig(**data),
                      train=TrainConfig(**record["train"]), name=record.get("name", "run"))
 
 
 def load_run(workdir: str, step: Optional[int] = None) -> LoadedRun:
     """The model of `workdir` with the weights of checkpoint `step` (default: the latest)."""
     run = load_run_config(workdir)
-    tx = make_optimizer(run.train)
-    graphdef, state = init_state(Transformer(run.model, rngs=nnx.Rngs(params=run.train.seed)), tx)
+    graphdef, params, rest = split_model(Transformer(run.model, rngs=nnx.Rngs(params=run.train.seed)))
     ckpt = Checkpoints(workdir, keep=run.train.keep_checkpoints)
     try:
         available = list(ckpt.manager.all_steps())
@@ -54,8 +54,8 @@ def load_run(workdir: str, step: Optional[int] = None) -> LoadedRun:
         step = max(available) if step is None else step
         if step not in available:
             raise ValueError(f"Checkpoint step {step} is not in {ckpt.directory}; available: {sorted(available)}.")
-        state = ckpt.restore(step, state)
+        restored = ckpt.restore_fields(step, {"params": params, "rest": rest})  # not the optimizer state
     finally:
         ckpt.close()
-    return LoadedRun(run=run, model=nnx.merge(graphdef, state.params, state.rest), step=step,
+    return LoadedRun(run=run, model=nnx.merge(graphdef, restored["params"], restored["rest"]), step=step,
                      workdir=os.path.abspath(workdir))

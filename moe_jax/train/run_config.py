@@ -16,8 +16,10 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import importlib.util
+import os
 import typing
-from typing import Any
+from typing import Any, Optional
 
 import ml_collections
 from ml_collections import config_dict
@@ -148,6 +150,16 @@ def make_config_dict(name: str, model: dict, data: dict, train: dict,
     return config
 
 
+def load_config_file(path: str, arg: Optional[str] = None) -> ml_collections.ConfigDict:
+    """`get_config(arg)` of the config file at `path` (what `--config=path:arg` gives experiments.train)."""
+    spec = importlib.util.spec_from_file_location("moe_jax_config_file", path)
+    if spec is None:
+        raise FileNotFoundError(f"{path} is not a Python config file: give the path of a file with get_config(arg).")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(arg)
+
+
 def to_dict(config) -> dict:
     return config.to_dict() if hasattr(config, "to_dict") else dict(config)
 
@@ -210,3 +222,24 @@ def model_record(model_cfg: ModelConfig) -> dict:
         return v if isinstance(v, (int, float, str, bool, type(None))) else str(v)
 
     return plain(model_cfg)
+
+
+def home_relative(path: str) -> str:
+    """`path` with the user's home directory written `~`, so that a record names no machine's home;
+    `os.path.expanduser` reads it back."""
+    home = os.path.expanduser("~").rstrip(os.sep)
+    if home and (path == home or path.startswith(home + os.sep)):
+        return "~" + path[len(home):]
+    return path
+
+
+def run_record(run: RunConfig) -> dict:
+    """The run as the training loop writes it to a workdir's `config.json`: what `load_run_config`
+    (moe_jax.train.restore) reads back and the experiment runner compares a new run with.
+
+    {"name", "model": `model_record`, "data", "train", "mesh"}, JSON-able. data.data_dir is written
+    with the home directory as `~` (`home_relative`).
+    """
+    data = dict(dataclasses.asdict(run.data), data_dir=home_relative(run.data.data_dir))
+    return {"name": run.name, "model": model_record(run.model), "data": data,
+            "train": dataclasses.asdict(run.train), "mesh": dataclasses.asdict(run.mesh)}

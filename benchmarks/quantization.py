@@ -21,6 +21,7 @@ import importlib.util
 import json
 import os
 import statistics
+import sys
 import time
 
 import jax
@@ -29,6 +30,7 @@ import numpy as np
 import optax
 from flax import nnx
 
+from moe_jax import cli
 from moe_jax import quantization as Q
 from moe_jax.data import make_lm_data
 from moe_jax.train.restore import load_run
@@ -97,7 +99,7 @@ def evaluate(model, batches, reference_logp=None):
 
 def main():
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = cli.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workdir", default=None, help="a trained run (experiments.train); default: train one")
     parser.add_argument("--config", default=os.path.join(root, "configs", "default.py"))
     parser.add_argument("--steps", type=int, default=300, help="training steps when no --workdir is given")
@@ -158,4 +160,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(cli.run(lambda: main() and 0))

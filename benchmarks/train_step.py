@@ -18,6 +18,7 @@ import importlib.util
 import json
 import os
 import statistics
+import sys
 import time
 
 import jax
@@ -25,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from moe_jax import cli
 from moe_jax.params import count_params
 from moe_jax.train.loop import model_flops_per_token
 from moe_jax.train.run_config import build_run_config
@@ -85,7 +87,7 @@ def time_interleaved(candidates: dict, rounds: int, warmup: int = 2) -> dict:
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = cli.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     parser.add_argument("--config", default=os.path.join(root, "configs", "default.py"))
     parser.add_argument("--json", default=None)
@@ -135,4 +137,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(cli.run(lambda: main() and 0))

@@ -32,6 +32,7 @@ import time
 
 from experiments import scales, sweeps
 from experiments.spec import RunSpec, workdir_of
+from moe_jax import cli
 
 COMMAND = "python -m experiments.train --config=experiments/sweep_config.py:{scale},{sweep},{name} --workdir={workdir}"
 
@@ -266,7 +267,7 @@ def enable_compilation_cache(path: str) -> None:
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(prog="experiments.runner", description=__doc__.split("\n\n")[0])
+    p = cli.ArgumentParser(prog="experiments.runner", description=__doc__.split("\n\n")[0])
     p.add_argument("--scale", required=True, choices=scales.SCALES)
     p.add_argument("--sweeps", default="all", help=f"comma-separated among {', '.join(sweeps.SWEEPS)}, or 'all'")
     p.add_argument("--out", help="results folder (workdirs under <out>/runs); required unless --mode=commands "
@@ -354,4 +355,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli.run(main))

@@ -89,14 +89,16 @@ def test_same_seed_same_losses_and_kill_resume_is_exact(tmp_path, monkeypatch):
     with pytest.raises(Killed):
         loop_lib.train(tiny_run(tmp_path), str(tmp_path / "c"), log=lambda *_: None)
     monkeypatch.setattr(loop_lib, "make_lm_data", real)
+    first_attempt = losses_by_step(tmp_path / "c")
+    assert list(first_attempt) == [1, 2, 3, 4, 5, 6]
     logs = []
     loop_lib.train(tiny_run(tmp_path), str(tmp_path / "c"), log=logs.append)
     assert any("resumed from step 4" in line for line in logs), logs
-    rows = [r for r in read_jsonl(os.path.join(tmp_path / "c", "metrics.jsonl")) if r["split"] == "train"]
-    first_attempt = {r["step"]: r["ce"] for r in rows[:6]}
-    assert list(first_attempt) == [1, 2, 3, 4, 5, 6]
-    # Same seed, same losses (the killed attempt), and the resumed run continues bit-identically.
+    # Same seed, same losses (the killed attempt), and the resumed run continues bit-identically; the rows
+    # the killed attempt logged past its checkpoint (steps 5, 6) were replaced, not repeated.
     assert first_attempt == {s: uninterrupted[s] for s in range(1, 7)}
+    steps = [r["step"] for r in read_jsonl(os.path.join(tmp_path / "c", "metrics.jsonl")) if r["split"] == "train"]
+    assert steps == sorted(set(steps)) == list(range(1, 13))
     assert losses_by_step(tmp_path / "c") == uninterrupted
 
 

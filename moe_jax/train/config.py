@@ -31,7 +31,8 @@ class TrainConfig:
     eval_every: int = 100
     eval_batches: int = 4
     checkpoint_every: int = 100
-    keep_checkpoints: int = 3
+    keep_checkpoints: int = 3  # >= 2 to fall back on an earlier step when the latest cannot be read
+    async_checkpointing: bool = True  # write checkpoints in the background (from a copy of the state)
     sample_tokens: int = 200  # text sampled at the end of a run (0 = none)
     sample_prompt: str = "ROMEO:"
     sample_temperature: float = 0.8

@@ -179,6 +179,48 @@ def test_preempted_and_killed_runs_resume_to_the_uninterrupted_result(env):
         np.testing.assert_array_equal(a, b)
 
 
+AGREE = textwrap.dedent('''
+    import sys, time
+    import jax
+    address, pid, marker = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+    jax.distributed.initialize(coordinator_address=address, num_processes=2, process_id=pid)
+    from moe_jax.train.preemption import Preemption
+    with Preemption() as preemption:
+        assert preemption.uses_jax_service
+        for step in range(1, 3000):
+            if step == 20 and pid == 1:
+                open(marker, "w").close()
+            time.sleep(0.01 * (1 + pid))  # the hosts step at different speeds
+            if preemption.reached(step):
+                print("stop at", step, flush=True)
+                break
+''')
+
+
+def test_hosts_agree_on_the_preemption_step(tmp_path):
+    """SIGTERM to one of two jax.distributed processes: both stop after the same step (JAX's preemption sync
+    point), as the training loop needs to write one checkpoint together."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    marker = tmp_path / "host1_at_step_20"
+    env = dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS="cpu", XLA_FLAGS="")
+    procs = [subprocess.Popen([sys.executable, "-c", AGREE, f"127.0.0.1:{port}", str(i), str(marker)], cwd=REPO,
+                              env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+    deadline = time.time() + 120
+    while not marker.exists():
+        assert all(p.poll() is None for p in procs) and time.time() < deadline, [finish(p) for p in procs]
+        time.sleep(0.05)
+    procs[1].send_signal(signal.SIGTERM)  # one host is preempted
+    results = [finish(p, timeout=120) for p in procs]
+    assert [code for code, _, _ in results] == [0, 0], results
+    stops = [out.strip() for _, out, _ in results]
+    assert stops[0] == stops[1] and stops[0].startswith("stop at "), results
+    assert int(stops[0].split()[-1]) > 20
+
+
 # ---- in-process: corrupt checkpoints, the model record ----
 
 def test_unreadable_checkpoint_is_moved_aside_and_the_one_before_restored(tmp_path):

@@ -57,6 +57,9 @@ class TrainConfig:
             bad("decay_fraction", "must be in (0, 1].")
         if self.weight_decay < 0:
             bad("weight_decay", "must be >= 0.")
+        for field in ("b1", "b2"):
+            if not 0 <= getattr(self, field) < 1:
+                bad(field, "must be in [0, 1) (Adam's moment decay; e.g. 0.9 and 0.95).")
         if self.grad_clip is not None and not self.grad_clip > 0:
             bad("grad_clip", "must be > 0, or None to turn clipping off.")
         if self.eval_batches < 0 or self.sample_tokens < 0:

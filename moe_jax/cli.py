@@ -6,7 +6,9 @@
 
 A user error (a bad flag or config field, a missing file, a dataset not prepared) prints one line,
 `error: <what was wrong and the fix>`, on stderr and exits with USER_ERROR; `--debug` on the command line
-or MOE_JAX_DEBUG=1 in the environment shows the traceback instead. Exit codes:
+or MOE_JAX_DEBUG=1 in the environment shows the traceback instead. A user error is a ValueError or OSError
+raised by this repository's own code (which validates its inputs and names the field or file); the same
+exception types raised inside a library (JAX, orbax, ...) are unexpected and keep their traceback. Exit codes:
   0  done;  1  an unexpected error (a traceback: please report it);  2  a user error (USER_ERROR);
   75 preempted (PREEMPTED, sysexits' EX_TEMPFAIL): SIGTERM arrived, a checkpoint was written, and the
      same command resumes the run. A scheduler should restart it, e.g. a Kubernetes Job's
@@ -26,6 +28,19 @@ PREEMPTED = 75
 # ValueError: a bad value (config fields are validated into ValueErrors naming the field); OSError: a missing
 # or unreadable file (FileNotFoundError names it).
 USER_ERRORS = (ValueError, OSError)
+
+
+_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def is_user_error(e: BaseException) -> bool:
+    """A ValueError / OSError whose innermost frame is in this repository (moe_jax, experiments, configs, ...)."""
+    if not isinstance(e, USER_ERRORS):
+        return False
+    tb = e.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    return tb is None or os.path.abspath(tb.tb_frame.f_code.co_filename).startswith(_REPO + os.sep)
 
 
 def debug_requested(argv=None) -> bool:
@@ -55,7 +70,7 @@ def run(main: Callable[[], int | None]) -> int:
     try:
         return main() or 0
     except USER_ERRORS as e:
-        if debug_requested():
+        if debug_requested() or not is_user_error(e):
             raise
         fail(str(e) or type(e).__name__)
 
@@ -117,7 +132,7 @@ def run_absl(main, flags_parser=parse_absl_flags) -> None:
         try:
             return main(argv)
         except USER_ERRORS as e:
-            if debug_requested():
+            if debug_requested() or not is_user_error(e):
                 raise
             fail(str(e) or type(e).__name__)
 

@@ -77,7 +77,7 @@ class Checkpoints:
         if step in self.manager.all_steps() or step == self._pending:
             return
         if self.async_save:  # a copy the next (donating) train step cannot overwrite
-            state = jax.device_put(state, may_alias=False)  # same devices and shardings, new buffers
+            state = jax.device_put(state, jax.tree.map(lambda x: x.sharding, state), may_alias=False)  # new buffers
             self._pending = step
         self.manager.save(step, args=ocp.args.Composite(
             state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)))

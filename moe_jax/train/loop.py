@@ -5,7 +5,10 @@
 Files in `workdir`: config.json, checkpoints/ (orbax), metrics.jsonl, tensorboard/, summary.json,
 training.png, sample.txt. Running the same command again on the same workdir resumes from the latest
 checkpoint (or returns at once if the run already finished) and reaches the same losses as an
-uninterrupted run: batches and RNG keys are pure functions of (seed, step).
+uninterrupted run: batches and RNG keys are pure functions of (seed, step). Its metrics too: rows past the
+checkpoint are dropped, log windows end at multiples of log_every, and a checkpoint carries the metrics of
+the window it interrupts. On SIGTERM the loop finishes the step, checkpoints it and returns a summary with
+`preempted: True` (moe_jax.train.preemption; experiments.train then exits with code 75).
 """
 from __future__ import annotations
 

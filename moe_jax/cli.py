@@ -30,17 +30,22 @@ PREEMPTED = 75
 USER_ERRORS = (ValueError, OSError)
 
 
-_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_OURS = ("moe_jax", "experiments", "configs", "benchmarks", "pallas_kernels")
 
 
 def is_user_error(e: BaseException) -> bool:
-    """A ValueError / OSError whose innermost frame is in this repository (moe_jax, experiments, configs, ...)."""
+    """A ValueError / OSError whose innermost frame is in this repository's packages (moe_jax, experiments,
+    configs, benchmarks, pallas_kernels)."""
     if not isinstance(e, USER_ERRORS):
         return False
     tb = e.__traceback__
     while tb is not None and tb.tb_next is not None:
         tb = tb.tb_next
-    return tb is None or os.path.abspath(tb.tb_frame.f_code.co_filename).startswith(_REPO + os.sep)
+    if tb is None:
+        return True
+    rel = os.path.relpath(os.path.abspath(tb.tb_frame.f_code.co_filename), _ROOT)
+    return rel.split(os.sep)[0] in _OURS
 
 
 def debug_requested(argv=None) -> bool:

@@ -183,3 +183,16 @@ def test_debug_shows_the_traceback(command_results):
     _, results, _ = command_results
     code, out, err = results["debug"]
     assert code != 0 and "Traceback" in err and "config.model.group_size=100" in err
+
+
+def test_only_this_repositorys_errors_are_one_line_user_errors(tmp_path):
+    cfg = config(tmp_path)
+    cfg["model"]["num_experts"] = 0
+    with pytest.raises(ValueError) as ours:
+        build_run_config(cfg)
+    with pytest.raises(ValueError) as library:  # e.g. a bug: a library's ValueError keeps its traceback
+        json.loads("{")
+    assert cli.is_user_error(ours.value) and not cli.is_user_error(library.value)
+    assert cli.one_line("flag --config=x.py: Error whilst parsing config file:\n\nTraceback (most recent call last):\n"
+                        '  File "x.py", line 3\nValueError: bad arg') == \
+        "flag --config=x.py: Error whilst parsing config file: ValueError: bad arg"

@@ -49,7 +49,7 @@ def main(argv):
                   f"train capacity/group {m.capacity(m.group_size or run.data.seq_len, True)}")
         return
     if not _WORKDIR.value:
-        sys.exit("--workdir is required (an empty or existing directory; an existing run there is resumed).")
+        cli.fail("--workdir is required (an empty or existing directory; an existing run there is resumed).")
     from moe_jax.train.loop import train
 
     summary = train(run, _WORKDIR.value)

@@ -17,7 +17,6 @@ all-gathered (each device keeps its experts; only tokens move).
 """
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
@@ -34,6 +33,7 @@ import numpy as np
 from flax import nnx
 
 from configs import base
+from moe_jax import cli
 from moe_jax import sharding as sh
 from moe_jax.train.distributed import init_sharded_state
 from moe_jax.train.run_config import build_run_config
@@ -164,7 +164,7 @@ def parse_mesh(text: str) -> dict:
 
 
 def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = cli.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--mesh", default="expert=8", help="mesh axis sizes, e.g. expert=8 or data=2,expert=4")
     parser.add_argument("--json", default=None, help="also write the results to this JSON file")
     parser.add_argument("--d_model", type=int, default=64)
@@ -196,4 +196,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    sys.exit(0 if main() else 1)
+    sys.exit(cli.run(lambda: 0 if main() else 1))

@@ -20,7 +20,6 @@ time there says nothing about the kernel's speed on an accelerator, only that it
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import sys
@@ -31,6 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks.timing import time_interleaved
+from moe_jax import cli
 from pallas_kernels import default_interpret, default_lowering, gmm
 
 
@@ -75,7 +75,7 @@ def candidates(shape: Shape, dtype, tiling) -> dict[str, dict[str, Callable]]:
 
 
 def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = cli.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--json", help="write the figures to this path")
     parser.add_argument("--quick", action="store_true", help="small shape (smoke test)")
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
@@ -123,4 +123,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    sys.exit(0 if main() else 1)
+    sys.exit(cli.run(lambda: 0 if main() else 1))

@@ -36,7 +36,6 @@ The einsum path's one-hot dispatch and combine add 5 * cf * S / (9F) of the usef
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import re
@@ -50,6 +49,7 @@ import numpy as np
 from flax import nnx
 
 from benchmarks.timing import Timings, time_interleaved
+from moe_jax import cli
 from moe_jax.moe_config import MoEConfig
 from moe_jax.experts import Experts, FeedForward
 from moe_jax.flops import dense_train_flops, ffn_flops_per_token, layer_train_flops
@@ -313,7 +313,7 @@ def print_table(summary: dict) -> None:
 
 
 def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = cli.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--json", help="write every figure to this path")
     parser.add_argument("--quick", action="store_true", help="a small shape (smoke test)")
     parser.add_argument("--repeats", type=int, help=f"timed rounds (default {FULL.repeats}, quick {QUICK.repeats})")
@@ -348,4 +348,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    sys.exit(cli.run(lambda: main(sys.argv[1:]) and 0))

@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import time
 
 import jax
@@ -28,6 +29,7 @@ import optax
 from flax import nnx
 
 from benchmarks.timing import time_interleaved
+from moe_jax import cli
 from moe_jax import quantization as Q
 from moe_jax.data import make_lm_data
 from moe_jax.train.restore import load_run
@@ -93,7 +95,7 @@ def evaluate(model, batches, reference_logp=None):
 
 def main():
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = cli.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workdir", default=None, help="a trained run (experiments.train); default: train one")
     parser.add_argument("--config", default=os.path.join(root, "configs", "default.py"))
     parser.add_argument("--steps", type=int, default=300, help="training steps when no --workdir is given")
@@ -147,4 +149,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(cli.run(lambda: main() and 0))

@@ -16,6 +16,7 @@ import argparse
 import dataclasses
 import json
 import os
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -23,6 +24,7 @@ from flax import nnx
 
 from benchmarks.timing import time_interleaved
 from moe_jax.flops import train_flops_per_token
+from moe_jax import cli
 from moe_jax.params import count_params
 from moe_jax.train.run_config import build_run_config, load_config_file
 from moe_jax.train.state import init_state, learning_rate_schedule, make_optimizer
@@ -62,7 +64,7 @@ def make_matmul(n: int):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = cli.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     parser.add_argument("--config", default=os.path.join(root, "configs", "default.py"))
     parser.add_argument("--json", default=None)
@@ -114,4 +116,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(cli.run(lambda: main() and 0))

@@ -14,6 +14,8 @@ r"""Run sweeps on this machine (sequential, resumable), or emit one command per 
                  two workers (or two runner commands) off one run. --max_minutes=M starts no run after M
                  minutes (a chunk of a long protocol: run the same command again for the next chunk).
                  A progress line gives runs done of total, elapsed time and an estimate of what remains.
+                 SIGTERM (forwarded to the workers) checkpoints the runs in progress and exits with code 75
+                 (moe_jax.cli.PREEMPTED); the same command resumes them.
 --mode=commands  prints one `python -m experiments.train ...` line per run (workdir <workdir_root>/<name>)
                  and writes them to <out>/commands.sh.
 --mode=report    gathers the workdirs into <out>/results.csv and results.json, fits, plots (<out>/*.png)
@@ -26,12 +28,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
 
 from experiments import scales, sweeps
 from experiments.spec import RunSpec, workdir_of
+from moe_jax import cli
 
 COMMAND = "python -m experiments.train --config=experiments/sweep_config.py:{scale},{sweep},{name} --workdir={workdir}"
 
@@ -179,8 +183,8 @@ def _last_logged_step(workdir: str) -> int:
 
 def run_all(specs: list[RunSpec], out: str, *, log=print, deadline: float | None = None) -> dict[str, str]:
     """Trains every unique run not yet finished; returns name -> 'done' | 'skipped' | 'busy' | 'deferred' |
-    'failed: <error>' ('busy': another worker holds it; 'deferred': not started, `deadline` (time.time())
-    passed).
+    'preempted' | 'failed: <error>' ('busy': another worker holds it; 'deferred': not started, `deadline`
+    (time.time()) passed; 'preempted': SIGTERM stopped it after a checkpoint, and no later run was started).
 
     Before anything is trained, every existing workdir is checked against its run's config: a workdir
     left by another version of the protocol raises ValueError naming the run and the fields."""
@@ -220,9 +224,13 @@ def run_all(specs: list[RunSpec], out: str, *, log=print, deadline: float | None
                 continue
             seconds = time.perf_counter() - start
             _record_seconds(workdir, seconds, skipped=False)
-            status[name] = "done"
+            status[name] = "preempted" if summary.get("preempted") else "done"
         finally:
             unlock(workdir)
+        if status[name] == "preempted":
+            log(f"[{i}/{len(runs)}] {name}: preempted at step {summary['steps']} (checkpointed; the same command "
+                "resumes it)")
+            break
         log(f"[{i}/{len(runs)}] {name}: {seconds:.0f}s, eval ce {summary['final_eval_ce']:.4f}; "
             f"{progress(runs, out, start_all)}")
     return status
@@ -230,7 +238,7 @@ def run_all(specs: list[RunSpec], out: str, *, log=print, deadline: float | None
 
 def run_workers(args, argv: list[str], specs: list[RunSpec], *, poll_seconds: float = 60.0) -> int:
     """Starts `args.workers` copies of this command as worker processes (one CPU thread each) and prints the
-    overall progress until they end; returns the number of workers that failed."""
+    overall progress until they end (SIGTERM is passed on to them); returns their exit codes."""
     runs = sweeps.unique_runs(specs)
     env = dict(os.environ)
     env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen=false "
@@ -242,6 +250,13 @@ def run_workers(args, argv: list[str], specs: list[RunSpec], *, poll_seconds: fl
     procs = [subprocess.Popen([sys.executable, "-m", "experiments.runner", *worker_argv], env=env)
              for _ in range(args.workers)]
     last = time.perf_counter()
+
+    def forward(signum, frame):  # preemption: every worker checkpoints its run and exits
+        for p in procs:
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+
+    previous = signal.signal(signal.SIGTERM, forward)
     try:
         while any(p.poll() is None for p in procs):
             time.sleep(1.0)
@@ -252,7 +267,9 @@ def run_workers(args, argv: list[str], specs: list[RunSpec], *, poll_seconds: fl
         for p in procs:
             p.terminate()
         raise
-    return sum(p.returncode != 0 for p in procs)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    return [p.returncode for p in procs]
 
 
 def enable_compilation_cache(path: str) -> None:
@@ -264,7 +281,7 @@ def enable_compilation_cache(path: str) -> None:
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(prog="experiments.runner", description=__doc__.split("\n\n")[0])
+    p = cli.ArgumentParser(prog="experiments.runner", description=__doc__.split("\n\n")[0])
     p.add_argument("--scale", required=True, choices=scales.SCALES)
     p.add_argument("--sweeps", default="all", help=f"comma-separated among {', '.join(sweeps.SWEEPS)}, or 'all'")
     p.add_argument("--out", help="results folder (workdirs under <out>/runs); required unless --mode=commands "
@@ -309,7 +326,11 @@ def main(argv=None) -> int:
     os.makedirs(args.out, exist_ok=True)
     argv_list = list(argv if argv is not None else sys.argv[1:])
     if args.mode == "run" and args.workers > 1 and not args.worker:
-        failed_workers = run_workers(args, argv_list, specs)
+        codes = run_workers(args, argv_list, specs)
+        failed_workers = sum(c not in (0, cli.PREEMPTED) for c in codes)
+        if cli.PREEMPTED in codes and not failed_workers:
+            print("preempted: the workers checkpointed their runs; the same command resumes them", file=sys.stderr)
+            return cli.PREEMPTED
         if failed_workers:
             print(f"error: {failed_workers} of {args.workers} workers failed (see their messages above)",
                   file=sys.stderr)
@@ -332,6 +353,8 @@ def main(argv=None) -> int:
         print(f"{sum(v == 'done' for v in status.values())} trained, "
               f"{sum(v == 'skipped' for v in status.values())} already finished, {len(failed)} failed, "
               f"{sum(v == 'deferred' for v in status.values())} left for the next command")
+        if "preempted" in status.values():
+            return cli.PREEMPTED
         if args.worker:
             return 0
     from experiments import report
@@ -352,4 +375,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli.run(main))

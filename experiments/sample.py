@@ -3,13 +3,16 @@ r"""Evaluate and sample from a trained run.
     python -m experiments.sample --workdir=runs/default --prompt="ROMEO:" --tokens=300 --temperature=0.8
     python -m experiments.sample --workdir=runs/default --eval_batches=16      # eval loss only
 
-Restores the latest checkpoint (or --step) of a workdir written by `experiments.train`.
+Restores the latest checkpoint (or --step) of a workdir written by `experiments.train`. A missing workdir
+or checkpoint fails with one line (exit code 2; --debug shows the traceback).
 """
 from __future__ import annotations
 
 import math
 
-from absl import app, flags
+from absl import flags
+
+from moe_jax import cli
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "A workdir written by experiments.train.", required=True)
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
@@ -51,4 +54,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run_absl(main)

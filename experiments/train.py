@@ -9,16 +9,19 @@ r"""Train an MoE language model from an ml_collections config.
 
 Any field can be overridden with --config.<section>.<field>=value (sections: model, data, train, mesh;
 run with --print_config to list them). The config is validated into typed dataclasses before anything is
-built: a bad field fails with its name and the fix. Re-running on the same workdir resumes from the
-latest checkpoint.
+built: a bad field fails with its name and the fix, on one line (exit code 2; --debug or MOE_JAX_DEBUG=1
+shows the traceback). Re-running on the same workdir resumes from the latest checkpoint. On SIGTERM the run
+finishes its step, writes a checkpoint and exits with code 75 (moe_jax.cli.PREEMPTED): run it again to resume.
 """
 from __future__ import annotations
 
 import os
 import sys
 
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
+
+from moe_jax import cli
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file, optionally :arg.",
                                           lock_config=True)
@@ -33,10 +36,7 @@ def main(argv):
     logging.set_verbosity(logging.WARNING)  # orbax and TFDS log every save/read at INFO
     from moe_jax.train.run_config import build_run_config
 
-    try:
-        run = build_run_config(_CONFIG.value)
-    except ValueError as e:
-        sys.exit(f"Invalid config: {e}")
+    run = build_run_config(_CONFIG.value, on_this_machine=not _PRINT.value)
     if _PRINT.value:
         from moe_jax.params import count_params
 
@@ -47,12 +47,27 @@ def main(argv):
             print("derived: " + ", ".join(f"{name} {value}" for name, value in run.moe_derived().items()))
         return
     if not _WORKDIR.value:
-        sys.exit("--workdir is required (an empty or existing directory; an existing run there is resumed).")
+        cli.fail("--workdir is required (an empty or existing directory; an existing run there is resumed).")
     from moe_jax.train.loop import train
 
-    train(run, _WORKDIR.value)
+    summary = train(run, _WORKDIR.value)
+    if summary.get("preempted"):
+        sys.exit(cli.PREEMPTED)
+
+
+def parse_flags(argv):
+    """One-line errors, and a config file that does not exist named before ml_collections tries to load it."""
+    for i, arg in enumerate(argv[1:], 1):
+        value = arg[len("--config="):] if arg.startswith("--config=") else (
+            argv[i + 1] if arg == "--config" and i + 1 < len(argv) else None)
+        if value is not None:
+            path = value.split(":", 1)[0]
+            if not os.path.isfile(path):
+                cli.fail(f"--config={value}: no such config file {os.path.abspath(path)!r}; give a path to a config "
+                         "file such as configs/default.py (relative to the current directory).")
+    return cli.parse_absl_flags(argv)
 
 
 if __name__ == "__main__":
     flags.mark_flag_as_required("config")
-    app.run(main)
+    cli.run_absl(main, flags_parser=parse_flags)

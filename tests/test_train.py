@@ -32,6 +32,26 @@ def losses_by_step(workdir):
     return out
 
 
+def tensorboard_restarts(workdir):
+    """Steps of the SessionLog.START events in the TensorBoard files, oldest file first: TensorBoard hides the
+    earlier files' events from that step on (tensorboardX's purge_step)."""
+    import struct
+
+    from tensorboardX.proto import event_pb2
+
+    folder = os.path.join(workdir, "tensorboard")
+    steps = []
+    for name in sorted(os.listdir(folder), key=lambda n: os.path.getmtime(os.path.join(folder, n))):
+        data, i = open(os.path.join(folder, name), "rb").read(), 0
+        while i < len(data):  # TFRecord framing: length, crc, payload, crc
+            (n,) = struct.unpack("<Q", data[i:i + 8])
+            event = event_pb2.Event.FromString(data[i + 12:i + 12 + n])
+            i += 16 + n
+            if event.HasField("session_log") and event.session_log.status == event_pb2.SessionLog.START:
+                steps.append(event.step)
+    return steps
+
+
 def test_loss_decreases_and_summary_files(tmp_path):
     run = tiny_run(tmp_path, steps=40, eval_every=40, checkpoint_every=40)
     summary = loop_lib.train(run, str(tmp_path / "w"), log=lambda *_: None)
@@ -106,15 +126,18 @@ def test_same_seed_same_losses_and_kill_resume_is_exact(tmp_path, monkeypatch):
     with pytest.raises(Killed):
         loop_lib.train(tiny_run(tmp_path), str(tmp_path / "c"), log=lambda *_: None)
     monkeypatch.setattr(loop_lib, "make_lm_data", real)
+    first_attempt = losses_by_step(tmp_path / "c")
+    assert list(first_attempt) == [1, 2, 3, 4, 5, 6]
     logs = []
     loop_lib.train(tiny_run(tmp_path), str(tmp_path / "c"), log=logs.append)
     assert any("resumed from step 4" in line for line in logs), logs
-    rows = [r for r in read_jsonl(os.path.join(tmp_path / "c", "metrics.jsonl")) if r["split"] == "train"]
-    first_attempt = {r["step"]: r["ce"] for r in rows[:6]}
-    assert list(first_attempt) == [1, 2, 3, 4, 5, 6]
-    # Same seed, same losses (the killed attempt), and the resumed run continues bit-identically.
+    # Same seed, same losses (the killed attempt), and the resumed run continues bit-identically; the rows
+    # the killed attempt logged past its checkpoint (steps 5, 6) were replaced, not repeated.
     assert first_attempt == {s: uninterrupted[s] for s in range(1, 7)}
+    steps = [r["step"] for r in read_jsonl(os.path.join(tmp_path / "c", "metrics.jsonl")) if r["split"] == "train"]
+    assert steps == sorted(set(steps)) == list(range(1, 13))
     assert losses_by_step(tmp_path / "c") == uninterrupted
+    assert tensorboard_restarts(tmp_path / "c") == [1, 5]  # TensorBoard too: steps 5, 6 of the first attempt hidden
 
 
 def test_non_finite_steps_are_not_applied(tmp_path, monkeypatch):

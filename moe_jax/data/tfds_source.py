@@ -14,6 +14,7 @@ validation split in order.
 """
 from __future__ import annotations
 
+import glob
 import math
 import os
 from typing import Iterator, Optional
@@ -38,6 +39,30 @@ def _not_prepared_message(cfg: DataConfig, builder) -> str:
         f"network: `tfds build {builder.name} --data_dir {cfg.data_dir} --file_format array_record` (copy "
         "the folder here if this machine is offline), or set DataConfig(download=True) to let TFDS "
         "download and prepare it now.")
+
+
+def looks_prepared(cfg: DataConfig) -> bool:
+    """Whether `data_dir` holds a build of `cfg.corpus` (a `dataset_info.json` under `<name>[/<config>]/<version>`):
+    a cheap existence check that imports nothing, run before any data is read (`load_tfds_data` then checks
+    the build itself)."""
+    name, _, version = cfg.tfds_name.partition(":")
+    root = os.path.join(cfg.data_dir, *name.split("/"))
+    version = version or "*"
+    return bool(glob.glob(os.path.join(glob.escape(root), version, "dataset_info.json"))
+                or glob.glob(os.path.join(glob.escape(root), "*", version, "dataset_info.json")))
+
+
+def check_prepared(cfg: DataConfig) -> None:
+    """Raises FileNotFoundError with the command that prepares the dataset, unless it `looks_prepared` or
+    `cfg.download` lets TFDS prepare it."""
+    if cfg.download or looks_prepared(cfg):
+        return
+    name = cfg.tfds_name.partition(":")[0]
+    raise FileNotFoundError(
+        f"config.data.corpus={cfg.corpus!r}: TFDS dataset {cfg.tfds_name!r} is not prepared in "
+        f"config.data.data_dir={cfg.data_dir!r} (no dataset_info.json under {os.path.join(cfg.data_dir, name)}). "
+        f"Prepare it on a machine with network: `tfds build {name} --data_dir {cfg.data_dir} --file_format "
+        "array_record` (copy the folder here if this machine is offline), or set config.data.download=True.")
 
 
 class RecordLMData(LMData):

@@ -1,20 +1,34 @@
-"""orbax-checkpoint: periodic saves, keep-last-N, resume from the latest finished step.
+"""orbax-checkpoint: periodic saves, keep-last-N, resume from the latest readable step.
 
 A checkpoint holds the whole `TrainState` (params, optimizer state, router biases, step) and a JSON
-record of the run's config. The step is also the data position (batch `step` is the next one read),
-so a resumed run sees exactly the batches and RNG keys an uninterrupted run would have.
-orbax writes each step to a temporary folder and renames it when complete, so a run killed during a
-save resumes from the previous finished step. Saves are synchronous because the train step donates
-the state buffers that an asynchronous save would still be reading.
+record (`meta`: the run's model config, and the training loop's own bookkeeping). The step is also the
+data position (batch `step` is the next one read), so a resumed run sees exactly the batches and RNG keys
+an uninterrupted run would have.
+
+Atomicity: orbax writes each step to a temporary folder and renames it when complete, so a run killed
+during a save resumes from the previous finished step (the temporary folder is removed on the next start).
+A finished step that cannot be read back (a truncated or missing file) is moved to
+`<workdir>/corrupt_checkpoints/` with a warning naming it, and the run resumes from the step before, which
+exists only if `keep` (config.train.keep_checkpoints) is >= 2; when no step is readable, restoring fails
+rather than silently starting over.
+
+Asynchronous saves (`async_save=True`): the train step donates the state's buffers, which the next step
+overwrites while a background save could still be reading them. So the state is first copied on its devices
+(an extra state's worth of device memory while a save is in flight), and orbax writes the copy in a
+background thread while training continues; `wait()` (and `close()`) block until it is on disk.
 """
 from __future__ import annotations
 
 import json
 import os
-from typing import Any, Optional
+import time
+from typing import Any, Callable, Optional
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
+
+_MISSING = object()
 
 
 def _flatten(d: dict, prefix: str = "") -> dict:
@@ -27,25 +41,66 @@ def _flatten(d: dict, prefix: str = "") -> dict:
     return out
 
 
+def model_differences(saved: dict, current: dict) -> list[str]:
+    """Fields of the saved model record whose value differs from the current one. A field absent from the
+    saved record is not compared: the library added it later, and its default keeps the old behaviour, so
+    checkpoints written before it stay loadable."""
+    saved, current = _flatten(saved), _flatten(json.loads(json.dumps(current)))
+    return sorted(k for k in saved if current.get(k, _MISSING) != saved[k])
+
+
+def _all_hosts(ok: bool) -> bool:
+    """True on every host iff `ok` on every host (one process: `ok`)."""
+    if jax.process_count() == 1:
+        return ok
+    from jax.experimental import multihost_utils
+
+    return bool(np.all(multihost_utils.process_allgather(np.asarray(ok))))
+
+
 class Checkpoints:
-    def __init__(self, workdir: str, *, keep: int):
+    def __init__(self, workdir: str, *, keep: int, async_save: bool = False, log: Callable[[str], Any] = print):
         self.directory = os.path.join(os.path.abspath(os.path.expanduser(workdir)), "checkpoints")
-        options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, enable_async_checkpointing=False)
+        self.async_save = async_save
+        self.log = log
+        self._pending = None  # the step of an asynchronous save not yet known to be on disk
+        options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, enable_async_checkpointing=async_save,
+                                               cleanup_tmp_directories=True)
         self.manager = ocp.CheckpointManager(self.directory, options=options)
 
     def latest_step(self) -> Optional[int]:
         return self.manager.latest_step()
 
     def save(self, step: int, state: Any, meta: dict) -> None:
-        if step in self.manager.all_steps():
+        """Saves `state` as `step` (once: a step already saved is left as it is). Asynchronous saves return
+        once the state is copied; the step counts as saved (`latest_step`) when it is on disk."""
+        if step in self.manager.all_steps() or step == self._pending:
             return
+        if self.async_save:  # a copy the next (donating) train step cannot overwrite
+            state = jax.device_put(state, jax.tree.map(lambda x: x.sharding, state), may_alias=False)  # new buffers
+            self._pending = step
         self.manager.save(step, args=ocp.args.Composite(
             state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)))
+        if not self.async_save:
+            self.wait()
+
+    def wait(self) -> None:
+        """Blocks until every save started is on disk."""
         self.manager.wait_until_finished()
+        self._pending = None
 
     def read_meta(self, step: int) -> dict:
         restored = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
         return restored["meta"]
+
+    def check_model(self, step: int, expect_model: dict, meta: Optional[dict] = None) -> None:
+        """Raises ValueError naming the fields if checkpoint `step` was written by a different model."""
+        saved = (self.read_meta(step) if meta is None else meta).get("model")
+        diff = [] if saved is None else model_differences(saved, expect_model)
+        if diff:
+            raise ValueError(
+                f"The checkpoint at {self.directory} (step {step}) was written by a different model: "
+                f"config.model fields {diff} differ. Use a new --workdir, or restore the old config.")
 
     def restore(self, step: int, target_state: Any, *, expect_model: Optional[dict] = None) -> Any:
         """Restores `step` onto the structure, shapes, dtypes and shardings of `target_state`.
@@ -54,14 +109,7 @@ class Checkpoints:
         model fails here with the differing fields named, before any array is read.
         """
         if expect_model is not None:
-            saved = self.read_meta(step).get("model")
-            expect = _flatten(json.loads(json.dumps(expect_model)))
-            if saved is not None and _flatten(saved) != expect:
-                saved = _flatten(saved)
-                diff = sorted(k for k in set(saved) | set(expect) if saved.get(k) != expect.get(k))
-                raise ValueError(
-                    f"The checkpoint at {self.directory} (step {step}) was written by a different model: "
-                    f"config.model fields {diff} differ. Use a new --workdir, or restore the old config.")
+            self.check_model(step, expect_model)
         abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target_state)
         restored = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))
         return restored["state"]
@@ -74,6 +122,59 @@ class Checkpoints:
         args = ocp.args.PyTreeRestore(item=abstract, restore_args=ocp.checkpoint_utils.construct_restore_args(abstract),
                                       partial_restore=True)
         return self.manager.restore(step, args=ocp.args.Composite(state=args))["state"]
+    def restore_latest(self, target_state: Any, *, expect_model: Optional[dict] = None):
+        """-> (step, state, meta) of the latest readable checkpoint, or None when there is none.
+
+        A step that cannot be read (truncated, a file missing) is moved aside with a warning and the one
+        before it tried. A checkpoint of another model raises (see `restore`); so does a directory whose
+        every step is unreadable, naming them."""
+        failures = []
+        for step in sorted(self.manager.all_steps(), reverse=True):
+            meta, state, error = None, None, None
+            try:
+                meta = self.read_meta(step)
+            except Exception as e:  # noqa: BLE001  (any read failure: the files are not a checkpoint)
+                error = e
+            if _all_hosts(meta is not None):
+                if expect_model is not None:
+                    self.check_model(step, expect_model, meta)  # a real mismatch, not damage: never skipped
+                try:
+                    state = self.restore(step, target_state)
+                except Exception as e:  # noqa: BLE001
+                    error = e
+            if _all_hosts(state is not None):
+                return step, state, meta
+            error = error or RuntimeError("unreadable on another host")
+            first = str(error).splitlines()[0][:300] if str(error) else ""
+            failures.append(f"step {step} ({type(error).__name__}: {first})")
+            self._move_aside(step, f"{type(error).__name__}: {first}")
+        if failures:
+            raise ValueError(
+                f"No readable checkpoint in {self.directory}: {'; '.join(failures)}. They were moved to "
+                f"{self._aside_root()}. Delete that folder to start over (config.train.keep_checkpoints >= 2 "
+                "keeps an earlier step to fall back on).")
+        return None
+
+    def _aside_root(self) -> str:
+        return os.path.join(os.path.dirname(self.directory), "corrupt_checkpoints")
+
+    def _move_aside(self, step: int, why: str) -> None:
+        source = os.path.join(self.directory, str(step))
+        target = os.path.join(self._aside_root(), f"{step}-{time.strftime('%Y%m%d-%H%M%S')}")
+        n = 1
+        while os.path.exists(target):
+            target, n = os.path.join(self._aside_root(), f"{step}-{time.strftime('%Y%m%d-%H%M%S')}-{n}"), n + 1
+        if jax.process_index() == 0:
+            os.makedirs(self._aside_root(), exist_ok=True)
+            os.rename(source, target)
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices(f"moe_jax_checkpoint_aside_{step}")
+        self.manager.reload()
+        self.log(f"[moe_jax] WARNING: checkpoint {source} is unreadable ({why}); moved to {target}; trying the "
+                 "step before it (config.train.keep_checkpoints >= 2 keeps one).")
 
     def close(self) -> None:
+        self.wait()
         self.manager.close()

@@ -31,7 +31,8 @@ class TrainConfig:
     eval_every: int = 100
     eval_batches: int = 4
     checkpoint_every: int = 100
-    keep_checkpoints: int = 3
+    keep_checkpoints: int = 3  # >= 2 to fall back on an earlier step when the latest cannot be read
+    async_checkpointing: bool = True  # write checkpoints in the background (from a copy of the state)
     sample_tokens: int = 200  # text sampled at the end of a run (0 = none)
     sample_prompt: str = "ROMEO:"
     sample_temperature: float = 0.8
@@ -56,6 +57,9 @@ class TrainConfig:
             bad("decay_fraction", "must be in (0, 1].")
         if self.weight_decay < 0:
             bad("weight_decay", "must be >= 0.")
+        for field in ("b1", "b2"):
+            if not 0 <= getattr(self, field) < 1:
+                bad(field, "must be in [0, 1) (Adam's moment decay; e.g. 0.9 and 0.95).")
         if self.grad_clip is not None and not self.grad_clip > 0:
             bad("grad_clip", "must be > 0, or None to turn clipping off.")
         if self.eval_batches < 0 or self.sample_tokens < 0:

@@ -5,7 +5,10 @@
 Files in `workdir`: config.json, checkpoints/ (orbax), metrics.jsonl, tensorboard/, summary.json,
 training.png, sample.txt. Running the same command again on the same workdir resumes from the latest
 checkpoint (or returns at once if the run already finished) and reaches the same losses as an
-uninterrupted run: batches and RNG keys are pure functions of (seed, step).
+uninterrupted run: batches and RNG keys are pure functions of (seed, step). Its metrics too: rows past the
+checkpoint are dropped, log windows end at multiples of log_every, and a checkpoint carries the metrics of
+the window it interrupts. On SIGTERM the loop finishes the step, checkpoints it and returns a summary with
+`preempted: True` (moe_jax.train.preemption; experiments.train then exits with code 75).
 """
 from __future__ import annotations
 
@@ -24,9 +27,10 @@ from moe_jax.flops import train_flops_per_token
 from moe_jax.params import count_params
 from moe_jax.train import distributed
 from moe_jax.train.checkpoint import Checkpoints
-from moe_jax.train.metrics import MetricWriter, read_jsonl
+from moe_jax.train.metrics import MetricWriter, read_jsonl, rows_from_json, rows_to_json, to_python
 from moe_jax.train.plots import plot_run
-from moe_jax.train.run_config import RunConfig, run_record
+from moe_jax.train.preemption import Preemption
+from moe_jax.train.run_config import RunConfig, check_machine, run_record
 from moe_jax.train.state import init_state, learning_rate_schedule, make_optimizer
 from moe_jax.train.step import make_eval_step, make_train_step
 from moe_jax.transformer import Transformer
@@ -55,6 +59,7 @@ def train(run: RunConfig, workdir: str, *, log=print) -> dict:
         workdir, log = os.path.join(workdir, f"process_{jax.process_index()}"), (lambda *_: None)
     os.makedirs(workdir, exist_ok=True)
     cfg, tcfg = run.model, run.train
+    check_machine(run)  # the mesh's devices, a prepared dataset: before any data is read
     data = make_lm_data(run.data)
     if data.vocab_size > cfg.vocab_size:
         raise ValueError(f"config.model.vocab_size={cfg.vocab_size} is smaller than the tokenizer's "
@@ -76,76 +81,98 @@ def train(run: RunConfig, workdir: str, *, log=print) -> dict:
         model = Transformer(cfg, rngs=nnx.Rngs(params=tcfg.seed))
         graphdef, state = init_state(model, tx)
         del model
-    ckpt = Checkpoints(checkpoint_dir, keep=tcfg.keep_checkpoints)
-    latest = ckpt.latest_step()
-    if latest is not None:
-        state = ckpt.restore(latest, state, expect_model=record["model"])
+    ckpt = Checkpoints(checkpoint_dir, keep=tcfg.keep_checkpoints, async_save=tcfg.async_checkpointing, log=log)
+    window = []  # metrics of the steps since the last logged one (a checkpoint carries them over a restart)
+    restored = ckpt.restore_latest(state, expect_model=record["model"])
+    if restored is not None:
+        latest, state, meta = restored
+        window = rows_from_json(meta.get("window", []))
         log(f"[moe_jax] resumed from step {latest} ({ckpt.directory})")
     start = int(state.step)
     train_step = make_train_step(graphdef, tx, schedule, placement=placement)
     eval_step = make_eval_step(graphdef, placement=placement)
     key = jax.random.PRNGKey(tcfg.seed)
-    writer = MetricWriter(workdir)
+    writer = MetricWriter(workdir, resume_step=start)
     tokens_per_step = run.data.batch_size * run.data.seq_len
+
+    def save(step):
+        rows = jax.device_get(window)
+        ckpt.save(step, state, {"step": step, "model": record["model"], "window": rows_to_json(rows)})
 
     bar = None
     if tcfg.progress and start < tcfg.steps:
         from tqdm.auto import tqdm
         bar = tqdm(total=tcfg.steps, initial=start, desc=run.name, unit="step", dynamic_ncols=True)
-    window, window_start, consecutive_skips, last_eval = [], time.perf_counter(), 0, None
-    compile_done_at = None
+    # Windows of log_every steps end at multiples of log_every whether or not the run restarted in between;
+    # throughput counts only the steps timed in this process, the first one (compilation) excluded.
+    consecutive_skips, last_eval, timed, window_start = 0, None, 0, None
+    preempted = False
     step = start
-    while step < tcfg.steps:
-        batch = distributed.train_batch(data, step, placement)
-        state, metrics = train_step(state, batch, key)
-        step += 1
-        window.append(metrics)
-        if compile_done_at is None:  # the first step includes compilation: keep it out of throughput
-            jax.block_until_ready(state.step)
-            compile_done_at, window_start, window = time.perf_counter(), time.perf_counter(), []
-        if step % tcfg.log_every == 0 or step == tcfg.steps:
-            rows = jax.device_get(window) if window else [jax.device_get(metrics)]
-            now = time.perf_counter()
-            m = _mean_metrics(rows)
-            skipped_now = int(len(rows) - np.sum([r["applied"] for r in rows]))
-            consecutive_skips = consecutive_skips + skipped_now if skipped_now == len(rows) else 0
-            if window:
-                tps = len(window) * tokens_per_step / max(now - window_start, 1e-9)
-                m["tokens_per_s"] = tps
-                m["model_flops_per_s"] = tps * flops_per_token
-            m["tokens_seen"] = step * tokens_per_step
-            m["skipped_steps"] = float(jax.device_get(state.skipped))
-            writer.write(step, "train", m)
-            if skipped_now:
-                log(f"[moe_jax] step {step}: {skipped_now} step(s) had a non-finite loss or gradient and were "
-                    "not applied (parameters kept)")
-            if consecutive_skips >= MAX_CONSECUTIVE_SKIPS:
-                raise FloatingPointError(
-                    f"{consecutive_skips} consecutive steps were non-finite; stopping. The last good checkpoint "
-                    f"in {ckpt.directory} is intact. Lower config.train.learning_rate or check the data.")
+    with Preemption(log) as preemption:
+        while step < tcfg.steps:
+            batch = distributed.train_batch(data, step, placement)
+            state, metrics = train_step(state, batch, key)
+            step += 1
+            window.append(metrics)
+            if window_start is None:  # the first step includes compilation: keep it out of throughput
+                jax.block_until_ready(state.step)
+                window_start = time.perf_counter()
+            else:
+                timed += 1
+            if step % tcfg.log_every == 0 or step == tcfg.steps:
+                rows = jax.device_get(window)
+                now = time.perf_counter()
+                m = _mean_metrics(rows)
+                skipped_now = int(len(rows) - np.sum([r["applied"] for r in rows]))
+                consecutive_skips = consecutive_skips + skipped_now if skipped_now == len(rows) else 0
+                if timed:
+                    tps = timed * tokens_per_step / max(now - window_start, 1e-9)
+                    m["tokens_per_s"] = tps
+                    m["model_flops_per_s"] = tps * flops_per_token
+                m["tokens_seen"] = step * tokens_per_step
+                m["skipped_steps"] = float(jax.device_get(state.skipped))
+                writer.write(step, "train", m)
+                if skipped_now:
+                    log(f"[moe_jax] step {step}: {skipped_now} step(s) had a non-finite loss or gradient and were "
+                        "not applied (parameters kept)")
+                if consecutive_skips >= MAX_CONSECUTIVE_SKIPS:
+                    raise FloatingPointError(
+                        f"{consecutive_skips} consecutive steps were non-finite; stopping. The last good checkpoint "
+                        f"in {ckpt.directory} is intact. Lower config.train.learning_rate or check the data.")
+                if bar is not None:
+                    bar.set_postfix(loss=f"{float(m['ce']):.3f}", tok_s=f"{m.get('tokens_per_s', 0):.0f}")
+                window, timed, window_start = [], 0, time.perf_counter()
             if bar is not None:
-                bar.set_postfix(loss=f"{float(m['ce']):.3f}", tok_s=f"{m.get('tokens_per_s', 0):.0f}")
-            window, window_start = [], time.perf_counter()
-        if bar is not None:
-            bar.update(1)
-        if tcfg.eval_batches and (step % tcfg.eval_every == 0 or step == tcfg.steps):
-            last_eval = evaluate(eval_step, state, data, tcfg.eval_batches, placement)
-            writer.write(step, "eval", last_eval)
-            window_start = time.perf_counter()
-        if step % tcfg.checkpoint_every == 0 or step == tcfg.steps:
-            ckpt.save(step, state, {"step": step, "model": record["model"]})
-            window_start = time.perf_counter()
+                bar.update(1)
+            if tcfg.eval_batches and (step % tcfg.eval_every == 0 or step == tcfg.steps):
+                last_eval = evaluate(eval_step, state, data, tcfg.eval_batches, placement)
+                writer.write(step, "eval", last_eval)
+                window_start = time.perf_counter()
+            if step % tcfg.checkpoint_every == 0 or step == tcfg.steps:
+                save(step)
+                window_start = time.perf_counter()
+            if step < tcfg.steps and preemption.reached(step):
+                save(step)
+                preempted = True
+                log(f"[moe_jax] preempted (SIGTERM) at step {step} of {tcfg.steps}: checkpoint written to "
+                    f"{ckpt.directory}; run the same command again to resume.")
+                break
     if bar is not None:
         bar.close()
+    ckpt.close()  # waits for an asynchronous save to reach the disk
+    if preempted:
+        writer.close()
+        return summarise(run, workdir, state, graphdef, data, counts, None, log, preempted=True)
     if last_eval is None and tcfg.eval_batches:
         last_eval = evaluate(eval_step, state, data, tcfg.eval_batches, placement)
     writer.close()
-    ckpt.close()
     summary = summarise(run, workdir, state, graphdef, data, counts, last_eval, log)
     return summary
 
 
-def summarise(run, workdir, state, graphdef, data, counts, last_eval, log) -> dict:
+def summarise(run, workdir, state, graphdef, data, counts, last_eval, log, *, preempted: bool = False) -> dict:
+    """summary.json (and its text in the log). preempted: the run stopped early on SIGTERM; no final eval, plot
+    or sample (the run that finishes it writes them)."""
     records = read_jsonl(os.path.join(workdir, "metrics.jsonl"))
     train_rows = [r for r in records if r["split"] == "train"]
     final = train_rows[-1] if train_rows else {}
@@ -164,10 +191,12 @@ def summarise(run, workdir, state, graphdef, data, counts, last_eval, log) -> di
         "params_active_per_token": counts["active_per_token"],
         "expert_load_final": loads,
     }
-    if train_rows:
+    if preempted:
+        summary["preempted"] = True
+    if train_rows and not preempted:
         plot_run(records, os.path.join(workdir, "training.png"), title=run.name)
         summary["plot"] = "training.png"  # relative to the workdir
-    if run.train.sample_tokens and jax.process_count() == 1:  # (multi-host: the prompt is one host's array)
+    if run.train.sample_tokens and jax.process_count() == 1 and not preempted:  # (multi-host: the prompt is one host's array)
         from moe_jax.sampling import generate
 
         model = nnx.merge(graphdef, state.params, state.rest)  # plain MoE layers: a batch of 1 fits no mesh
@@ -186,6 +215,8 @@ def summarise(run, workdir, state, graphdef, data, counts, last_eval, log) -> di
 
 def format_summary(s: dict) -> str:
     lines = [f"== {s['name']}: {s['steps']} steps, {s['tokens_seen']:,} tokens =="]
+    if s.get("preempted"):
+        lines.append("preempted: a checkpoint holds this step; run the same command again to resume")
     lines.append(f"train ce {s['final_train_ce']:.4f} nats/token" if s["final_train_ce"] is not None else "train ce -")
     if s["final_eval_ce"] is not None:
         lines.append(f"eval  ce {s['final_eval_ce']:.4f} nats/token ({s['final_eval_bits_per_token']:.3f} bits/token)")

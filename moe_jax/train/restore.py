@@ -44,16 +44,16 @@ def load_run_config(workdir: str) -> RunConfig:
 def load_run(workdir: str, step: Optional[int] = None) -> LoadedRun:
     """The model of `workdir` with the weights of checkpoint `step` (default: the latest)."""
     run = load_run_config(workdir)
-    graphdef, params, rest = split_model(Transformer(run.model, rngs=nnx.Rngs(params=run.train.seed)))
     ckpt = Checkpoints(workdir, keep=run.train.keep_checkpoints)
     try:
-        available = list(ckpt.manager.all_steps())
+        available = list(ckpt.manager.all_steps())  # checked before the model is built
         if not available:
             raise FileNotFoundError(f"No finished checkpoint in {ckpt.directory}: train first (or wait for the "
                                     "first checkpoint_every steps).")
         step = max(available) if step is None else step
         if step not in available:
             raise ValueError(f"Checkpoint step {step} is not in {ckpt.directory}; available: {sorted(available)}.")
+        graphdef, params, rest = split_model(Transformer(run.model, rngs=nnx.Rngs(params=run.train.seed)))
         restored = ckpt.restore_fields(step, {"params": params, "rest": rest})  # not the optimizer state
     finally:
         ckpt.close()

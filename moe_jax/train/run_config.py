@@ -10,7 +10,9 @@ A run config has three sections, and an optional fourth:
   config.mesh   `ShardingConfig` fields (moe_jax.sharding): mesh axis sizes and processes; absent or all 1
                 = one device.
 Every key must be a known field: a typo fails with the section, the key and the known names, before
-anything is built or compiled.
+anything is built or compiled. Then the sections are checked against each other (`check_run`: the batch
+against the routing groups and the mesh, the sequence length and the tokenizer against the model), and, with `on_this_machine=True`, against what this machine must provide
+(`check_machine`: the devices of the mesh, a prepared TFDS dataset), all before any data is read.
 """
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ import dataclasses
 import difflib
 import importlib.util
 import os
+import math
 import typing
 from typing import Any, Optional
 
@@ -164,8 +167,11 @@ def to_dict(config) -> dict:
     return config.to_dict() if hasattr(config, "to_dict") else dict(config)
 
 
-def build_run_config(config) -> RunConfig:
-    """Validates a ConfigDict (or nested dict) into a `RunConfig`; raises ValueError naming the field."""
+def build_run_config(config, *, on_this_machine: bool = False) -> RunConfig:
+    """Validates a ConfigDict (or nested dict) into a `RunConfig`; raises ValueError naming the field.
+
+    on_this_machine: also `check_machine` (the mesh's devices, a prepared dataset): for a command that runs
+    here, not for one that emits commands for a pod."""
     config = to_dict(config)
     for section in config:
         if section not in SECTIONS + OPTIONAL_SECTIONS + ("name",):
@@ -209,9 +215,54 @@ def build_run_config(config) -> RunConfig:
     for key in mesh:
         if key not in _fields(ShardingConfig):
             raise _unknown("mesh", key, _fields(ShardingConfig))
-    return RunConfig(model=model_cfg, data=_build(DataConfig, "data", data),
-                     train=_build(TrainConfig, "train", train), name=str(config.get("name", "run")),
-                     mesh=_build(ShardingConfig, "mesh", mesh))
+    run = RunConfig(model=model_cfg, data=_build(DataConfig, "data", data),
+                    train=_build(TrainConfig, "train", train), name=str(config.get("name", "run")),
+                    mesh=_build(ShardingConfig, "mesh", mesh))
+    check_run(run)
+    if on_this_machine:
+        check_machine(run)
+    return run
+
+
+def check_run(run: RunConfig) -> None:
+    """Checks between sections that would otherwise fail only after data preparation and tracing."""
+    m, d = run.model, run.data
+    if d.seq_len > m.max_seq_len:
+        raise ValueError(f"config.data.seq_len={d.seq_len} exceeds config.model.max_seq_len={m.max_seq_len} "
+                         "(the positions the model is built for); lower seq_len or raise max_seq_len.")
+    if d.tokenizer == "byte" and m.vocab_size < 256:
+        raise ValueError(f"config.model.vocab_size={m.vocab_size} is smaller than the byte tokenizer's 256 tokens; "
+                         "set config.model.vocab_size >= 256.")
+    moe = m.moe
+    if moe is not None and moe.group_size is not None:
+        B, L, S = d.batch_size, d.seq_len, moe.group_size
+        if moe.grouping == "tokens" and (B * L) % S:
+            raise ValueError(f"config.model.group_size={S} does not divide the {B} x {L} = {B * L} tokens of a batch "
+                             "(config.data.batch_size x seq_len); choose a group size that divides them.")
+        if moe.grouping == "position" and B % S:
+            raise ValueError(f"config.model.group_size={S} does not divide config.data.batch_size={B} "
+                             "(grouping='position' groups the same position across sequences); choose a divisor "
+                             "of the batch.")
+    sizes = run.mesh.axis_sizes
+    if run.mesh.is_sharded and -1 not in sizes.values():  # the batch and the model against the mesh's shape
+        from moe_jax.sharding.mesh import check_layout
+
+        check_layout(m, d.batch_size, d.seq_len, run.mesh, math.prod(sizes.values()))
+
+
+def check_machine(run: RunConfig) -> None:
+    """What this machine must provide: as many devices as the mesh has (single-process runs; a multi-process
+    run is checked once `jax.distributed` is up), and a prepared dataset for a 'tfds:<name>' corpus."""
+    import jax
+
+    if run.mesh.is_sharded and (not run.mesh.multi_process or jax.distributed.is_initialized()):
+        from moe_jax.sharding.mesh import check_layout
+
+        check_layout(run.model, run.data.batch_size, run.data.seq_len, run.mesh, jax.device_count())
+    if run.data.is_tfds:
+        from moe_jax.data.tfds_source import check_prepared
+
+        check_prepared(run.data)
 
 
 def model_record(model_cfg: ModelConfig) -> dict:

@@ -14,7 +14,6 @@ save of each kind (orbax's set-up) is reported but not averaged.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import statistics
@@ -28,19 +27,10 @@ from flax import nnx
 
 from moe_jax import cli
 from moe_jax.train.checkpoint import Checkpoints
-from moe_jax.train.run_config import build_run_config, model_record
+from moe_jax.train.run_config import build_run_config, load_config_file, model_record
 from moe_jax.train.state import init_state, learning_rate_schedule, make_optimizer
 from moe_jax.train.step import make_train_step
 from moe_jax.transformer import Transformer
-
-
-def load_config(path: str):
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"--config={path}: no such config file; give e.g. configs/default.py.")
-    spec = importlib.util.spec_from_file_location("bench_config", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(None)
 
 
 def main(argv=None) -> dict:
@@ -55,7 +45,7 @@ def main(argv=None) -> dict:
     if args.every < 1 or args.steps < 2 * args.every:
         parser.error(f"--steps={args.steps} must hold at least two saves every --every={args.every} steps")
 
-    config = load_config(args.config)
+    config = load_config_file(args.config)
     if args.quick:
         config.model.num_layers, config.data.seq_len, config.data.batch_size = 1, 32, 2
     run = build_run_config(config)

@@ -27,7 +27,7 @@ from moe_jax.flops import train_flops_per_token
 from moe_jax.params import count_params
 from moe_jax.train import distributed
 from moe_jax.train.checkpoint import Checkpoints
-from moe_jax.train.metrics import MetricWriter, read_jsonl, rows_from_json, rows_to_json, to_python
+from moe_jax.train.metrics import MetricWriter, read_jsonl, rows_from_json, rows_to_json
 from moe_jax.train.plots import plot_run
 from moe_jax.train.preemption import Preemption
 from moe_jax.train.run_config import RunConfig, check_machine, run_record

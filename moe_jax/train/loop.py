@@ -82,83 +82,87 @@ def train(run: RunConfig, workdir: str, *, log=print) -> dict:
         graphdef, state = init_state(model, tx)
         del model
     ckpt = Checkpoints(checkpoint_dir, keep=tcfg.keep_checkpoints, async_save=tcfg.async_checkpointing, log=log)
-    window = []  # metrics of the steps since the last logged one (a checkpoint carries them over a restart)
-    restored = ckpt.restore_latest(state, expect_model=record["model"])
-    if restored is not None:
-        latest, state, meta = restored
-        window = rows_from_json(meta.get("window", []))
-        log(f"[moe_jax] resumed from step {latest} ({ckpt.directory})")
-    start = int(state.step)
-    train_step = make_train_step(graphdef, tx, schedule, placement=placement)
-    eval_step = make_eval_step(graphdef, placement=placement)
-    key = jax.random.PRNGKey(tcfg.seed)
-    writer = MetricWriter(workdir, resume_step=start)
-    tokens_per_step = run.data.batch_size * run.data.seq_len
+    try:
+        window = []  # metrics of the steps since the last logged one (a checkpoint carries them over a restart)
+        restored = ckpt.restore_latest(state, expect_model=record["model"])
+        if restored is not None:
+            latest, state, meta = restored
+            window = rows_from_json(meta.get("window", []))
+            log(f"[moe_jax] resumed from step {latest} ({ckpt.directory})")
+        start = int(state.step)
+        train_step = make_train_step(graphdef, tx, schedule, placement=placement)
+        eval_step = make_eval_step(graphdef, placement=placement)
+        key = jax.random.PRNGKey(tcfg.seed)
+        writer = MetricWriter(workdir, resume_step=start)
+        tokens_per_step = run.data.batch_size * run.data.seq_len
 
-    def save(step):
-        rows = jax.device_get(window)
-        ckpt.save(step, state, {"step": step, "model": record["model"], "window": rows_to_json(rows)})
+        def save(step):
+            rows = jax.device_get(window)
+            ckpt.save(step, state, {"step": step, "model": record["model"], "window": rows_to_json(rows)})
 
-    bar = None
-    if tcfg.progress and start < tcfg.steps:
-        from tqdm.auto import tqdm
-        bar = tqdm(total=tcfg.steps, initial=start, desc=run.name, unit="step", dynamic_ncols=True)
-    # Windows of log_every steps end at multiples of log_every whether or not the run restarted in between;
-    # throughput counts only the steps timed in this process, the first one (compilation) excluded.
-    consecutive_skips, last_eval, timed, window_start = 0, None, 0, None
-    preempted = False
-    step = start
-    with Preemption(log) as preemption:
-        while step < tcfg.steps:
-            batch = distributed.train_batch(data, step, placement)
-            state, metrics = train_step(state, batch, key)
-            step += 1
-            window.append(metrics)
-            if window_start is None:  # the first step includes compilation: keep it out of throughput
-                jax.block_until_ready(state.step)
-                window_start = time.perf_counter()
-            else:
-                timed += 1
-            if step % tcfg.log_every == 0 or step == tcfg.steps:
-                rows = jax.device_get(window)
-                now = time.perf_counter()
-                m = _mean_metrics(rows)
-                skipped_now = int(len(rows) - np.sum([r["applied"] for r in rows]))
-                consecutive_skips = consecutive_skips + skipped_now if skipped_now == len(rows) else 0
-                if timed:
-                    tps = timed * tokens_per_step / max(now - window_start, 1e-9)
-                    m["tokens_per_s"] = tps
-                    m["model_flops_per_s"] = tps * flops_per_token
-                m["tokens_seen"] = step * tokens_per_step
-                m["skipped_steps"] = float(jax.device_get(state.skipped))
-                writer.write(step, "train", m)
-                if skipped_now:
-                    log(f"[moe_jax] step {step}: {skipped_now} step(s) had a non-finite loss or gradient and were "
-                        "not applied (parameters kept)")
-                if consecutive_skips >= MAX_CONSECUTIVE_SKIPS:
-                    raise FloatingPointError(
-                        f"{consecutive_skips} consecutive steps were non-finite; stopping. The last good checkpoint "
-                        f"in {ckpt.directory} is intact. Lower config.train.learning_rate or check the data.")
+        bar = None
+        if tcfg.progress and start < tcfg.steps:
+            from tqdm.auto import tqdm
+            bar = tqdm(total=tcfg.steps, initial=start, desc=run.name, unit="step", dynamic_ncols=True)
+        # Windows of log_every steps end at multiples of log_every whether or not the run restarted in between;
+        # throughput counts only the steps timed in this process, the first one (compilation) excluded.
+        consecutive_skips, last_eval, timed, window_start = 0, None, 0, None
+        preempted = False
+        step = start
+        with Preemption(log) as preemption:
+            while step < tcfg.steps:
+                batch = distributed.train_batch(data, step, placement)
+                state, metrics = train_step(state, batch, key)
+                step += 1
+                window.append(metrics)
+                if window_start is None:  # the first step includes compilation: keep it out of throughput
+                    jax.block_until_ready(state.step)
+                    window_start = time.perf_counter()
+                else:
+                    timed += 1
+                if step % tcfg.log_every == 0 or step == tcfg.steps:
+                    rows = jax.device_get(window)
+                    now = time.perf_counter()
+                    m = _mean_metrics(rows)
+                    skipped_now = int(len(rows) - np.sum([r["applied"] for r in rows]))
+                    consecutive_skips = consecutive_skips + skipped_now if skipped_now == len(rows) else 0
+                    if timed:
+                        tps = timed * tokens_per_step / max(now - window_start, 1e-9)
+                        m["tokens_per_s"] = tps
+                        m["model_flops_per_s"] = tps * flops_per_token
+                    m["tokens_seen"] = step * tokens_per_step
+                    m["skipped_steps"] = float(jax.device_get(state.skipped))
+                    writer.write(step, "train", m)
+                    if skipped_now:
+                        log(f"[moe_jax] step {step}: {skipped_now} step(s) had a non-finite loss or gradient and were "
+                            "not applied (parameters kept)")
+                    if consecutive_skips >= MAX_CONSECUTIVE_SKIPS:
+                        raise FloatingPointError(
+                            f"{consecutive_skips} consecutive steps were non-finite; stopping. The last good checkpoint "
+                            f"in {ckpt.directory} is intact. Lower config.train.learning_rate or check the data.")
+                    if bar is not None:
+                        bar.set_postfix(loss=f"{float(m['ce']):.3f}", tok_s=f"{m.get('tokens_per_s', 0):.0f}")
+                    window, timed, window_start = [], 0, time.perf_counter()
                 if bar is not None:
-                    bar.set_postfix(loss=f"{float(m['ce']):.3f}", tok_s=f"{m.get('tokens_per_s', 0):.0f}")
-                window, timed, window_start = [], 0, time.perf_counter()
-            if bar is not None:
-                bar.update(1)
-            if tcfg.eval_batches and (step % tcfg.eval_every == 0 or step == tcfg.steps):
-                last_eval = evaluate(eval_step, state, data, tcfg.eval_batches, placement)
-                writer.write(step, "eval", last_eval)
-                window_start = time.perf_counter()
-            if step % tcfg.checkpoint_every == 0 or step == tcfg.steps:
-                save(step)
-                window_start = time.perf_counter()
-            if step < tcfg.steps and preemption.reached(step):
-                save(step)
-                preempted = True
-                log(f"[moe_jax] preempted (SIGTERM) at step {step} of {tcfg.steps}: checkpoint written to "
-                    f"{ckpt.directory}; run the same command again to resume.")
-                break
-    if bar is not None:
-        bar.close()
+                    bar.update(1)
+                if tcfg.eval_batches and (step % tcfg.eval_every == 0 or step == tcfg.steps):
+                    last_eval = evaluate(eval_step, state, data, tcfg.eval_batches, placement)
+                    writer.write(step, "eval", last_eval)
+                    window_start = time.perf_counter()
+                if step % tcfg.checkpoint_every == 0 or step == tcfg.steps:
+                    save(step)
+                    window_start = time.perf_counter()
+                if step < tcfg.steps and preemption.reached(step):
+                    save(step)
+                    preempted = True
+                    log(f"[moe_jax] preempted (SIGTERM) at step {step} of {tcfg.steps}: checkpoint written to "
+                        f"{ckpt.directory}; run the same command again to resume.")
+                    break
+        if bar is not None:
+            bar.close()
+    except BaseException:  # an error or a kill signal: let a pending asynchronous save finish first
+        ckpt.close()
+        raise
     ckpt.close()  # waits for an asynchronous save to reach the disk
     if preempted:
         writer.close()

@@ -44,6 +44,10 @@ def load_run_config(workdir: str) -> RunConfig:
 def load_run(workdir: str, step: Optional[int] = None) -> LoadedRun:
     """The model of `workdir` with the weights of checkpoint `step` (default: the latest)."""
     run = load_run_config(workdir)
+    directory = os.path.join(os.path.abspath(os.path.expanduser(workdir)), "checkpoints")
+    if not os.path.isdir(directory) or not os.listdir(directory):  # before orbax starts its threads
+        raise FileNotFoundError(f"No finished checkpoint in {directory}: train first (or wait for the "
+                                "first checkpoint_every steps).")
     ckpt = Checkpoints(workdir, keep=run.train.keep_checkpoints)
     try:
         available = list(ckpt.manager.all_steps())  # checked before the model is built

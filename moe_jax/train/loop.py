@@ -33,6 +33,7 @@ from moe_jax.train.preemption import Preemption
 from moe_jax.train.run_config import RunConfig, check_machine, run_record
 from moe_jax.train.state import init_state, learning_rate_schedule, make_optimizer
 from moe_jax.train.step import make_eval_step, make_train_step
+from moe_jax.train.upcycle import check_source, has_checkpoint, upcycled_state
 from moe_jax.transformer import Transformer
 
 MAX_CONSECUTIVE_SKIPS = 10
@@ -60,6 +61,8 @@ def train(run: RunConfig, workdir: str, *, log=print) -> dict:
     os.makedirs(workdir, exist_ok=True)
     cfg, tcfg = run.model, run.train
     check_machine(run)  # the mesh's devices, a prepared dataset: before any data is read
+    if run.upcycle is not None and not has_checkpoint(checkpoint_dir):  # the dense source against the model
+        check_source(run)
     data = make_lm_data(run.data)
     if data.vocab_size > cfg.vocab_size:
         raise ValueError(f"config.model.vocab_size={cfg.vocab_size} is smaller than the tokenizer's "
@@ -89,6 +92,8 @@ def train(run: RunConfig, workdir: str, *, log=print) -> dict:
             latest, state, meta = restored
             window = rows_from_json(meta.get("window", []))
             log(f"[moe_jax] resumed from step {latest} ({ckpt.directory})")
+        elif run.upcycle is not None:  # a new upcycled run: dense parameters, fresh router and optimizer
+            state = upcycled_state(run, state, log=log)
         start = int(state.step)
         train_step = make_train_step(graphdef, tx, schedule, placement=placement)
         eval_step = make_eval_step(graphdef, placement=placement)

@@ -9,6 +9,8 @@ A run config has three sections, and an optional fourth:
   config.train  `TrainConfig` fields.
   config.mesh   `ShardingConfig` fields (moe_jax.sharding): mesh axis sizes and processes; absent or all 1
                 = one device.
+  config.upcycle `UpcycleConfig` fields (moe_jax.upcycle): absent = a fresh initialisation; else a run starting
+                in an empty workdir takes its parameters from a dense run's checkpoint (sparse upcycling).
 Every key must be a known field: a typo fails with the section, the key and the known names, before
 anything is built or compiled. Then the sections are checked against each other (`check_run`: the batch
 against the routing groups and the mesh, the sequence length and the tokenizer against the model), and, with `on_this_machine=True`, against what this machine must provide
@@ -30,11 +32,12 @@ from ml_collections import config_dict
 from moe_jax.moe_config import MoEConfig
 from moe_jax.data import DataConfig
 from moe_jax.model_config import ModelConfig
+from moe_jax.upcycle import UpcycleConfig
 from moe_jax.sharding.config import ShardingConfig
 from moe_jax.train.config import TrainConfig
 
 SECTIONS = ("model", "data", "train")
-OPTIONAL_SECTIONS = ("mesh",)
+OPTIONAL_SECTIONS = ("mesh", "upcycle")
 MODEL_ONLY_KEYS = ("use_moe", "moe_d_ff")
 
 
@@ -45,6 +48,7 @@ class RunConfig:
     train: TrainConfig
     name: str = "run"
     mesh: ShardingConfig = dataclasses.field(default_factory=ShardingConfig)
+    upcycle: Optional[UpcycleConfig] = None  # sparse upcycling from a dense run (moe_jax.train.upcycle)
 
     def moe_derived(self) -> dict:
         """The MoE layers' derived values on this run's `[batch_size, seq_len]` batches (MoEConfig computes
@@ -215,9 +219,16 @@ def build_run_config(config, *, on_this_machine: bool = False) -> RunConfig:
     for key in mesh:
         if key not in _fields(ShardingConfig):
             raise _unknown("mesh", key, _fields(ShardingConfig))
+    upcycle = config.get("upcycle")
+    if upcycle is not None:
+        upcycle = dict(upcycle)
+        for key in upcycle:
+            if key not in _fields(UpcycleConfig):
+                raise _unknown("upcycle", key, _fields(UpcycleConfig))
+        upcycle = _build(UpcycleConfig, "upcycle", upcycle)
     run = RunConfig(model=model_cfg, data=_build(DataConfig, "data", data),
                     train=_build(TrainConfig, "train", train), name=str(config.get("name", "run")),
-                    mesh=_build(ShardingConfig, "mesh", mesh))
+                    mesh=_build(ShardingConfig, "mesh", mesh), upcycle=upcycle)
     check_run(run)
     if on_this_machine:
         check_machine(run)
@@ -288,9 +299,13 @@ def run_record(run: RunConfig) -> dict:
     """The run as the training loop writes it to a workdir's `config.json`: what `load_run_config`
     (moe_jax.train.restore) reads back and the experiment runner compares a new run with.
 
-    {"name", "model": `model_record`, "data", "train", "mesh"}, JSON-able. data.data_dir is written
-    with the home directory as `~` (`home_relative`).
+    {"name", "model": `model_record`, "data", "train", "mesh"} and, for an upcycled run, "upcycle"; JSON-able.
+    data.data_dir and upcycle.from_workdir are written with the home directory as `~` (`home_relative`).
     """
     data = dict(dataclasses.asdict(run.data), data_dir=home_relative(run.data.data_dir))
-    return {"name": run.name, "model": model_record(run.model), "data": data,
-            "train": dataclasses.asdict(run.train), "mesh": dataclasses.asdict(run.mesh)}
+    record = {"name": run.name, "model": model_record(run.model), "data": data,
+              "train": dataclasses.asdict(run.train), "mesh": dataclasses.asdict(run.mesh)}
+    if run.upcycle is not None:
+        record["upcycle"] = dict(dataclasses.asdict(run.upcycle), from_workdir=home_relative(
+            os.path.abspath(os.path.expanduser(run.upcycle.from_workdir))))
+    return record

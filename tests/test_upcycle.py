@@ -219,3 +219,16 @@ def test_workdir_upcycles_resumes_and_reproduces_the_dense_run(tmp_path):
     missing = dict(cfg, upcycle={"from_workdir": str(tmp_path / "nowhere")})
     with pytest.raises(FileNotFoundError, match="nowhere"):
         write_upcycled_workdir(build_run_config(missing), str(tmp_path / "moe2"), log=quiet)
+
+
+def test_command_reports_a_missing_source_on_one_line(tmp_path):
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.run([sys.executable, "-m", "experiments.upcycle", "--config=configs/default.py",
+                           f"--from_workdir={tmp_path / 'nowhere'}", f"--workdir={tmp_path / 'up'}"],
+                          cwd=root, env=dict(os.environ, XLA_FLAGS=""), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: config.upcycle.from_workdir=") and "nowhere" in last, last

@@ -128,12 +128,12 @@ class Router(nnx.Module):
         cfg = self.cfg
         S = logits_GSE.shape[1]
         C = cfg.capacity(S, train)
+        if replay is not None and cfg.router in ("soft", "expert_choice"):
+            self._replayed(logits_GSE, *replay)  # raises: nothing to replay
         if cfg.router == "soft":
             return RouterOutput(routing_lib.soft_routing(logits_GSE, cfg.num_routed_experts), expert_GSK=None)
         if cfg.router == "expert_choice":
             return RouterOutput(routing_lib.expert_choice_routing(logits_GSE, C), expert_GSK=None)
-        if replay is not None and cfg.router in ("soft", "expert_choice"):
-            self._replayed(logits_GSE, *replay)  # raises
         expert_GSK, weight_GSK, selection_GSE = self.choices(logits_GSE, token_ids_GS, replay)
         routing = capacity_lib.assign_capacity(
             expert_GSK, weight_GSK, num_experts=cfg.num_routed_experts, capacity=C, priority=cfg.priority,

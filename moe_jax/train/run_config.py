@@ -9,6 +9,8 @@ A run config has three sections, and an optional fourth:
   config.train  `TrainConfig` fields.
   config.mesh   `ShardingConfig` fields (moe_jax.sharding): mesh axis sizes and processes; absent or all 1
                 = one device.
+  config.health `HealthConfig` fields (moe_jax.train.health): the routing ledger recorded at each evaluation
+                and the routing alarms' thresholds; absent = the defaults.
 Every key must be a known field: a typo fails with the section, the key and the known names, before
 anything is built or compiled. Then the sections are checked against each other (`check_run`: the batch
 against the routing groups and the mesh, the sequence length and the tokenizer against the model), and, with `on_this_machine=True`, against what this machine must provide
@@ -32,9 +34,10 @@ from moe_jax.data import DataConfig
 from moe_jax.model_config import ModelConfig
 from moe_jax.sharding.config import ShardingConfig
 from moe_jax.train.config import TrainConfig
+from moe_jax.train.health import HealthConfig
 
 SECTIONS = ("model", "data", "train")
-OPTIONAL_SECTIONS = ("mesh",)
+OPTIONAL_SECTIONS = ("mesh", "health")
 MODEL_ONLY_KEYS = ("use_moe", "moe_d_ff")
 
 
@@ -45,6 +48,7 @@ class RunConfig:
     train: TrainConfig
     name: str = "run"
     mesh: ShardingConfig = dataclasses.field(default_factory=ShardingConfig)
+    health: HealthConfig = dataclasses.field(default_factory=HealthConfig)
 
     def moe_derived(self) -> dict:
         """The MoE layers' derived values on this run's `[batch_size, seq_len]` batches (MoEConfig computes
@@ -128,7 +132,7 @@ def _defaults(cls, skip=()) -> dict:
 
 
 def make_config_dict(name: str, model: dict, data: dict, train: dict,
-                     mesh: dict | None = None) -> ml_collections.ConfigDict:
+                     mesh: dict | None = None, health: dict | None = None) -> ml_collections.ConfigDict:
     """A full run ConfigDict: every known field present (so each is overridable and listed by
     --print_config), dataclass defaults filled in under the given values."""
     model_defaults = {**_defaults(MoEConfig, skip=("d_model", "d_ff")), **_defaults(ModelConfig, skip=("moe",)),
@@ -136,7 +140,8 @@ def make_config_dict(name: str, model: dict, data: dict, train: dict,
     sections = {}
     for section, defaults, given in (("model", model_defaults, model), ("data", _defaults(DataConfig), data),
                                      ("train", _defaults(TrainConfig), train),
-                                     ("mesh", _defaults(ShardingConfig), mesh or {})):
+                                     ("mesh", _defaults(ShardingConfig), mesh or {}),
+                                     ("health", _defaults(HealthConfig), health or {})):
         merged = dict(defaults)
         for key, value in given.items():
             if isinstance(merged.get(key), config_dict.FieldReference):
@@ -215,9 +220,13 @@ def build_run_config(config, *, on_this_machine: bool = False) -> RunConfig:
     for key in mesh:
         if key not in _fields(ShardingConfig):
             raise _unknown("mesh", key, _fields(ShardingConfig))
+    health = dict(config.get("health") or {})
+    for key in health:
+        if key not in _fields(HealthConfig):
+            raise _unknown("health", key, _fields(HealthConfig))
     run = RunConfig(model=model_cfg, data=_build(DataConfig, "data", data),
                     train=_build(TrainConfig, "train", train), name=str(config.get("name", "run")),
-                    mesh=_build(ShardingConfig, "mesh", mesh))
+                    mesh=_build(ShardingConfig, "mesh", mesh), health=_build(HealthConfig, "health", health))
     check_run(run)
     if on_this_machine:
         check_machine(run)
@@ -288,9 +297,10 @@ def run_record(run: RunConfig) -> dict:
     """The run as the training loop writes it to a workdir's `config.json`: what `load_run_config`
     (moe_jax.train.restore) reads back and the experiment runner compares a new run with.
 
-    {"name", "model": `model_record`, "data", "train", "mesh"}, JSON-able. data.data_dir is written
+    {"name", "model": `model_record`, "data", "train", "mesh", "health"}, JSON-able. data.data_dir is written
     with the home directory as `~` (`home_relative`).
     """
     data = dict(dataclasses.asdict(run.data), data_dir=home_relative(run.data.data_dir))
     return {"name": run.name, "model": model_record(run.model), "data": data,
-            "train": dataclasses.asdict(run.train), "mesh": dataclasses.asdict(run.mesh)}
+            "train": dataclasses.asdict(run.train), "mesh": dataclasses.asdict(run.mesh),
+            "health": dataclasses.asdict(run.health)}

@@ -137,3 +137,17 @@ def test_loop_records_ledgers_and_stops_on_alarm(tmp_path):
         assert json.load(f)["stopped"]["reason"].startswith("routing alarm")
     led = Ledger.load(list_ledgers(workdir)[-1][1])
     assert led.tokens.shape == (2, 16) and led.expert.shape == (2, 32, 2)
+    # the command: record from the checkpoint (the same decisions as the loop's ledger of that step), compare, plot
+    from experiments import ledger as ledger_cmd
+
+    out = str(tmp_path / "again.npz")
+    assert ledger_cmd.main(["record", f"--workdir={workdir}", f"--out={out}"]) == 0
+    again = Ledger.load(out)
+    assert again.step == 4
+    np.testing.assert_array_equal(again.expert, led.expert)
+    np.testing.assert_array_equal(again.tokens, led.tokens)
+    (first, _), (last, last_path) = list_ledgers(workdir)
+    assert ledger_cmd.main(["compare", list_ledgers(workdir)[0][1], last_path]) == 0
+    assert ledger_cmd.main(["summary", last_path, "--vocab=256"]) == 0
+    assert ledger_cmd.main(["plot", f"--workdir={workdir}", f"--out={tmp_path / 'r.png'}"]) == 0
+    assert os.path.getsize(tmp_path / "r.png") > 0

@@ -39,7 +39,7 @@ def routing_figure(records: list[dict], ledger: Optional[Ledger] = None, title: 
     if share.size:
         E = share.shape[0] // len(layers)
         im = ax.imshow(share, aspect="auto", origin="lower", cmap="viridis", interpolation="nearest",
-                       extent=[steps[0], steps[-1], -0.5, share.shape[0] - 0.5])
+                       extent=[steps[0], max(steps[-1], steps[0] + 1), -0.5, share.shape[0] - 0.5])
         for i in range(1, len(layers)):
             ax.axhline(i * E - 0.5, color="white", lw=1)
         ax.set_yticks([i * E + (E - 1) / 2 for i in range(len(layers))], [f"layer {l}" for l in layers])

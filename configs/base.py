@@ -5,6 +5,7 @@ Sections (validated by `moe_jax.train.run_config.build_run_config`):
   data   DataConfig fields (corpus, seq_len, batch_size, tokenizer, ...).
   train  TrainConfig fields (steps, learning_rate, schedule, eval/checkpoint cadence, ...).
   mesh   ShardingConfig fields (one device unless set).
+  health HealthConfig fields (moe_jax.train.health): the routing ledger and the routing alarms' thresholds.
 A field a preset does not set takes its dataclass default: the dataclasses are the one place defaults
 are written (tests/test_configs.py checks that `make` adds none of its own).
 """
@@ -15,10 +16,11 @@ import ml_collections
 from moe_jax.train.run_config import make_config_dict
 
 
-def make(name: str, model: dict, data: dict | None = None, train: dict | None = None) -> ml_collections.ConfigDict:
+def make(name: str, model: dict, data: dict | None = None, train: dict | None = None,
+         health: dict | None = None) -> ml_collections.ConfigDict:
     """A run config with every field present (the dataclasses' defaults under the given values), so any
     of them can be overridden."""
-    return make_config_dict(name, model, data or {}, train or {})
+    return make_config_dict(name, model, data or {}, train or {}, health=health)
 
 
 def tiny_model(**overrides) -> dict:

@@ -7,7 +7,7 @@ r"""Train an MoE language model from an ml_collections config.
     MOE_JAX_PROCESS_ID=<i> python -m experiments.train ... --config.mesh.num_processes=2 \
         --config.mesh.coordinator_address=<host0>:<port>           # the same command on every host
 
-Any field can be overridden with --config.<section>.<field>=value (sections: model, data, train, mesh;
+Any field can be overridden with --config.<section>.<field>=value (sections: model, data, train, mesh, health;
 run with --print_config to list them). The config is validated into typed dataclasses before anything is
 built: a bad field fails with its name and the fix, on one line (exit code 2; --debug or MOE_JAX_DEBUG=1
 shows the traceback). Re-running on the same workdir resumes from the latest checkpoint. On SIGTERM the run
@@ -53,6 +53,8 @@ def main(argv):
     summary = train(run, _WORKDIR.value)
     if summary.get("preempted"):
         sys.exit(cli.PREEMPTED)
+    if summary.get("stopped"):
+        sys.exit(cli.STOPPED)
 
 
 def parse_flags(argv):

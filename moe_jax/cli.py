@@ -13,6 +13,8 @@ exception types raised inside a library (JAX, orbax, ...) are unexpected and kee
   75 preempted (PREEMPTED, sysexits' EX_TEMPFAIL): SIGTERM arrived, a checkpoint was written, and the
      same command resumes the run. A scheduler should restart it, e.g. a Kubernetes Job's
      podFailurePolicy rule {action: Ignore, onExitCodes: {operator: In, values: [75]}}.
+  3  stopped by a routing alarm (STOPPED; config.health.stop_on_alarm): a checkpoint holds the step, and
+     summary.json's `stopped` names the layer and the metric.
 """
 from __future__ import annotations
 
@@ -25,6 +27,7 @@ from typing import Callable
 DEBUG_ENV = "MOE_JAX_DEBUG"
 USER_ERROR = 2
 PREEMPTED = 75
+STOPPED = 3  # a routing alarm stopped the run (config.health.stop_on_alarm); its checkpoint is written
 # ValueError: a bad value (config fields are validated into ValueErrors naming the field); OSError: a missing
 # or unreadable file (FileNotFoundError names it).
 USER_ERRORS = (ValueError, OSError)

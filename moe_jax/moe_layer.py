@@ -31,6 +31,7 @@ from moe_jax.moe_config import MoEConfig
 from moe_jax.experts import Experts, FeedForward
 from moe_jax.flops import layer_flops
 from moe_jax.routers import Router
+from moe_jax import routing as routing_lib
 from moe_jax.routing import balance_probs
 from moe_jax.types import Array
 
@@ -41,6 +42,7 @@ class MoEAux:
 
     losses: dict
     metrics: dict
+    choices: Optional[dict] = None  # see `MoELayer.aux`; None where the forward pass gave no token choices
 
 
 @struct.dataclass
@@ -49,7 +51,8 @@ class RoutingStats:
 
     logits_GSE: <float32>[G, S, E] router logits.  expert_GSK: <int32>[G, S, K] the router's token
     choices before capacity (None for expert choice and Soft MoE).  served_E: <float32>[E] choices each
-    expert served.  dropped_GSK: <bool>[G, S, K].  unserved_GS: <bool>[G, S].
+    expert served.  dropped_GSK: <bool>[G, S, K].  unserved_GS: <bool>[G, S].  weight_GSK: <float32>[G, S, K]
+    the combine weights of the token choices before capacity (None where expert_GSK is None, or not kept).
     """
 
     logits_GSE: Array
@@ -57,6 +60,7 @@ class RoutingStats:
     served_E: Array
     dropped_GSK: Array
     unserved_GS: Array
+    weight_GSK: Optional[Array] = None
 
 
 def group_tokens(x: Array, cfg: MoEConfig) -> Array:
@@ -108,18 +112,22 @@ class MoELayer(nnx.Module):
         self.shared_gate_D1 = nnx.data(shared_gate)
 
     def __call__(self, x_BLD: Array, *, train: bool = False, rng: Optional[Array] = None,
-                 token_ids_BL: Optional[Array] = None) -> tuple[Array, MoEAux]:
+                 token_ids_BL: Optional[Array] = None, replay: Optional[tuple] = None) -> tuple[Array, MoEAux]:
         """x_BLD <dtype>[B, L, D] -> (y_BLD, MoEAux). `rng` turns on router noise (training only)."""
         B, L, _ = x_BLD.shape
-        y_BLD, stats = self.forward(x_BLD, train=train, rng=rng, token_ids_BL=token_ids_BL)
+        y_BLD, stats = self.forward(x_BLD, train=train, rng=rng, token_ids_BL=token_ids_BL, replay=replay)
         return y_BLD, self.aux(stats, B, L, train)
 
     def forward(self, x_BLD: Array, *, train: bool, rng: Optional[Array] = None,
-                token_ids_BL: Optional[Array] = None, run_experts=None) -> tuple[Array, RoutingStats]:
+                token_ids_BL: Optional[Array] = None, run_experts=None,
+                replay: Optional[tuple] = None) -> tuple[Array, RoutingStats]:
         """The layer without its losses and metrics: x_BLD <dtype>[B, L, D] -> (y_BLD, RoutingStats).
 
         run_experts: capacity buffers `[E, X, D] -> [E, X, D]` through the experts; default `self.experts`
         (the expert-parallel path sends the buffers to the devices holding the experts and back).
+        replay: (expert_BLK <int>[B, L, K], weight_BLK <float32>[B, L, K] or None): token choices used instead
+        of the router's (a ledger's, moe_jax.ledger); capacity, losses and metrics follow from them as from the
+        router's own. Without weights the router weighs the given experts itself (differentiably).
         """
         cfg = self.cfg
         B, L, D = x_BLD.shape
@@ -129,15 +137,24 @@ class MoELayer(nnx.Module):
         G, S, _ = x_GSD.shape
         token_ids_GS = None if token_ids_BL is None else group_tokens(token_ids_BL, cfg)
         logits_GSE = self.router.logits(x_GSD, rng if train else None)
+        replay_GSK = None
+        if replay is not None:
+            expert_BLK, weight_BLK = replay
+            if expert_BLK.shape[:2] != (B, L):
+                raise ValueError(f"MoELayer: replayed expert ids of shape {expert_BLK.shape} do not match the "
+                                 f"[{B}, {L}] batch; replay a ledger recorded on this batch shape.")
+            replay_GSK = (group_tokens(expert_BLK, cfg),
+                          None if weight_BLK is None else group_tokens(weight_BLK, cfg))
 
+        weight_GSK = None
         if cfg.capacity_factor_for(train) is None:
-            y_GSD, expert_GSK = self._dropless(x_GSD, logits_GSE, token_ids_GS)
+            y_GSD, expert_GSK, weight_GSK = self._dropless(x_GSD, logits_GSE, token_ids_GS, replay_GSK)
             served_E = jax.nn.one_hot(expert_GSK, cfg.num_routed_experts, dtype=jnp.float32).sum(axis=(0, 1, 2))
             dropped_GSK = jnp.zeros(expert_GSK.shape, jnp.bool_)
             unserved_GS = jnp.zeros((G, S), jnp.bool_)
         else:
-            routed = self.router.route(logits_GSE, train=train, token_ids_GS=token_ids_GS)
-            routing, expert_GSK = routed.routing, routed.expert_GSK
+            routed = self.router.route(logits_GSE, train=train, token_ids_GS=token_ids_GS, replay=replay_GSK)
+            routing, expert_GSK, weight_GSK = routed.routing, routed.expert_GSK, routed.weight_GSK
             dispatcher = dispatch_lib.make_dispatcher(cfg.dispatch)
             buffer_EXD = dispatcher.dispatch(x_GSD, routing)
             y_GSD = dispatcher.combine((run_experts or self.experts)(buffer_EXD), routing)
@@ -152,13 +169,15 @@ class MoELayer(nnx.Module):
             y_GSD = y_GSD + shared_TD.reshape(G, S, D)
 
         stats = RoutingStats(logits_GSE=logits_GSE, expert_GSK=expert_GSK, served_E=served_E,
-                             dropped_GSK=dropped_GSK, unserved_GS=unserved_GS)
+                             dropped_GSK=dropped_GSK, unserved_GS=unserved_GS, weight_GSK=weight_GSK)
         return ungroup_tokens(y_GSD, cfg, B, L).astype(x_BLD.dtype), stats
 
-    def _dropless(self, x_GSD, logits_GSE, token_ids_GS):
+    def _dropless(self, x_GSD, logits_GSE, token_ids_GS, replay_GSK=None):
         cfg = self.cfg
         G, S, D = x_GSD.shape
-        expert_GSK, weight_GSK, _ = self.router.choices(logits_GSE, token_ids_GS)
+        if replay_GSK is not None and cfg.router in ("soft", "expert_choice"):
+            self.router._replayed(logits_GSE, *replay_GSK)  # raises: nothing to replay
+        expert_GSK, weight_GSK, _ = self.router.choices(logits_GSE, token_ids_GS, replay_GSK)
         K = expert_GSK.shape[-1]
         block = cfg.dropless_block_size if cfg.expert_backend == "blocked" else 1
         sorted_routing = dispatch_lib.sort_choices(
@@ -167,7 +186,7 @@ class MoELayer(nnx.Module):
         rows_MD = dispatcher.dispatch(x_GSD.reshape(G * S, D), sorted_routing)
         out_MD = self.experts.grouped(rows_MD, sorted_routing.group_sizes_E, backend=cfg.expert_backend,
                                       block_size=block, counts_E=sorted_routing.counts_E)
-        return dispatcher.combine(out_MD, sorted_routing).reshape(G, S, D), expert_GSK
+        return dispatcher.combine(out_MD, sorted_routing).reshape(G, S, D), expert_GSK, weight_GSK
 
     def aux(self, stats: RoutingStats, B: int, L: int, train: bool, balance_shards: int = 1) -> MoEAux:
         """Losses and metrics of a forward pass over a `[B, L]` batch, from its `RoutingStats` (grouped as
@@ -218,4 +237,19 @@ class MoELayer(nnx.Module):
             dropped_TK=dropped_GSK.reshape(T, -1), unserved_T=unserved_GS.reshape(T))
         for name, value in layer_flops(cfg, num_tokens=T, group_size=S, train=train).items():
             metrics[name] = jnp.asarray(value, jnp.float32)
-        return MoEAux(losses=losses, metrics=metrics)
+        return MoEAux(losses=losses, metrics=metrics, choices=self._choices(stats, B, L))
+
+    def _choices(self, stats: RoutingStats, B: int, L: int) -> Optional[dict]:
+        """The token choices of a forward pass, per token of the [B, L] batch (what a ledger records):
+        expert <int32>[B, L, K], weight <float32>[B, L, K] (before capacity), dropped <bool>[B, L, K], and
+        score <float32>[B, L, K], the router's raw score of each chosen expert (softmax probability or
+        sigmoid, before normalisation, scaling or bias). None for expert choice and Soft MoE. Only reshapes
+        and one gather of arrays the pass computed: a jitted step that does not return them does not compute
+        them (XLA removes unused outputs)."""
+        if stats.expert_GSK is None or stats.weight_GSK is None:
+            return None
+        scores_GSE = routing_lib.scores_from_logits(stats.logits_GSE, self.cfg.score_fn)
+        score_GSK = jnp.take_along_axis(scores_GSE, stats.expert_GSK, axis=-1)
+        out = {"expert": stats.expert_GSK, "weight": stats.weight_GSK, "dropped": stats.dropped_GSK,
+               "score": score_GSK}
+        return {k: ungroup_tokens(v, self.cfg, B, L) for k, v in out.items()}

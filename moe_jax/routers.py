@@ -23,10 +23,12 @@ class RouterOutput:
     routing: the slot form every dispatcher consumes (`SoftRouting` for Soft MoE).
     expert_GSK: <int32>[G, S, K] the router's own token choices before capacity (f_i in the balance
         loss); None for expert choice and Soft MoE, which make no token choices.
+    weight_GSK: <float32>[G, S, K] the combine weights of those choices before capacity (None likewise).
     """
 
     routing: routing_lib.Routing | routing_lib.SoftRouting
     expert_GSK: Optional[Array]
+    weight_GSK: Optional[Array] = None
 
 
 class RouterBias(nnx.Variable):
@@ -63,10 +65,18 @@ class Router(nnx.Module):
             logits_GSE = logits_GSE + cfg.logit_noise_std * jax.random.normal(noise_rng, logits_GSE.shape)
         return logits_GSE
 
-    def choices(self, logits_GSE: Array, token_ids_GS: Optional[Array]) -> tuple[Array, Array, Optional[Array]]:
-        """Token choice: (expert_GSK, weight_GSK, selection scores used to rank fallback experts)."""
+    def choices(self, logits_GSE: Array, token_ids_GS: Optional[Array],
+                replay: Optional[tuple] = None) -> tuple[Array, Array, Optional[Array]]:
+        """Token choice: (expert_GSK, weight_GSK, selection scores used to rank fallback experts).
+
+        replay: (expert_GSK <int>[G, S, K], weight_GSK <float32>[G, S, K] or None) taken instead of the
+        router's picks (moe_jax.ledger): without weights, the router weighs the given experts as it weighs its
+        own picks (`routing.choice_weights`), so for its own picks the result is identical.
+        """
         cfg = self.cfg
         E, k = cfg.num_routed_experts, cfg.top_k
+        if replay is not None:
+            return self._replayed(logits_GSE, *replay)
         if cfg.router == "hash":
             if token_ids_GS is None:
                 raise ValueError("MoEConfig.router='hash' routes by token id: pass token_ids to the layer.")
@@ -77,28 +87,56 @@ class Router(nnx.Module):
             logits_GSE, k, score_fn=cfg.score_fn, topk_order=cfg.topk_order, normalize=cfg.normalize_topk,
             routed_scaling_factor=cfg.routed_scaling_factor, correction_bias_E=bias_E,
             n_groups=cfg.n_expert_groups, topk_groups=cfg.topk_groups, group_score=cfg.group_score)
-        selection_GSE = None
-        if cfg.overflow == "reroute":
-            selection_GSE = routing_lib.scores_from_logits(logits_GSE, cfg.score_fn)
-            if bias_E is not None:
-                selection_GSE = selection_GSE + bias_E
-            if cfg.n_expert_groups > 1:
-                selection_GSE = routing_lib.group_limited_mask(selection_GSE, cfg.n_expert_groups, cfg.topk_groups,
-                                                             cfg.group_score)
-        return expert_GSK, weight_GSK, selection_GSE
+        return expert_GSK, weight_GSK, self._selection(logits_GSE)
 
-    def route(self, logits_GSE: Array, *, train: bool, token_ids_GS: Optional[Array] = None) -> RouterOutput:
+    def _selection(self, logits_GSE: Array) -> Optional[Array]:
+        """Selection scores that rank the fallback experts of a re-routed choice (overflow='reroute')."""
+        cfg = self.cfg
+        if cfg.overflow != "reroute" or cfg.router == "hash":
+            return None
+        bias_E = None if self.correction_bias_E is None else self.correction_bias_E[...]
+        selection_GSE = routing_lib.scores_from_logits(logits_GSE, cfg.score_fn)
+        if bias_E is not None:
+            selection_GSE = selection_GSE + bias_E
+        if cfg.n_expert_groups > 1:
+            selection_GSE = routing_lib.group_limited_mask(selection_GSE, cfg.n_expert_groups, cfg.topk_groups,
+                                                         cfg.group_score)
+        return selection_GSE
+
+    def _replayed(self, logits_GSE: Array, expert_GSK: Array, weight_GSK: Optional[Array]):
+        cfg = self.cfg
+        if cfg.router in ("soft", "expert_choice"):
+            raise ValueError(f"MoEConfig.router={cfg.router!r} makes no token choices, so there is no routing to "
+                             "replay; replay works with router='top_k' or 'hash'.")
+        if expert_GSK.shape != logits_GSE.shape[:2] + (cfg.top_k,):
+            raise ValueError(f"replayed expert ids have shape {expert_GSK.shape}; this layer routes "
+                             f"{logits_GSE.shape[:2] + (cfg.top_k,)} (groups, tokens per group, top_k): record the "
+                             "ledger with the same model and batch shape.")
+        expert_GSK = expert_GSK.astype(jnp.int32)
+        if weight_GSK is None:
+            if cfg.router == "hash":
+                weight_GSK = jnp.full(expert_GSK.shape, 1.0 / cfg.top_k, jnp.float32)
+            else:
+                weight_GSK = routing_lib.choice_weights(
+                    logits_GSE, expert_GSK, score_fn=cfg.score_fn, topk_order=cfg.topk_order,
+                    normalize=cfg.normalize_topk, routed_scaling_factor=cfg.routed_scaling_factor)
+        return expert_GSK, weight_GSK.astype(jnp.float32), self._selection(logits_GSE)
+
+    def route(self, logits_GSE: Array, *, train: bool, token_ids_GS: Optional[Array] = None,
+              replay: Optional[tuple] = None) -> RouterOutput:
         """Capacity routing for the fixed-buffer paths (Soft MoE: logits_GSE are its slot logits)."""
         cfg = self.cfg
         S = logits_GSE.shape[1]
         C = cfg.capacity(S, train)
+        if replay is not None and cfg.router in ("soft", "expert_choice"):
+            self._replayed(logits_GSE, *replay)  # raises: nothing to replay
         if cfg.router == "soft":
             return RouterOutput(routing_lib.soft_routing(logits_GSE, cfg.num_routed_experts), expert_GSK=None)
         if cfg.router == "expert_choice":
             return RouterOutput(routing_lib.expert_choice_routing(logits_GSE, C), expert_GSK=None)
-        expert_GSK, weight_GSK, selection_GSE = self.choices(logits_GSE, token_ids_GS)
+        expert_GSK, weight_GSK, selection_GSE = self.choices(logits_GSE, token_ids_GS, replay)
         routing = capacity_lib.assign_capacity(
             expert_GSK, weight_GSK, num_experts=cfg.num_routed_experts, capacity=C, priority=cfg.priority,
             overflow=cfg.overflow, nominal_capacity=cfg.nominal_capacity(S, train),
             selection_GSE=selection_GSE, max_rounds=cfg.max_reroute_rounds)
-        return RouterOutput(routing, expert_GSK)
+        return RouterOutput(routing, expert_GSK, weight_GSK)

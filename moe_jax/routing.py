@@ -190,6 +190,12 @@ def top_k_choices(
     if n_groups > 1:
         selection_GSE = group_limited_mask(selection_GSE, n_groups, topk_groups, group_score)
     _, expert_GSK = jax.lax.top_k(jax.lax.stop_gradient(selection_GSE), k)
+    weight_GSK = _weights_of(logits_GSE, scores_GSE, expert_GSK, score_fn=score_fn, topk_order=topk_order,
+                             normalize=normalize, routed_scaling_factor=routed_scaling_factor)
+    return expert_GSK.astype(jnp.int32), weight_GSK
+
+
+def _weights_of(logits_GSE, scores_GSE, expert_GSK, *, score_fn, topk_order, normalize, routed_scaling_factor):
     if topk_order == "topk_softmax":
         weight_GSK = jax.nn.softmax(jnp.take_along_axis(logits_GSE, expert_GSK, axis=-1), axis=-1)
     else:
@@ -197,7 +203,26 @@ def top_k_choices(
         if normalize:
             denom = weight_GSK.sum(-1, keepdims=True)
             weight_GSK = weight_GSK / (denom + 1e-20 if score_fn == "sigmoid" else denom)
-    return expert_GSK.astype(jnp.int32), weight_GSK * routed_scaling_factor
+    return weight_GSK * routed_scaling_factor
+
+
+def choice_weights(
+    logits_GSE: Array,
+    expert_GSK: Array,
+    *,
+    score_fn: str = "softmax",
+    topk_order: str = "softmax_topk",
+    normalize: bool = False,
+    routed_scaling_factor: float = 1.0,
+) -> Array:
+    """<float32>[G, S, K]: the combine weights `top_k_choices` would give the experts `expert_GSK` (any
+    experts, e.g. a replayed routing): the same arithmetic, differentiable in the logits, so a replayed
+    routing still trains the router through its combine weights. For the experts `top_k_choices` picked
+    it returns exactly its weights."""
+    logits_GSE = logits_GSE.astype(jnp.float32)
+    scores_GSE = None if topk_order == "topk_softmax" else scores_from_logits(logits_GSE, score_fn)
+    return _weights_of(logits_GSE, scores_GSE, expert_GSK.astype(jnp.int32), score_fn=score_fn,
+                       topk_order=topk_order, normalize=normalize, routed_scaling_factor=routed_scaling_factor)
 
 
 def hash_choices(token_ids_GS: Array, num_experts: int, k: int = 1) -> tuple[Array, Array]:

@@ -36,7 +36,8 @@ from moe_jax.types import Array
 @struct.dataclass
 class ModelAux:
     """aux_loss: <float32>[] sum over MoE layers of their weighted aux loss (`losses['aux_loss']`).
-    layers: one dict per MoE layer in depth order: {"layer": index, "losses": {...}, "metrics": {...}}.
+    layers: one dict per MoE layer in depth order: {"layer": index, "losses": {...}, "metrics": {...},
+        "choices": {...} or None} (choices: `MoELayer.aux`'s per-token routing decisions, for the ledger).
     layer_indices: the same indices, static (python ints even under jit)."""
 
     aux_loss: Array
@@ -88,13 +89,15 @@ class Block(nnx.Module):
         self.moe_norm = nnx.data(moe_norm)
 
     def __call__(self, x_BLD: Array, positions_BL: Array, tokens_BL: Array, *, train: bool,
-                 rng: Optional[Array], cache=None, index=None):
+                 rng: Optional[Array], cache=None, index=None, replay=None):
         h_BLD, cache = self.attn(self.attn_norm(x_BLD), positions_BL, cache, index)
         x_BLD = x_BLD + h_BLD.astype(x_BLD.dtype)
         y_BLD = self.ffn_norm(x_BLD)
         aux = None
         if self.is_moe:
-            y_BLD, aux = self.ffn(y_BLD, train=train, rng=rng, token_ids_BL=tokens_BL)
+            # (only when given: the expert-parallel wrapper of moe_jax.sharding takes no replay)
+            extra = {} if replay is None else {"replay": replay}
+            y_BLD, aux = self.ffn(y_BLD, train=train, rng=rng, token_ids_BL=tokens_BL, **extra)
             if self.moe_norm is not None:
                 y_BLD = self.moe_norm(y_BLD)
         else:
@@ -132,13 +135,21 @@ class Transformer(nnx.Module):
             raise ValueError(f"Transformer: {tokens_BL.shape[1]} tokens exceed {what}={max_len}; "
                              f"shorten the input or raise {what}.")
 
-    def __call__(self, tokens_BL: Array, *, train: bool = False,
-                 rng: Optional[Array] = None) -> tuple[Array, ModelAux]:
-        """tokens_BL <int>[B, L] -> (logits <float32>[B, L, V], ModelAux). `rng` drives router noise (train)."""
+    def __call__(self, tokens_BL: Array, *, train: bool = False, rng: Optional[Array] = None,
+                 replay: Optional[tuple] = None) -> tuple[Array, ModelAux]:
+        """tokens_BL <int>[B, L] -> (logits <float32>[B, L, V], ModelAux). `rng` drives router noise (train).
+
+        replay: one (expert_BLK, weight_BLK or None) per MoE layer in depth order, routing used instead of the
+        routers' (moe_jax.ledger.replay_choices); each layer's choices come back in `aux.layers[i]["choices"]`.
+        """
         self._check_tokens(tokens_BL, self.cfg.max_seq_len, "ModelConfig.max_seq_len")
         B, L = tokens_BL.shape
         positions_BL = jnp.broadcast_to(jnp.arange(L, dtype=jnp.int32), (B, L))
-        logits_BLV, aux, _ = self._forward(tokens_BL, positions_BL, train=train, rng=rng)
+        moe_count = sum(b.is_moe for b in self.blocks)
+        if replay is not None and len(replay) != moe_count:
+            raise ValueError(f"Transformer: replay has {len(replay)} entries for {moe_count} MoE layers; give one "
+                             "(expert ids, weights or None) per MoE layer in depth order.")
+        logits_BLV, aux, _ = self._forward(tokens_BL, positions_BL, train=train, rng=rng, replay=replay)
         return logits_BLV, aux
 
     def init_cache(self, batch_size: int, max_len: Optional[int] = None) -> DecodeCache:
@@ -159,7 +170,7 @@ class Transformer(nnx.Module):
         logits_BLV, _, layers = self._forward(tokens_BL, positions_BL, train=False, rng=None, cache=cache)
         return logits_BLV, DecodeCache(layers=layers, index=cache.index + L)
 
-    def _forward(self, tokens_BL, positions_BL, *, train, rng, cache: Optional[DecodeCache] = None):
+    def _forward(self, tokens_BL, positions_BL, *, train, rng, cache: Optional[DecodeCache] = None, replay=None):
         cfg = self.cfg
         dt = cfg.compute_dtype
         x_BLD = jnp.take(self.embed_VD[...], tokens_BL, axis=0).astype(dt)
@@ -168,11 +179,12 @@ class Transformer(nnx.Module):
             layer_rng = None if rng is None else jax.random.fold_in(rng, i)
             layer_cache = None if cache is None else cache.layers[i]
             index = None if cache is None else cache.index
+            layer_replay = replay[len(layer_aux)] if replay is not None and block.is_moe else None
             x_BLD, aux, layer_cache = block(x_BLD, positions_BL, tokens_BL, train=train, rng=layer_rng,
-                                            cache=layer_cache, index=index)
+                                            cache=layer_cache, index=index, replay=layer_replay)
             new_layers.append(layer_cache)
             if aux is not None:
-                layer_aux.append({"layer": i, "losses": aux.losses, "metrics": aux.metrics})
+                layer_aux.append({"layer": i, "losses": aux.losses, "metrics": aux.metrics, "choices": aux.choices})
         x_BLD = self.final_norm(x_BLD)
         if self.unembed_DV is None:
             logits_BLV = jnp.einsum("bld,vd->blv", x_BLD, self.embed_VD[...].astype(dt),

@@ -17,6 +17,7 @@ from moe_jax.params import count_params
 from moe_jax.sharding import ShardingConfig
 from moe_jax.train import loop as loop_lib
 from moe_jax.train.config import TrainConfig
+from moe_jax.train.health import HealthConfig
 from moe_jax.train.run_config import build_run_config
 
 PRESETS = ("switch", "mixtral", "qwen_moe", "grok1", "deepseek_v2", "deepseek_v3", "gpt4_rumoured")
@@ -98,9 +99,10 @@ def test_base_sections_are_the_dataclass_defaults():
                       **_defaults(model, skip=("moe",)), "use_moe": True, "moe_d_ff": None}
     data = dict(_defaults(DataConfig()), data_dir=None)  # data_dir: computed when the config is built
     assert config == {"name": "defaults", "model": expected_model, "data": data,
-                      "train": dataclasses.asdict(TrainConfig()), "mesh": dataclasses.asdict(ShardingConfig())}
+                      "train": dataclasses.asdict(TrainConfig()), "mesh": dataclasses.asdict(ShardingConfig()),
+                      "health": dataclasses.asdict(HealthConfig())}
     run = build_run_config(base.make("tiny", base.tiny_model()))
-    assert (run.data, run.train, run.mesh) == (DataConfig(), TrainConfig(), ShardingConfig())
+    assert (run.data, run.train, run.mesh, run.health) == (DataConfig(), TrainConfig(), ShardingConfig(), HealthConfig())
 
 
 def test_recorded_defaults_are_kept():
@@ -114,3 +116,8 @@ def test_recorded_defaults_are_kept():
         weight_decay=0.1, b1=0.9, b2=0.95, grad_clip=1.0, seed=0, log_every=10, eval_every=100, eval_batches=4,
         checkpoint_every=100, keep_checkpoints=3, sample_tokens=200, sample_prompt="ROMEO:", sample_temperature=0.8,
         progress=True, async_checkpointing=True)
+    # The routing ledger and alarms run at evaluations only (no effect on training numerics).
+    assert dataclasses.asdict(HealthConfig()) == dict(
+        ledger_batches=1, alarms=True, start_step=0, max_dead_fraction=0.25, max_dropped_fraction=0.25,
+        max_load_cv=2.0, min_entropy_fraction=0.05, min_saturation=None, min_sigmoid_score=1e-3,
+        max_bias_drift=None, stop_on_alarm=False)

@@ -3,7 +3,8 @@
     summary = train(run_cfg, workdir)
 
 Files in `workdir`: config.json, checkpoints/ (orbax), metrics.jsonl, tensorboard/, summary.json,
-training.png, sample.txt. Running the same command again on the same workdir resumes from the latest
+training.png, sample.txt, and for token-choice MoE models ledgers/step_<step>.npz (the routing ledger of each
+evaluation, moe_jax.ledger) and routing.png (moe_jax.train.health: routing alarms are checked at evaluations). Running the same command again on the same workdir resumes from the latest
 checkpoint (or returns at once if the run already finished) and reaches the same losses as an
 uninterrupted run: batches and RNG keys are pure functions of (seed, step). Its metrics too: rows past the
 checkpoint are dropped, log windows end at multiples of log_every, and a checkpoint carries the metrics of
@@ -27,6 +28,7 @@ from moe_jax.flops import train_flops_per_token
 from moe_jax.params import count_params
 from moe_jax.train import distributed
 from moe_jax.train.checkpoint import Checkpoints
+from moe_jax.train.health import RoutingWatch, format_alarms
 from moe_jax.train.metrics import MetricWriter, read_jsonl, rows_from_json, rows_to_json
 from moe_jax.train.plots import plot_run
 from moe_jax.train.preemption import Preemption
@@ -99,6 +101,8 @@ def train(run: RunConfig, workdir: str, *, log=print) -> dict:
         eval_step = make_eval_step(graphdef, placement=placement)
         key = jax.random.PRNGKey(tcfg.seed)
         writer = MetricWriter(workdir, resume_step=start)
+        watch = RoutingWatch(run.health, cfg, graphdef, workdir, log=log, start_step=start,
+                             write=jax.process_index() == 0)
         tokens_per_step = run.data.batch_size * run.data.seq_len
 
         def save(step):
@@ -112,7 +116,7 @@ def train(run: RunConfig, workdir: str, *, log=print) -> dict:
         # Windows of log_every steps end at multiples of log_every whether or not the run restarted in between;
         # throughput counts only the steps timed in this process, the first one (compilation) excluded.
         consecutive_skips, last_eval, timed, window_start = 0, None, 0, None
-        preempted = False
+        preempted, stopped = False, None
         step = start
         with Preemption(log) as preemption:
             while step < tcfg.steps:
@@ -152,8 +156,20 @@ def train(run: RunConfig, workdir: str, *, log=print) -> dict:
                     bar.update(1)
                 if tcfg.eval_batches and (step % tcfg.eval_every == 0 or step == tcfg.steps):
                     last_eval = evaluate(eval_step, state, data, tcfg.eval_batches, placement)
+                    alarms = watch.at_eval(step, state, data, last_eval)  # ledger, saturation, alarms
                     writer.write(step, "eval", last_eval)
+                    for alarm in alarms:
+                        writer.alarm(step, alarm.record())
+                    if alarms:
+                        log(format_alarms(step, alarms))
+                    watch.picture(writer, step, title=run.name)
                     window_start = time.perf_counter()
+                    if alarms and run.health.stop_on_alarm and step < tcfg.steps:
+                        save(step)
+                        stopped = [a.message for a in alarms]
+                        log(f"[moe_jax] stopped by a routing alarm at step {step} (config.health.stop_on_alarm): "
+                            f"checkpoint written to {ckpt.directory}.")
+                        break
                 if step % tcfg.checkpoint_every == 0 or step == tcfg.steps:
                     save(step)
                     window_start = time.perf_counter()
@@ -172,6 +188,9 @@ def train(run: RunConfig, workdir: str, *, log=print) -> dict:
     if preempted:
         writer.close()
         return summarise(run, workdir, state, graphdef, data, counts, None, log, preempted=True)
+    if stopped:
+        writer.close()
+        return summarise(run, workdir, state, graphdef, data, counts, last_eval, log, stopped=stopped)
     if last_eval is None and tcfg.eval_batches:
         last_eval = evaluate(eval_step, state, data, tcfg.eval_batches, placement)
     writer.close()
@@ -179,9 +198,11 @@ def train(run: RunConfig, workdir: str, *, log=print) -> dict:
     return summary
 
 
-def summarise(run, workdir, state, graphdef, data, counts, last_eval, log, *, preempted: bool = False) -> dict:
+def summarise(run, workdir, state, graphdef, data, counts, last_eval, log, *, preempted: bool = False,
+              stopped: list | None = None) -> dict:
     """summary.json (and its text in the log). preempted: the run stopped early on SIGTERM; no final eval, plot
-    or sample (the run that finishes it writes them)."""
+    or sample (the run that finishes it writes them). stopped: the messages of the routing alarms that stopped
+    the run (config.health.stop_on_alarm); its checkpoint is written, and its plots."""
     records = read_jsonl(os.path.join(workdir, "metrics.jsonl"))
     train_rows = [r for r in records if r["split"] == "train"]
     final = train_rows[-1] if train_rows else {}
@@ -202,10 +223,14 @@ def summarise(run, workdir, state, graphdef, data, counts, last_eval, log, *, pr
     }
     if preempted:
         summary["preempted"] = True
+    if stopped:
+        summary["stopped"] = {"reason": "routing alarm (config.health.stop_on_alarm)", "alarms": list(stopped)}
+    if os.path.exists(os.path.join(workdir, "routing.png")):
+        summary["routing_plot"] = "routing.png"  # relative to the workdir
     if train_rows and not preempted:
         plot_run(records, os.path.join(workdir, "training.png"), title=run.name)
         summary["plot"] = "training.png"  # relative to the workdir
-    if run.train.sample_tokens and jax.process_count() == 1 and not preempted:  # (multi-host: the prompt is one host's array)
+    if run.train.sample_tokens and jax.process_count() == 1 and not preempted and not stopped:  # (multi-host: the prompt is one host's array)
         from moe_jax.sampling import generate
 
         model = nnx.merge(graphdef, state.params, state.rest)  # plain MoE layers: a batch of 1 fits no mesh
@@ -226,6 +251,9 @@ def format_summary(s: dict) -> str:
     lines = [f"== {s['name']}: {s['steps']} steps, {s['tokens_seen']:,} tokens =="]
     if s.get("preempted"):
         lines.append("preempted: a checkpoint holds this step; run the same command again to resume")
+    if s.get("stopped"):
+        lines.append(f"stopped by a routing alarm at step {s['steps']} (a checkpoint holds it):")
+        lines.extend(f"  {m}" for m in s["stopped"]["alarms"])
     lines.append(f"train ce {s['final_train_ce']:.4f} nats/token" if s["final_train_ce"] is not None else "train ce -")
     if s["final_eval_ce"] is not None:
         lines.append(f"eval  ce {s['final_eval_ce']:.4f} nats/token ({s['final_eval_bits_per_token']:.3f} bits/token)")

@@ -1,4 +1,5 @@
-"""Metric sinks: a JSONL file (everything, vectors included) and TensorBoard event files (scalars).
+"""Metric sinks: a JSONL file (everything, vectors included) and TensorBoard event files (scalars; routing
+alarms as text, routing pictures as images).
 
 TensorBoard files are written with tensorboardX, so no TensorFlow is needed. Each JSONL line is
 `{"step": int, "split": "train"|"eval", <name>: float or [floats]}`.
@@ -50,6 +51,20 @@ class MetricWriter:
                 else:
                     self._tb.add_scalar(f"{split}/{name}", value, step)
         return record
+
+    def alarm(self, step: int, record: dict) -> None:
+        """One routing alarm (moe_jax.train.health.Alarm.record()): a JSONL row of split "alarm", and in
+        TensorBoard the message as text and the metric's value as a scalar under `alarm/<layer>/<metric>`."""
+        self._jsonl.write(json.dumps({"step": int(step), "split": "alarm", **record}) + "\n")
+        self._jsonl.flush()
+        if self._tb is not None:
+            self._tb.add_text("alarm", record["message"], step)
+            self._tb.add_scalar(f"alarm/{record['layer']}/{record['metric']}", record["value"], step)
+
+    def figure(self, tag: str, fig, step: int) -> None:
+        """A matplotlib figure as a TensorBoard image (nothing without TensorBoard)."""
+        if self._tb is not None:
+            self._tb.add_figure(tag, fig, step, close=False)
 
     def close(self) -> None:
         self._jsonl.close()

@@ -16,6 +16,7 @@ from moe_jax.data import DataConfig
 from moe_jax.model_config import ModelConfig
 from moe_jax.train.checkpoint import Checkpoints
 from moe_jax.train.config import TrainConfig
+from moe_jax.train.health import HealthConfig
 from moe_jax.train.run_config import RunConfig
 from moe_jax.train.state import split_model
 from moe_jax.transformer import Transformer
@@ -38,7 +39,8 @@ def load_run_config(workdir: str) -> RunConfig:
         record = json.load(f)  # run_config.run_record's layout
     data = dict(record["data"], data_dir=os.path.abspath(os.path.expanduser(record["data"]["data_dir"])))
     return RunConfig(model=ModelConfig.from_dict(record["model"]), data=DataConfig(**data),
-                     train=TrainConfig(**record["train"]), name=record.get("name", "run"))
+                     train=TrainConfig(**record["train"]), name=record.get("name", "run"),
+                     health=HealthConfig(**record.get("health", {})))  # runs recorded before the section: defaults
 
 
 def load_run(workdir: str, step: Optional[int] = None) -> LoadedRun:

@@ -11,6 +11,8 @@ A run config has three sections, and an optional fourth:
                 = one device.
   config.upcycle `UpcycleConfig` fields (moe_jax.upcycle): absent = a fresh initialisation; else a run starting
                 in an empty workdir takes its parameters from a dense run's checkpoint (sparse upcycling).
+  config.health `HealthConfig` fields (moe_jax.train.health): the routing ledger recorded at each evaluation
+                and the routing alarms' thresholds; absent = the defaults.
 Every key must be a known field: a typo fails with the section, the key and the known names, before
 anything is built or compiled. Then the sections are checked against each other (`check_run`: the batch
 against the routing groups and the mesh, the sequence length and the tokenizer against the model), and, with `on_this_machine=True`, against what this machine must provide
@@ -35,9 +37,10 @@ from moe_jax.model_config import ModelConfig
 from moe_jax.upcycle import UpcycleConfig
 from moe_jax.sharding.config import ShardingConfig
 from moe_jax.train.config import TrainConfig
+from moe_jax.train.health import HealthConfig
 
 SECTIONS = ("model", "data", "train")
-OPTIONAL_SECTIONS = ("mesh", "upcycle")
+OPTIONAL_SECTIONS = ("mesh", "upcycle", "health")
 MODEL_ONLY_KEYS = ("use_moe", "moe_d_ff")
 
 
@@ -49,6 +52,7 @@ class RunConfig:
     name: str = "run"
     mesh: ShardingConfig = dataclasses.field(default_factory=ShardingConfig)
     upcycle: Optional[UpcycleConfig] = None  # sparse upcycling from a dense run (moe_jax.train.upcycle)
+    health: HealthConfig = dataclasses.field(default_factory=HealthConfig)
 
     def moe_derived(self) -> dict:
         """The MoE layers' derived values on this run's `[batch_size, seq_len]` batches (MoEConfig computes
@@ -132,7 +136,7 @@ def _defaults(cls, skip=()) -> dict:
 
 
 def make_config_dict(name: str, model: dict, data: dict, train: dict,
-                     mesh: dict | None = None) -> ml_collections.ConfigDict:
+                     mesh: dict | None = None, health: dict | None = None) -> ml_collections.ConfigDict:
     """A full run ConfigDict: every known field present (so each is overridable and listed by
     --print_config), dataclass defaults filled in under the given values."""
     model_defaults = {**_defaults(MoEConfig, skip=("d_model", "d_ff")), **_defaults(ModelConfig, skip=("moe",)),
@@ -140,7 +144,8 @@ def make_config_dict(name: str, model: dict, data: dict, train: dict,
     sections = {}
     for section, defaults, given in (("model", model_defaults, model), ("data", _defaults(DataConfig), data),
                                      ("train", _defaults(TrainConfig), train),
-                                     ("mesh", _defaults(ShardingConfig), mesh or {})):
+                                     ("mesh", _defaults(ShardingConfig), mesh or {}),
+                                     ("health", _defaults(HealthConfig), health or {})):
         merged = dict(defaults)
         for key, value in given.items():
             if isinstance(merged.get(key), config_dict.FieldReference):
@@ -226,9 +231,14 @@ def build_run_config(config, *, on_this_machine: bool = False) -> RunConfig:
             if key not in _fields(UpcycleConfig):
                 raise _unknown("upcycle", key, _fields(UpcycleConfig))
         upcycle = _build(UpcycleConfig, "upcycle", upcycle)
+    health = dict(config.get("health") or {})
+    for key in health:
+        if key not in _fields(HealthConfig):
+            raise _unknown("health", key, _fields(HealthConfig))
     run = RunConfig(model=model_cfg, data=_build(DataConfig, "data", data),
                     train=_build(TrainConfig, "train", train), name=str(config.get("name", "run")),
-                    mesh=_build(ShardingConfig, "mesh", mesh), upcycle=upcycle)
+                    mesh=_build(ShardingConfig, "mesh", mesh), upcycle=upcycle,
+                    health=_build(HealthConfig, "health", health))
     check_run(run)
     if on_this_machine:
         check_machine(run)
@@ -299,12 +309,13 @@ def run_record(run: RunConfig) -> dict:
     """The run as the training loop writes it to a workdir's `config.json`: what `load_run_config`
     (moe_jax.train.restore) reads back and the experiment runner compares a new run with.
 
-    {"name", "model": `model_record`, "data", "train", "mesh"} and, for an upcycled run, "upcycle"; JSON-able.
-    data.data_dir and upcycle.from_workdir are written with the home directory as `~` (`home_relative`).
+    {"name", "model": `model_record`, "data", "train", "mesh", "health"} and, for an upcycled run, "upcycle";
+    JSON-able. data.data_dir and upcycle.from_workdir are written with the home directory as `~` (`home_relative`).
     """
     data = dict(dataclasses.asdict(run.data), data_dir=home_relative(run.data.data_dir))
     record = {"name": run.name, "model": model_record(run.model), "data": data,
-              "train": dataclasses.asdict(run.train), "mesh": dataclasses.asdict(run.mesh)}
+              "train": dataclasses.asdict(run.train), "mesh": dataclasses.asdict(run.mesh),
+              "health": dataclasses.asdict(run.health)}
     if run.upcycle is not None:
         record["upcycle"] = dict(dataclasses.asdict(run.upcycle), from_workdir=home_relative(
             os.path.abspath(os.path.expanduser(run.upcycle.from_workdir))))

@@ -1,0 +1,199 @@
+"""Routing health during training: the routing ledger at each evaluation and alarms on the routers' metrics.
+
+    watch = RoutingWatch(run.health, run.model, graphdef, workdir, log=log, start_step=start)
+    alarms = watch.at_eval(step, state, data, eval_metrics)   # writes ledgers/step_<step>.npz, adds saturation
+
+At every evaluation (train.eval_every) the loop records the routing ledger (moe_jax.ledger) on the first
+`health.ledger_batches` evaluation batches (the same tokens every time) and checks, per MoE layer, on the
+evaluation metrics (eval capacity factor) and the ledger:
+  dead experts          dead_experts / E > max_dead_fraction
+  dropped fraction      dropped_fraction > max_dropped_fraction
+  load CV               load_cv (std / mean of the routed load) > max_load_cv
+  entropy collapse      router_entropy / ln E < min_entropy_fraction (every token's router distribution
+                        has collapsed onto one expert)
+  saturation            fraction of ledger tokens whose top-k set is unchanged since the previous
+                        evaluation < min_saturation (routing churns; OLMoE's router saturation)
+  sigmoid score         score_fn='sigmoid': the smallest raw score of a chosen expert < min_sigmoid_score
+  bias drift            routers with a correction bias: max |bias - bias at the previous evaluation|
+                        > max_bias_drift
+A threshold of None turns its check off. Alarms are checked from step `start_step` on. Each tripped check
+is an `Alarm` naming the layer and the metric; the loop prints it, writes it to metrics.jsonl (split
+"alarm") and TensorBoard, and with `stop_on_alarm` checkpoints the step and stops the run (summary
+`stopped`: the alarms). All of this runs at evaluations only: the train step does not change.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from typing import Any, Callable, Optional
+
+import numpy as np
+
+from moe_jax import ledger as ledger_lib
+from moe_jax import ledger_analysis
+
+
+@dataclasses.dataclass(frozen=True)
+class HealthConfig:
+    """The `health` section of a run config: the routing ledger and the alarm thresholds (None = off)."""
+
+    ledger_batches: int = 1  # evaluation batches the ledger records at each evaluation (0 = no ledger)
+    alarms: bool = True
+    start_step: int = 0  # alarms are checked at evaluations from this step on
+    max_dead_fraction: Optional[float] = 0.25  # experts that served no token, as a fraction of E
+    max_dropped_fraction: Optional[float] = 0.25
+    max_load_cv: Optional[float] = 2.0  # one expert taking every top-1 choice of E = 8 gives sqrt(7) = 2.65
+    min_entropy_fraction: Optional[float] = 0.05  # mean router entropy / ln E
+    min_saturation: Optional[float] = None  # vs the previous evaluation's ledger; early training churns
+    min_sigmoid_score: Optional[float] = 1e-3  # score_fn='sigmoid' only
+    max_bias_drift: Optional[float] = None  # routers with a correction bias only
+    stop_on_alarm: bool = False  # checkpoint and stop the run when an alarm trips
+
+    def __post_init__(self):
+        def bad(field, why):
+            raise ValueError(f"config.health.{field}={getattr(self, field)!r} {why}")
+
+        for field in ("ledger_batches", "start_step"):
+            if getattr(self, field) < 0:
+                bad(field, "must be >= 0.")
+        for field in ("max_dead_fraction", "max_dropped_fraction", "min_entropy_fraction", "min_saturation"):
+            value = getattr(self, field)
+            if value is not None and not 0 <= value <= 1:
+                bad(field, "must be in [0, 1] (a fraction), or None to turn the check off.")
+        for field in ("max_load_cv", "min_sigmoid_score", "max_bias_drift"):
+            value = getattr(self, field)
+            if value is not None and not value >= 0:
+                bad(field, "must be >= 0, or None to turn the check off.")
+        if self.min_saturation is not None and self.ledger_batches == 0:
+            bad("min_saturation", "needs the ledger: set config.health.ledger_batches >= 1 or min_saturation=None.")
+
+
+@dataclasses.dataclass(frozen=True)
+class Alarm:
+    layer: int
+    metric: str
+    value: float
+    threshold: float
+    message: str
+
+    def record(self) -> dict:
+        return {"layer": self.layer, "metric": self.metric, "value": self.value, "threshold": self.threshold,
+                "message": self.message}
+
+
+def _alarm(layer, metric, value, op, threshold, what) -> Alarm:
+    msg = f"layer {layer}: {metric} {value:.4g} {op} {threshold:.4g} ({what})"
+    return Alarm(layer=int(layer), metric=metric, value=float(value), threshold=float(threshold), message=msg)
+
+
+def check(cfg: HealthConfig, *, layers, num_experts: int, score_fn: str, eval_metrics: dict,
+          ledger: Optional[ledger_lib.Ledger] = None, previous: Optional[ledger_lib.Ledger] = None,
+          has_bias: bool = False) -> list[Alarm]:
+    """The alarms tripped at one evaluation. eval_metrics: the loop's evaluation means, keyed
+    `moe/<layer>/<metric>`; ledger / previous: this and the previous evaluation's ledgers (None: none)."""
+    out = []
+    E = num_experts
+    for i, layer in enumerate(layers):
+        get = lambda name: eval_metrics.get(f"moe/{layer}/{name}")
+        dead, dropped, cv, entropy = get("dead_experts"), get("dropped_fraction"), get("load_cv"), get("router_entropy")
+        if cfg.max_dead_fraction is not None and dead is not None and float(dead) / E > cfg.max_dead_fraction:
+            out.append(_alarm(layer, "dead_experts", float(dead), ">", cfg.max_dead_fraction * E,
+                              f"of {E} experts served no token"))
+        if cfg.max_dropped_fraction is not None and dropped is not None and float(dropped) > cfg.max_dropped_fraction:
+            out.append(_alarm(layer, "dropped_fraction", float(dropped), ">", cfg.max_dropped_fraction,
+                              "choices found no room"))
+        if cfg.max_load_cv is not None and cv is not None and float(cv) > cfg.max_load_cv:
+            out.append(_alarm(layer, "load_cv", float(cv), ">", cfg.max_load_cv, "load is concentrated"))
+        if cfg.min_entropy_fraction is not None and entropy is not None and E > 1:
+            fraction = float(entropy) / math.log(E)
+            if fraction < cfg.min_entropy_fraction:
+                out.append(_alarm(layer, "router_entropy_fraction", fraction, "<", cfg.min_entropy_fraction,
+                                  "router entropy / ln E: the router distribution collapsed"))
+        if ledger is None:
+            continue
+        m = ledger.position(layer)
+        if cfg.min_sigmoid_score is not None and score_fn == "sigmoid":
+            low = float(ledger.score[m].min())
+            if low < cfg.min_sigmoid_score:
+                out.append(_alarm(layer, "min_sigmoid_score", low, "<", cfg.min_sigmoid_score,
+                                  "smallest raw score of a chosen expert"))
+        if previous is None:
+            continue
+        if cfg.min_saturation is not None:
+            sat = float(ledger_analysis.saturation(previous, ledger)[m])
+            if sat < cfg.min_saturation:
+                out.append(_alarm(layer, "saturation", sat, "<", cfg.min_saturation,
+                                  f"top-k sets unchanged since step {previous.step}"))
+        if cfg.max_bias_drift is not None and has_bias:
+            drift = float(np.abs(ledger.correction_bias[m] - previous.correction_bias[m]).max())
+            if drift > cfg.max_bias_drift:
+                out.append(_alarm(layer, "bias_drift", drift, ">", cfg.max_bias_drift,
+                                  f"max |correction bias change| since step {previous.step}"))
+    return out
+
+
+class RoutingWatch:
+    """The loop's routing ledger and alarms (see the module docstring). Every process records (the forward
+    pass may be sharded); process 0 writes the files."""
+
+    def __init__(self, cfg: HealthConfig, model_cfg, graphdef, workdir: str, *, log: Callable[[str], Any] = print,
+                 start_step: int = 0, write: bool = True):
+        self.cfg, self.workdir, self.log, self.write = cfg, workdir, log, write
+        moe = model_cfg.moe
+        self.layers = list(model_cfg.moe_layer_indices) if moe is not None else []
+        self.num_experts = moe.num_routed_experts if moe is not None else 0
+        self.score_fn = moe.score_fn if moe is not None else "softmax"
+        self.has_bias = bool(moe is not None and moe.use_correction_bias)
+        self.recorder, self.previous = None, None
+        why_not = ledger_lib.check_recordable(model_cfg)
+        if cfg.ledger_batches and why_not is None:
+            self.recorder = ledger_lib.Recorder(graphdef)
+            earlier = [(s, p) for s, p in ledger_lib.list_ledgers(workdir) if s <= start_step]
+            if earlier:  # a resumed run compares its next ledger with the last one before the restart
+                self.previous = ledger_lib.Ledger.load(earlier[-1][1])
+        elif cfg.ledger_batches and self.layers:
+            log(f"[moe_jax] no routing ledger: {why_not}")
+        self.ledger_bytes: list[int] = []
+
+    def at_eval(self, step: int, state, data, eval_metrics: dict) -> list[Alarm]:
+        """Records and writes the ledger, adds `moe/<layer>/saturation` (vs the previous ledger) to
+        eval_metrics, and returns the alarms tripped (none before start_step or with alarms off)."""
+        ledger = None
+        if self.recorder is not None:
+            ledger = self.recorder(state.params, state.rest, data.eval_batches(self.cfg.ledger_batches), step=step)
+            if self.write:
+                self.ledger_bytes.append(ledger.save(ledger_lib.ledger_path(self.workdir, step)))
+            if self.previous is not None and self.previous.tokens.shape == ledger.tokens.shape:
+                for m, sat in enumerate(ledger_analysis.saturation(self.previous, ledger)):
+                    eval_metrics[f"moe/{int(ledger.layers[m])}/saturation"] = float(sat)
+            else:
+                self.previous = None
+        alarms = []
+        if self.cfg.alarms and self.layers and step >= self.cfg.start_step:
+            alarms = check(self.cfg, layers=self.layers, num_experts=self.num_experts, score_fn=self.score_fn,
+                           eval_metrics=eval_metrics, ledger=ledger, previous=self.previous, has_bias=self.has_bias)
+        if ledger is not None:
+            self.previous = ledger
+        return alarms
+
+
+    def picture(self, writer, step: int, title: str = "") -> Optional[str]:
+        """routing.png in the workdir (load heatmap, saturation, co-activation) and the same TensorBoard image."""
+        if not self.layers or not self.write:
+            return None
+        import matplotlib.pyplot as plt
+
+        from moe_jax.train.metrics import read_jsonl
+        from moe_jax.train.routing_plots import routing_figure
+
+        fig = routing_figure(read_jsonl(writer.jsonl_path), self.previous, title)
+        path = os.path.join(self.workdir, "routing.png")
+        fig.savefig(path, dpi=90)
+        writer.figure("routing", fig, step)
+        plt.close(fig)
+        return path
+
+
+def format_alarms(step: int, alarms: list[Alarm]) -> str:
+    return "\n".join(f"[moe_jax] ALARM at step {step}: {a.message}" for a in alarms)

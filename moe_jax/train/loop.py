@@ -90,7 +90,7 @@ def train(run: RunConfig, workdir: str, *, log=print) -> dict:
             window = rows_from_json(meta.get("window", []))
             log(f"[moe_jax] resumed from step {latest} ({ckpt.directory})")
         start = int(state.step)
-        train_step = make_train_step(graphdef, tx, schedule, placement=placement)
+        train_step = make_train_step(graphdef, tx, schedule, placement=placement, microbatches=tcfg.microbatches)
         eval_step = make_eval_step(graphdef, placement=placement)
         key = jax.random.PRNGKey(tcfg.seed)
         writer = MetricWriter(workdir, resume_step=start)

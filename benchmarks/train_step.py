@@ -9,6 +9,13 @@ Prints, all timed interleaved in the same process (median over rounds after a wa
       float32 matmul measured in the same run (target >= 0.40 on the CPU);
   the step time divided by that of the same model with a dense SwiGLU FFN of equal active parameters
       (hidden k * expert width + shared width) in place of each MoE layer (target <= 1.15).
+
+    python -m benchmarks.train_step --microbatches 4 [--json PATH] [--quick]
+
+Gradient accumulation instead, with the balance loss over the whole batch (balance_loss_scope='batch'), the
+case that needs a forward pass counting the batch's expert load before the accumulation pass: the step time
+with M microbatches, with and without that pass (without: each microbatch's own load, the approximation
+other codebases make), over the step time of the whole batch at once, timed interleaved.
 """
 from __future__ import annotations
 
@@ -38,10 +45,11 @@ def dense_equivalent(model_cfg):
     return dataclasses.replace(model_cfg, moe=None, d_ff=width, activation=moe.activation)
 
 
-def make_candidate(model_cfg, run, batch):
+def make_candidate(model_cfg, run, batch, microbatches=1, batch_load=None):
     tx = make_optimizer(run.train)
     graphdef, state = init_state(Transformer(model_cfg, rngs=nnx.Rngs(params=0)), tx)
-    step = make_train_step(graphdef, tx, learning_rate_schedule(run.train))
+    step = make_train_step(graphdef, tx, learning_rate_schedule(run.train), microbatches=microbatches,
+                           batch_load=batch_load)
     key = jax.random.PRNGKey(0)
     holder = {"state": state}
 
@@ -70,11 +78,15 @@ def main(argv=None):
     parser.add_argument("--json", default=None)
     parser.add_argument("--quick", action="store_true", help="a smaller model and few rounds (smoke test)")
     parser.add_argument("--rounds", type=int, default=None)
+    parser.add_argument("--microbatches", type=int, default=1,
+                        help="M > 1: time gradient accumulation over M microbatches instead (see above)")
     args = parser.parse_args(argv)
 
     config = load_config_file(args.config)
     if args.quick:
         config.model.num_layers, config.data.seq_len, config.data.batch_size = 2, 32, 2
+    if args.microbatches > 1:
+        return accumulation(args, config, root)
     run = build_run_config(config)
     B, L = run.data.batch_size, run.data.seq_len
     batch = jax.random.randint(jax.random.PRNGKey(3), (B, L + 1), 0, run.model.vocab_size, jnp.int32)
@@ -109,6 +121,42 @@ def main(argv=None):
     print(f"  model FLOP/s / dense matmul FLOP/s      {out['mfu_vs_matmul']:12.3f}   (target >= 0.40; "
           f"matmul {matmul_flops_per_s/1e9:.0f} GFLOP/s)")
     print(f"  step time / dense-equivalent model      {out['moe_over_dense_equivalent']:12.3f}   (target <= 1.15)")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(out, f, indent=2)
+    return out
+
+
+def accumulation(args, config, root):
+    M = args.microbatches
+    config.model.balance_loss_scope = "batch"
+    if args.quick:
+        config.data.batch_size = 2 * M
+    config.train.microbatches = M  # validated against the batch and the routing groups like a run's config
+    run = build_run_config(config)
+    B, L = run.data.batch_size, run.data.seq_len
+    batch = jax.random.randint(jax.random.PRNGKey(3), (B, L + 1), 0, run.model.vocab_size, jnp.int32)
+    candidates = {"whole_batch": make_candidate(run.model, run, batch),
+                  "microbatches": make_candidate(run.model, run, batch, M),
+                  "microbatches_without_load_pass": make_candidate(run.model, run, batch, M, batch_load=False)}
+    rounds = args.rounds or (3 if args.quick else 7)
+    timings = time_interleaved(candidates, rounds, warmup=2)
+    t = {name: timings.median(name) for name in candidates}
+    out = {
+        "config": os.path.relpath(os.path.abspath(args.config), root),
+        "batch": B, "seq_len": L, "microbatches": M, "balance_loss_scope": "batch", "rounds": rounds,
+        "device": str(jax.devices()[0]), **{f"{name}_step_s": v for name, v in t.items()},
+        "load_pass_overhead": t["microbatches"] / t["microbatches_without_load_pass"],
+        "microbatches_over_whole_batch": t["microbatches"] / t["whole_batch"],
+        "without_load_pass_over_whole_batch": t["microbatches_without_load_pass"] / t["whole_batch"],
+    }
+    print(f"gradient accumulation, {run.name}: batch {B} x {L} tokens in {M} microbatches, balance loss over the "
+          f"whole batch, {rounds} interleaved rounds")
+    print(f"  step time, load pass / without it (per-microbatch balance loss)  {out['load_pass_overhead']:8.3f}")
+    print(f"  step time, {M} microbatches / whole batch at once                  "
+          f"{out['microbatches_over_whole_batch']:8.3f}")
+    print(f"  step time, {M} microbatches without the load pass / whole batch    "
+          f"{out['without_load_pass_over_whole_batch']:8.3f}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(out, f, indent=2)

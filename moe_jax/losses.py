@@ -5,13 +5,16 @@ coefficients (the layer reports both the raw values and the weighted ones).
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import jax
 import jax.numpy as jnp
 
 from moe_jax.types import Array
 
 
-def load_balancing_loss(probs_GSE: Array, expert_GSK: Array, num_experts: int) -> Array:
+def load_balancing_loss(probs_GSE: Array, expert_GSK: Array, num_experts: int,
+                        load_GE: Optional[Array] = None) -> Array:
     """E * sum_i f_i P_i, averaged over G scopes of S tokens (routing groups, sequences, or one scope:
     the global batch).
 
@@ -20,11 +23,24 @@ def load_balancing_loss(probs_GSE: Array, expert_GSK: Array, num_experts: int) -
     Equals 1 for perfectly uniform routing, E (k = 1) when all tokens and all probability go to one
     expert. Switch Transformer (Fedus et al. 2022, Eq. 4) for k = 1; for k > 1 Hugging Face's Mixtral
     and Qwen-MoE loss counts f summed over k (sums to K), i.e. K times this value.
+
+    load_GE: <float32>[G, E] router choices per expert of each scope counted elsewhere (`expert_load`), to
+    use for f_i instead of those of `expert_GSK`: the whole batch's counts when the scope spans several
+    microbatches (moe_jax.train.step), so that the mean over microbatches of this loss is the loss, and its
+    gradient the gradient, of the whole batch (f_i is a constant; P_i a token mean).
     """
-    K = expert_GSK.shape[-1]
-    f_GE = jax.nn.one_hot(expert_GSK, num_experts, dtype=jnp.float32).sum(axis=2).mean(axis=1) / K
+    if load_GE is None:
+        K = expert_GSK.shape[-1]
+        f_GE = jax.nn.one_hot(expert_GSK, num_experts, dtype=jnp.float32).sum(axis=2).mean(axis=1) / K
+    else:
+        f_GE = load_GE / jnp.maximum(load_GE.sum(axis=-1, keepdims=True), 1.0)
     p_GE = probs_GSE.astype(jnp.float32).mean(axis=1)
     return num_experts * jnp.mean(jnp.sum(jax.lax.stop_gradient(f_GE) * p_GE, axis=-1))
+
+
+def expert_load(expert_GSK: Array, num_experts: int) -> Array:
+    """<float32>[G, E]: router choices per expert in each of G scopes (sums to S * K per scope)."""
+    return jax.nn.one_hot(expert_GSK, num_experts, dtype=jnp.float32).sum(axis=(1, 2))
 
 
 def router_z_loss(logits_TE: Array) -> Array:
@@ -67,3 +83,19 @@ def routing_metrics(*, probs_TE: Array, routed_E: Array, served_E: Array, droppe
         "load_cv": jnp.std(routed_E) / jnp.maximum(jnp.mean(routed_E), 1e-9),
         "dead_experts": jnp.sum(served_E == 0).astype(jnp.float32),
     }
+
+
+# Extensive metrics: a batch's value is the sum over its microbatches. load_cv and dead_experts are recomputed
+# from the summed loads; every other metric is a token or choice mean (equal microbatches: the mean).
+SUMMED_METRICS = ("tokens_per_expert", "routed_per_expert", "router_flops", "useful_flops", "executed_flops")
+
+
+def combine_routing_metrics(metrics_M: dict[str, Array]) -> dict[str, Array]:
+    """The metrics of a batch from those of its M equal microbatches (each value stacked on a leading M axis)."""
+    out = {name: (v.sum(axis=0) if name in SUMMED_METRICS else v.mean(axis=0)) for name, v in metrics_M.items()}
+    if "routed_per_expert" in out and "load_cv" in out:
+        routed_E = out["routed_per_expert"]
+        out["load_cv"] = jnp.std(routed_E) / jnp.maximum(jnp.mean(routed_E), 1e-9)
+    if "tokens_per_expert" in out and "dead_experts" in out:
+        out["dead_experts"] = jnp.sum(out["tokens_per_expert"] == 0).astype(jnp.float32)
+    return out

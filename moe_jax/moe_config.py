@@ -222,6 +222,12 @@ class MoEConfig:
         return self.num_shared_experts * (self.shared_d_ff or self.expert_d_ff)
 
     @property
+    def balance_needs_batch_load(self) -> bool:
+        """Whether the balance loss's f_i counts the whole batch (scope 'batch', token choices by a gate):
+        then it is not a mean over microbatches, and a step over several must count the batch's load first."""
+        return self.balance_loss_scope == "batch" and self.router == "top_k"
+
+    @property
     def gated(self) -> bool:
         return self.activation in ("swiglu", "geglu")
 

@@ -38,11 +38,17 @@ from moe_jax.types import Array
 
 @struct.dataclass
 class MoEAux:
-    """What the layer reports besides its output: losses (raw and weighted) and routing metrics."""
+    """What the layer reports besides its output: losses (raw and weighted) and routing metrics.
+
+    balance_load: <float32>[n, E] router choices per expert in each of the n statistics slices of a
+    balance_loss_scope='batch' loss (n = 1: the whole batch; see `MoELayer.aux`), what a microbatched step
+    sums over the microbatches of a batch to pass back as `balance_load`; None for the other scopes.
+    """
 
     losses: dict
     metrics: dict
     choices: Optional[dict] = None  # see `MoELayer.aux`; None where the forward pass gave no token choices
+    balance_load: Optional[Array] = None
 
 
 @struct.dataclass
@@ -112,11 +118,13 @@ class MoELayer(nnx.Module):
         self.shared_gate_D1 = nnx.data(shared_gate)
 
     def __call__(self, x_BLD: Array, *, train: bool = False, rng: Optional[Array] = None,
-                 token_ids_BL: Optional[Array] = None, replay: Optional[tuple] = None) -> tuple[Array, MoEAux]:
-        """x_BLD <dtype>[B, L, D] -> (y_BLD, MoEAux). `rng` turns on router noise (training only)."""
+                 token_ids_BL: Optional[Array] = None, replay: Optional[tuple] = None,
+                 balance_load: Optional[Array] = None) -> tuple[Array, MoEAux]:
+        """x_BLD <dtype>[B, L, D] -> (y_BLD, MoEAux). `rng` turns on router noise (training only);
+        `replay`: see `forward`; `balance_load`: see `aux`."""
         B, L, _ = x_BLD.shape
         y_BLD, stats = self.forward(x_BLD, train=train, rng=rng, token_ids_BL=token_ids_BL, replay=replay)
-        return y_BLD, self.aux(stats, B, L, train)
+        return y_BLD, self.aux(stats, B, L, train, balance_load=balance_load)
 
     def forward(self, x_BLD: Array, *, train: bool, rng: Optional[Array] = None,
                 token_ids_BL: Optional[Array] = None, run_experts=None,
@@ -188,7 +196,8 @@ class MoELayer(nnx.Module):
                                       block_size=block, counts_E=sorted_routing.counts_E)
         return dispatcher.combine(out_MD, sorted_routing).reshape(G, S, D), expert_GSK, weight_GSK
 
-    def aux(self, stats: RoutingStats, B: int, L: int, train: bool, balance_shards: int = 1) -> MoEAux:
+    def aux(self, stats: RoutingStats, B: int, L: int, train: bool, balance_shards: int = 1,
+            balance_load: Optional[Array] = None) -> MoEAux:
         """Losses and metrics of a forward pass over a `[B, L]` batch, from its `RoutingStats` (grouped as
         `group_tokens` groups that batch). stats.expert_GSK: the router's token choices before capacity
         (None for expert choice and Soft MoE, which have none: they are balanced by construction, so
@@ -197,6 +206,11 @@ class MoELayer(nnx.Module):
         balance_shards: with balance_loss_scope='batch', the balance loss is the mean of its value over
         this many equal contiguous slices of the batch (the per-shard statistics of a data-parallel run
         whose shards each balance their own tokens); 1 = the global batch.
+
+        balance_load: <float32>[balance_shards, E], with balance_loss_scope='batch': the router choices per
+        expert (f_i) to use in the balance loss instead of this batch's own, i.e. those of the whole batch
+        when this call sees one microbatch of it (its `MoEAux.balance_load`, summed over the microbatches).
+        P_i stays this call's. Ignored by the other scopes, whose statistics never span microbatches.
         """
         cfg = self.cfg
         logits_GSE, expert_GSK, served_E = stats.logits_GSE, stats.expert_GSK, stats.served_E
@@ -211,7 +225,7 @@ class MoELayer(nnx.Module):
         probs_GSE = balance_probs(expert_logits_GSE, cfg.score_fn)
         has_router = cfg.router != "hash"
         z_loss = losses_lib.router_z_loss(logits_GSE.reshape(T, -1)) if has_router else zero
-        balance = zero
+        balance, own_load = zero, None
         if expert_GSK is not None and has_router:
             K = expert_GSK.shape[-1]
             if cfg.balance_loss_scope == "group":
@@ -224,7 +238,11 @@ class MoELayer(nnx.Module):
                 n = balance_shards
                 p = ungroup_tokens(probs_GSE, cfg, B, L).reshape(n, T // n, E)
                 e = ungroup_tokens(expert_GSK, cfg, B, L).reshape(n, T // n, K)
-            balance = losses_lib.load_balancing_loss(p, e, E)
+            load = None
+            if cfg.balance_loss_scope == "batch":
+                own_load = losses_lib.expert_load(e, E)
+                load = balance_load
+            balance = losses_lib.load_balancing_loss(p, e, E, load_GE=load)
         losses = {
             "balance_loss": balance,
             "z_loss": z_loss,
@@ -237,7 +255,8 @@ class MoELayer(nnx.Module):
             dropped_TK=dropped_GSK.reshape(T, -1), unserved_T=unserved_GS.reshape(T))
         for name, value in layer_flops(cfg, num_tokens=T, group_size=S, train=train).items():
             metrics[name] = jnp.asarray(value, jnp.float32)
-        return MoEAux(losses=losses, metrics=metrics, choices=self._choices(stats, B, L))
+        return MoEAux(losses=losses, metrics=metrics, choices=self._choices(stats, B, L),
+                      balance_load=own_load)
 
     def _choices(self, stats: RoutingStats, B: int, L: int) -> Optional[dict]:
         """The token choices of a forward pass, per token of the [B, L] batch (what a ledger records):

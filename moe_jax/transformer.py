@@ -37,7 +37,8 @@ from moe_jax.types import Array
 class ModelAux:
     """aux_loss: <float32>[] sum over MoE layers of their weighted aux loss (`losses['aux_loss']`).
     layers: one dict per MoE layer in depth order: {"layer": index, "losses": {...}, "metrics": {...},
-        "choices": {...} or None} (choices: `MoELayer.aux`'s per-token routing decisions, for the ledger).
+        "choices": {...} or None} (choices: `MoELayer.aux`'s per-token routing decisions, for the ledger), and
+        "balance_load" (`MoEAux.balance_load`) for a layer with balance_loss_scope='batch'.
     layer_indices: the same indices, static (python ints even under jit)."""
 
     aux_loss: Array
@@ -89,7 +90,7 @@ class Block(nnx.Module):
         self.moe_norm = nnx.data(moe_norm)
 
     def __call__(self, x_BLD: Array, positions_BL: Array, tokens_BL: Array, *, train: bool,
-                 rng: Optional[Array], cache=None, index=None, replay=None):
+                 rng: Optional[Array], cache=None, index=None, replay=None, balance_load: Optional[Array] = None):
         h_BLD, cache = self.attn(self.attn_norm(x_BLD), positions_BL, cache, index)
         x_BLD = x_BLD + h_BLD.astype(x_BLD.dtype)
         y_BLD = self.ffn_norm(x_BLD)
@@ -97,7 +98,8 @@ class Block(nnx.Module):
         if self.is_moe:
             # (only when given: the expert-parallel wrapper of moe_jax.sharding takes no replay)
             extra = {} if replay is None else {"replay": replay}
-            y_BLD, aux = self.ffn(y_BLD, train=train, rng=rng, token_ids_BL=tokens_BL, **extra)
+            y_BLD, aux = self.ffn(y_BLD, train=train, rng=rng, token_ids_BL=tokens_BL, balance_load=balance_load,
+                                  **extra)
             if self.moe_norm is not None:
                 y_BLD = self.moe_norm(y_BLD)
         else:
@@ -136,11 +138,14 @@ class Transformer(nnx.Module):
                              f"shorten the input or raise {what}.")
 
     def __call__(self, tokens_BL: Array, *, train: bool = False, rng: Optional[Array] = None,
-                 replay: Optional[tuple] = None) -> tuple[Array, ModelAux]:
+                 replay: Optional[tuple] = None, balance_load: Optional[dict] = None) -> tuple[Array, ModelAux]:
         """tokens_BL <int>[B, L] -> (logits <float32>[B, L, V], ModelAux). `rng` drives router noise (train).
 
         replay: one (expert_BLK, weight_BLK or None) per MoE layer in depth order, routing used instead of the
         routers' (moe_jax.ledger.replay_choices); each layer's choices come back in `aux.layers[i]["choices"]`.
+        balance_load: {MoE layer index: <float32>[n, E]} the router choices per expert that the layer's
+        balance_loss_scope='batch' loss uses for f_i (`MoELayer.aux`): a microbatched train step passes the
+        whole batch's (the sum over its microbatches of `ModelAux.layers[i]["balance_load"]`).
         """
         self._check_tokens(tokens_BL, self.cfg.max_seq_len, "ModelConfig.max_seq_len")
         B, L = tokens_BL.shape
@@ -149,7 +154,8 @@ class Transformer(nnx.Module):
         if replay is not None and len(replay) != moe_count:
             raise ValueError(f"Transformer: replay has {len(replay)} entries for {moe_count} MoE layers; give one "
                              "(expert ids, weights or None) per MoE layer in depth order.")
-        logits_BLV, aux, _ = self._forward(tokens_BL, positions_BL, train=train, rng=rng, replay=replay)
+        logits_BLV, aux, _ = self._forward(tokens_BL, positions_BL, train=train, rng=rng, replay=replay,
+                                           balance_load=balance_load)
         return logits_BLV, aux
 
     def init_cache(self, batch_size: int, max_len: Optional[int] = None) -> DecodeCache:
@@ -170,7 +176,8 @@ class Transformer(nnx.Module):
         logits_BLV, _, layers = self._forward(tokens_BL, positions_BL, train=False, rng=None, cache=cache)
         return logits_BLV, DecodeCache(layers=layers, index=cache.index + L)
 
-    def _forward(self, tokens_BL, positions_BL, *, train, rng, cache: Optional[DecodeCache] = None, replay=None):
+    def _forward(self, tokens_BL, positions_BL, *, train, rng, cache: Optional[DecodeCache] = None, replay=None,
+                 balance_load: Optional[dict] = None):
         cfg = self.cfg
         dt = cfg.compute_dtype
         x_BLD = jnp.take(self.embed_VD[...], tokens_BL, axis=0).astype(dt)
@@ -180,11 +187,15 @@ class Transformer(nnx.Module):
             layer_cache = None if cache is None else cache.layers[i]
             index = None if cache is None else cache.index
             layer_replay = replay[len(layer_aux)] if replay is not None and block.is_moe else None
+            load = None if balance_load is None else balance_load.get(i)
             x_BLD, aux, layer_cache = block(x_BLD, positions_BL, tokens_BL, train=train, rng=layer_rng,
-                                            cache=layer_cache, index=index, replay=layer_replay)
+                                            cache=layer_cache, index=index, replay=layer_replay, balance_load=load)
             new_layers.append(layer_cache)
             if aux is not None:
-                layer_aux.append({"layer": i, "losses": aux.losses, "metrics": aux.metrics, "choices": aux.choices})
+                entry = {"layer": i, "losses": aux.losses, "metrics": aux.metrics, "choices": aux.choices}
+                if aux.balance_load is not None:
+                    entry["balance_load"] = aux.balance_load
+                layer_aux.append(entry)
         x_BLD = self.final_norm(x_BLD)
         if self.unembed_DV is None:
             logits_BLV = jnp.einsum("bld,vd->blv", x_BLD, self.embed_VD[...].astype(dt),

@@ -63,3 +63,17 @@ def test_train_step_benchmark_quick(tmp_path):
     router = out["num_layers"] * out["d_model"] * out["num_experts"]
     assert out["dense_equivalent_params"] == out["params_active_per_token"] - router < out["params_total"]
     assert out["tokens_per_s"] * out["moe_step_s"] == pytest.approx(out["batch"] * out["seq_len"])
+
+
+def test_train_step_accumulation_benchmark_quick(tmp_path):
+    from benchmarks import train_step
+
+    path = tmp_path / "accumulation.json"
+    out = train_step.main(["--quick", "--microbatches", "2", "--rounds", "1", "--json", str(path)])
+    assert json.loads(path.read_text()) == out
+    assert out["microbatches"] == 2 and out["batch"] == 4
+    for key in ("whole_batch_step_s", "microbatches_step_s", "microbatches_without_load_pass_step_s",
+                "load_pass_overhead", "microbatches_over_whole_batch"):
+        assert _positive_finite(out[key]), (key, out[key])
+    assert out["load_pass_overhead"] == pytest.approx(
+        out["microbatches_step_s"] / out["microbatches_without_load_pass_step_s"])

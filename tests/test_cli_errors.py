@@ -85,6 +85,7 @@ CASES = [
     ("train", dict(keep_checkpoints=0), "keep_checkpoints"), ("train", dict(async_checkpointing="yes"), "async_checkpointing"),
     ("train", dict(sample_tokens=-1), "sample_tokens"), ("train", dict(sample_prompt=None), "sample_prompt"),
     ("train", dict(sample_temperature=-1.0), "sample_temperature"), ("train", dict(progress="yes"), "progress"),
+    ("train", dict(microbatches=0), "microbatches"), ("train", dict(microbatches=3), "microbatches"),
     ("train", dict(stepz=3), "stepz"),
     # mesh
     ("mesh", dict(data=0), "data"), ("mesh", dict(fsdp=-2), "fsdp"), ("mesh", dict(expert="two"), "expert"),

@@ -102,7 +102,7 @@ class ExpertParallelMoE(nnx.Module):
         self.layer = layer
         self.plan = plan
 
-    def __call__(self, x_BLD: jax.Array, *, train: bool = False, rng=None, token_ids_BL=None):
+    def __call__(self, x_BLD: jax.Array, *, train: bool = False, rng=None, token_ids_BL=None, balance_load=None):
         layer, plan = self.layer, self.plan
         cfg = layer.cfg
         B, L, _ = x_BLD.shape
@@ -145,7 +145,7 @@ class ExpertParallelMoE(nnx.Module):
         grouped = {k: group_tokens(v, cfg) for k, v in per_token.items()}
         stats = RoutingStats(served_E=served_E, expert_GSK=grouped.pop("expert_GSK", None), **grouped)
         shards = batch_shards(mesh_shape) if plan.balance_stats == "shard" else 1
-        return y_BLD, layer.aux(stats, B, L, train, balance_shards=shards)
+        return y_BLD, layer.aux(stats, B, L, train, balance_shards=shards, balance_load=balance_load)
 
 
 def _swap(ffn, plan: ExpertParallel | None):

@@ -14,6 +14,11 @@ class TrainConfig:
     Schedules (optax): `cosine` = linear warmup then cosine decay to `end_lr_fraction * lr`;
     `wsd` = warmup-stable-decay (Hagele et al. 2024): warmup, constant, then a linear decay over the last
     `decay_fraction` of the steps; `constant` = warmup then constant.
+
+    microbatches: M > 1 runs each step's `[batch_size, seq_len]` batch as M microbatches of batch_size / M
+    sequences, one at a time (activation memory of one microbatch), and applies one optimizer step with the
+    mean of their gradients, which equals the whole batch's gradient, auxiliary losses included (see
+    moe_jax/train/step.py). Routing groups must lie inside a microbatch (checked with the data section).
     """
 
     steps: int = 300
@@ -37,6 +42,7 @@ class TrainConfig:
     sample_prompt: str = "ROMEO:"
     sample_temperature: float = 0.8
     progress: bool = True  # tqdm progress bar on the console
+    microbatches: int = 1  # gradient accumulation: one optimizer step over this many equal slices of the batch
 
     def __post_init__(self):
         def bad(field, why):
@@ -60,6 +66,9 @@ class TrainConfig:
         for field in ("b1", "b2"):
             if not 0 <= getattr(self, field) < 1:
                 bad(field, "must be in [0, 1) (Adam's moment decay; e.g. 0.9 and 0.95).")
+        if isinstance(self.microbatches, bool) or not isinstance(self.microbatches, int) or self.microbatches < 1:
+            bad("microbatches", "must be an int >= 1 (1 = no gradient accumulation) that divides "
+                                "config.data.batch_size.")
         if self.grad_clip is not None and not self.grad_clip > 0:
             bad("grad_clip", "must be > 0, or None to turn clipping off.")
         if self.eval_batches < 0 or self.sample_tokens < 0:

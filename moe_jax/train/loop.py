@@ -97,7 +97,7 @@ def train(run: RunConfig, workdir: str, *, log=print) -> dict:
         elif run.upcycle is not None:  # a new upcycled run: dense parameters, fresh router and optimizer
             state = upcycled_state(run, state, log=log)
         start = int(state.step)
-        train_step = make_train_step(graphdef, tx, schedule, placement=placement)
+        train_step = make_train_step(graphdef, tx, schedule, placement=placement, microbatches=tcfg.microbatches)
         eval_step = make_eval_step(graphdef, placement=placement)
         key = jax.random.PRNGKey(tcfg.seed)
         writer = MetricWriter(workdir, resume_step=start)

@@ -35,7 +35,7 @@ from moe_jax.moe_config import MoEConfig
 from moe_jax.data import DataConfig
 from moe_jax.model_config import ModelConfig
 from moe_jax.upcycle import UpcycleConfig
-from moe_jax.sharding.config import ShardingConfig
+from moe_jax.sharding.config import BATCH_AXES, ShardingConfig
 from moe_jax.train.config import TrainConfig
 from moe_jax.train.health import HealthConfig
 
@@ -265,6 +265,11 @@ def check_run(run: RunConfig) -> None:
                              "(grouping='position' groups the same position across sequences); choose a divisor "
                              "of the batch.")
     sizes = run.mesh.axis_sizes
+    if run.train.microbatches > 1 and -1 not in sizes.values():  # microbatches against the routing groups
+        from moe_jax.train.microbatch import check_microbatches
+
+        check_microbatches(moe, d.batch_size, d.seq_len, run.train.microbatches,
+                           math.prod(sizes[a] for a in BATCH_AXES))
     if run.mesh.is_sharded and -1 not in sizes.values():  # the batch and the model against the mesh's shape
         from moe_jax.sharding.mesh import check_layout
 
@@ -277,9 +282,12 @@ def check_machine(run: RunConfig) -> None:
     import jax
 
     if run.mesh.is_sharded and (not run.mesh.multi_process or jax.distributed.is_initialized()):
-        from moe_jax.sharding.mesh import check_layout
+        from moe_jax.sharding.mesh import batch_shards, check_layout
+        from moe_jax.train.microbatch import check_microbatches
 
-        check_layout(run.model, run.data.batch_size, run.data.seq_len, run.mesh, jax.device_count())
+        sizes = check_layout(run.model, run.data.batch_size, run.data.seq_len, run.mesh, jax.device_count())
+        check_microbatches(run.model.moe, run.data.batch_size, run.data.seq_len, run.train.microbatches,
+                           batch_shards(sizes))
     if run.data.is_tfds:
         from moe_jax.data.tfds_source import check_prepared
 

@@ -5,16 +5,32 @@ aux-loss-free bias update of every router that has a correction bias (DeepSeek-V
 b_i += rate * sign(mean load - load_i), outside the gradient). A step whose loss or gradient norm is
 not finite is not applied (params, optimizer state and biases stay as they were) and is counted in
 `state.skipped`, so a NaN can never reach a checkpoint.
+
+Gradient accumulation (`microbatches=M > 1`, moe_jax/train/microbatch.py): the batch is split into M equal
+microbatches, run one at a time under `lax.scan` (activation memory of one microbatch) with their gradients
+summed in float32; the step applies their mean, once. Every loss is a mean over equal microbatches (so is its
+gradient) except a balance_loss_scope='batch' loss, E sum_i f_i P_i with f_i the whole batch's load: a first,
+forward-only scan counts each MoE layer's load over all microbatches, and every microbatch's balance loss
+then uses it as f_i (`balance_load`), which makes the mean over microbatches the whole batch's loss and
+gradient (f_i is a constant, P_i a token mean). The correction-bias update sees the summed load; the metrics
+are those of the whole batch (`losses.combine_routing_metrics`). Router noise differs per microbatch (its key
+folds in the microbatch index), so with noise on, M > 1 draws other numbers than M = 1.
 """
 from __future__ import annotations
+
+from typing import Optional
 
 import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 from moe_jax import losses as losses_lib
+from moe_jax.sharding.mesh import batch_shards
+from moe_jax.train.microbatch import check_microbatches, split_microbatches
 from moe_jax.train.state import TrainState, split_model
+from moe_jax.transformer import ModelAux
 
 
 def cross_entropy(logits_BLV: jax.Array, targets_BL: jax.Array) -> jax.Array:
@@ -40,13 +56,21 @@ def _model(graphdef, placement, *states):
     return model if placement is None else placement.expert_parallel(model)
 
 
-def make_train_step(graphdef, tx: optax.GradientTransformation, schedule, *, placement=None):
+def make_train_step(graphdef, tx: optax.GradientTransformation, schedule, *, placement=None, microbatches: int = 1,
+                    batch_load: Optional[bool] = None):
     """Returns `step(state, batch_BL1, key) -> (state, metrics)`, jitted with the state donated.
 
     placement: a `moe_jax.sharding.placement.Placement` for a run on a device mesh (the state keeps its
     sharding from step to step, metrics come back replicated, the MoE layers run through its plan);
     None = one device.
+    microbatches: M, `config.train.microbatches` (1: the whole batch at once).
+    batch_load: with M > 1, whether a forward pass first counts the whole batch's expert load for the
+    balance loss; None = exactly when it is needed (`MoEConfig.balance_needs_batch_load`). False gives the
+    per-microbatch balance loss that other codebases compute (for tests and the benchmark only).
     """
+    if isinstance(microbatches, bool) or not isinstance(microbatches, int) or microbatches < 1:
+        raise ValueError(f"config.train.microbatches={microbatches!r} must be an int >= 1.")
+    shards = 1 if placement is None else batch_shards(dict(placement.mesh.shape))
 
     def train_step(state: TrainState, batch_BL1: jax.Array, key: jax.Array):
         rng = jax.random.fold_in(key, state.step)
@@ -58,7 +82,10 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, schedule, *, pla
             ce = cross_entropy(logits_BLV, targets_BL)
             return ce + aux.aux_loss, (ce, aux)
 
-        (loss, (ce, aux)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+        if microbatches == 1:
+            (loss, (ce, aux)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+        else:
+            loss, ce, aux, grads = _accumulate(state, batch_BL1, rng)
         grad_norm = optax.tree.norm(grads)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
@@ -80,6 +107,60 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, schedule, *, pla
                    "learning_rate": schedule(state.step), "applied": ok.astype(jnp.float32),
                    **_layer_metrics(aux)}
         return new_state, metrics
+
+    def micro_fn(params, rest, tokens_BL1, rng, balance_load):
+        model = _model(graphdef, placement, params, rest)
+        logits_BLV, aux = model(tokens_BL1[:, :-1], train=True, rng=rng, balance_load=balance_load)
+        ce = cross_entropy(logits_BLV, tokens_BL1[:, 1:])
+        return ce + aux.aux_loss, (ce, aux)
+
+    def micro_loads(params, rest, tokens_BL1, rng):
+        """{MoE layer: <float32>[n, E] load} of one microbatch: the forward pass alone (its logits unused)."""
+        _, (_, aux) = micro_fn(params, rest, tokens_BL1, rng, None)
+        return {entry["layer"]: entry["balance_load"] for entry in aux.layers if "balance_load" in entry}
+
+    def _accumulate(state: TrainState, batch_BL1: jax.Array, rng: jax.Array):
+        """(loss, ce, ModelAux, grads) of the whole batch, from its microbatches one at a time."""
+        M = microbatches
+        model = nnx.merge(graphdef, state.params, state.rest)
+        moe, indices = model.cfg.moe, tuple(i for i, _ in model.moe_layers())
+        check_microbatches(moe, batch_BL1.shape[0], batch_BL1.shape[1] - 1, M, shards)
+        micro_MBL1 = split_microbatches(batch_BL1, M, shards)
+        if placement is not None:  # microbatch m: block m of every shard, still on the device holding that shard
+            micro_MBL1 = jax.lax.with_sharding_constraint(
+                micro_MBL1, NamedSharding(placement.mesh, P(None, *placement.batch.spec)))
+        xs = (micro_MBL1, jnp.arange(M))
+        params, rest = state.params, state.rest
+
+        load = None
+        needed = moe is not None and moe.balance_needs_batch_load
+        if needed and batch_load is not False:
+            def count(total, x):
+                tokens_BL1, m = x
+                return jax.tree.map(jnp.add, total, micro_loads(params, rest, tokens_BL1, jax.random.fold_in(rng, m))), None
+
+            shapes = jax.eval_shape(micro_loads, params, rest, micro_MBL1[0], rng)
+            zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+            load, _ = jax.lax.scan(count, zeros, xs)
+
+        def micro_step(grad_sum, x):
+            tokens_BL1, m = x
+            (loss, (ce, aux)), grads = jax.value_and_grad(micro_fn, has_aux=True)(
+                params, rest, tokens_BL1, jax.random.fold_in(rng, m), load)
+            grad_sum = jax.tree.map(lambda s, g: s + g.astype(jnp.float32), grad_sum, grads)
+            layers = tuple({"losses": e["losses"], "metrics": e["metrics"]} for e in aux.layers)
+            return grad_sum, (loss, ce, aux.aux_loss, layers)
+
+        grad_sum = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
+        if placement is not None:
+            grad_sum = jax.lax.with_sharding_constraint(grad_sum, placement.state.params)
+        grad_sum, (loss_M, ce_M, aux_M, layers_M) = jax.lax.scan(micro_step, grad_sum, xs)
+        grads = jax.tree.map(lambda s, p: (s / M).astype(p.dtype), grad_sum, params)
+        layers = tuple({"layer": i, "losses": jax.tree.map(lambda v: v.mean(axis=0), e["losses"]),
+                        "metrics": losses_lib.combine_routing_metrics(e["metrics"])}
+                       for i, e in zip(indices, layers_M))
+        aux = ModelAux(aux_loss=aux_M.mean(), layers=layers, layer_indices=tuple(indices))
+        return loss_M.mean(), ce_M.mean(), aux, grads
 
     if placement is None:
         return jax.jit(train_step, donate_argnums=0)

@@ -155,12 +155,13 @@ def test_ragged_exchange_arithmetic_matches_single_device(eight_devices, monkeyp
 
 
 def test_ragged_exchange_lowers_for_tpu_and_gpu(eight_devices):
-    """Forward and backward of the layer with dropless_exchange='ragged' on an 8-way expert axis, exported
-    for TPU and CUDA from this CPU-only machine (over the abstract mesh: XLA:CPU cannot run it). The module
-    holds the ragged all-to-alls (out and back, and their transposes) and no plain all-to-all of rows."""
+    """Forward and backward of the layer with dropless_exchange='ragged' (receive buffers bounded, with the
+    worst-case fallback) on an 8-way expert axis, exported for TPU and CUDA from this CPU-only machine (over
+    the abstract mesh: XLA:CPU cannot run it). The module holds the ragged all-to-alls (out and back, and
+    their transposes) and no plain all-to-all of rows."""
     cfg = dropless()
     mesh = sh.make_mesh(sh.ShardingConfig(expert=8))
-    plan = sh.ExpertParallel(mesh.abstract_mesh, dropless_exchange="ragged")
+    plan = sh.ExpertParallel(mesh.abstract_mesh, dropless_exchange="ragged", dropless_buffer_factor=2.0)
     assert plan.exchange_kind == "ragged"
     fn, params = layer_fn(cfg, plan)
     abstract = lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype)
@@ -170,7 +171,10 @@ def test_ragged_exchange_lowers_for_tpu_and_gpu(eight_devices):
     )(jax.tree.map(abstract, params), jax.ShapeDtypeStruct((B, L, D), jnp.float32))
     text = exported.mlir_module()
     assert exported.platforms == ("tpu", "cuda")
-    assert text.count("@ragged_all_to_all") == 4  # dispatch and return, forward and backward
+    # Dispatch and return, forward and backward, in both branches: the receive buffer bounded to
+    # 8 x ceil(2.0 x 32 / 8) = 64 rows, and the worst case, 8 x 32 = 256 rows, where routing overflows it.
+    assert text.count("@ragged_all_to_all") == 8
+    assert {"tensor<64x16xf32>", "tensor<256x16xf32>"} <= set(re.findall(r"tensor<\d+x16xf32>", text))
     # Plain all-to-alls only of offsets (the transpose rule exchanges them), never of float rows.
     plain = [line for line in text.splitlines() if '"stablehlo.all_to_all"' in line]
     assert plain and all(re.search(r"\(tensor<\d+xi32>\) -> tensor<\d+xi32>", line) for line in plain), plain

@@ -45,9 +45,10 @@ class ShardingConfig:
         to the devices holding their experts (moe_jax/sharding/dropless.py): 'ragged' (`ragged_all_to_all`,
         exactly the routed rows; GPU/TPU only), 'padded' (`all_to_all` of buffers sized for the worst case;
         any backend), 'auto' (padded on CPU, ragged elsewhere). The numerics are the same.
-    dropless_buffer_factor: the padded exchange's rows per peer as a multiple of the balanced share
-        T * K / n (None: T * K, the worst case); a step that overflows it on any device takes the
-        worst-case exchange instead, so no token is dropped either way.
+    dropless_buffer_factor: the exchange buffers' rows per peer as a multiple of the balanced share
+        T * K / n (None: T * K, the worst case): the padded exchange's send buffers, the ragged one's receive
+        buffer; a step that overflows them on any device takes the worst-case exchange instead, so no token
+        is dropped either way.
     num_processes: 1 = this process alone. N > 1 = `jax.distributed.initialize` with N processes (one per
         host); -1 = let JAX detect them (Cloud TPU, Slurm, Open MPI). The same command then runs on every
         host: `coordinator_address` (host:port of process 0; None = $JAX_COORDINATOR_ADDRESS or detection)

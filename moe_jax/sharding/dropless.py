@@ -20,7 +20,8 @@ case, every peer's choices all going to this device's experts (n * T * K rows pl
 
 Exchanges (`ExpertParallel.dropless_exchange`):
   ragged  `jax.lax.ragged_all_to_all`: one slice per (destination, expert), exactly the routed rows
-          (GPU/TPU; XLA:CPU does not implement it).
+          (GPU/TPU; XLA:CPU does not implement it). Its receive buffer is M_r rows, or n * R with
+          `dropless_buffer_factor` (below), with the same worst-case fallback.
   padded  `jax.lax.all_to_all` of a `[n, R, D]` buffer per device, block j holding the rows for device j's
           experts; R = T * K (the worst case: all of a device's choices to one peer) unless
           `dropless_buffer_factor` f bounds it to ceil(f * T * K / n), in which case a step whose routing
@@ -32,6 +33,7 @@ single-device dropless layer's, row by row; the gathers are `dispatch.dispatch_r
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Optional
 
@@ -104,8 +106,10 @@ def rows_out(n: int, rows_per_peer: int, experts_per_device: int, block: int) ->
 class DroplessExchange:
     """The dropless exchange over mesh axis `axis` (size n) for E experts, E / n per device.
 
-    kind: 'ragged' or 'padded' (resolved; see the module docstring). buffer_factor: the padded exchange's
-    bound on rows per peer, as a multiple of the balanced share T * K / n (None: T * K, the worst case).
+    kind: 'ragged' or 'padded' (resolved; see the module docstring). buffer_factor: R, the rows per peer
+    the buffers are sized for, as a multiple of the balanced share T * K / n (None: T * K, the worst case);
+    the padded exchange's send buffers, the ragged exchange's receive buffer (n * R rows). A step whose
+    routing needs more on any device takes the worst-case exchange (`lax.cond`, one branch everywhere).
     """
 
     kind: str
@@ -114,9 +118,10 @@ class DroplessExchange:
     axis: str = "expert"
     buffer_factor: Optional[float] = None
     tensor_axis: Optional[str] = None  # 'model' when experts' hidden width is split: psum their outputs
+    sync_axes: tuple[str, ...] = ()  # the other axes splitting the batch: the bounded exchange's branch agrees
 
     def rows_per_peer(self, num_choices: int) -> int:
-        """R of the padded exchange for a device with `num_choices` = T * K choices."""
+        """R for a device with `num_choices` = T * K choices."""
         if self.buffer_factor is None:
             return num_choices
         return max(1, min(num_choices, math.ceil(self.buffer_factor * num_choices / self.axis_size)))
@@ -137,18 +142,28 @@ class DroplessExchange:
                 out_MD = jax.lax.psum(out_MD, self.tensor_axis)
             return out_MD
 
-        if self.kind == "ragged":
-            M_r = rows_out(n, T * K, E // n, block)
-            lay = layout(counts_NE, me, block, M_r)
-            out_MD = _ragged(x_TD, sorted_routing, lay, M_r, self.axis, run)
-            return dispatch_lib.SortedDispatcher().combine(out_MD, sorted_routing)
         R = self.rows_per_peer(T * K)
+        El = E // n
+
+        def exchange(rows_per_peer, x_TD):
+            if self.kind == "padded":
+                return _padded(x_TD, sorted_routing, counts_NE, me, n, rows_per_peer, block, self.axis, run)
+            M_r = rows_out(n, rows_per_peer, El, block)
+            out_MD = _ragged(x_TD, sorted_routing, layout(counts_NE, me, block, M_r), M_r, self.axis, run)
+            return dispatch_lib.SortedDispatcher().combine(out_MD, sorted_routing)
+
         if R == T * K:
-            return _padded(x_TD, sorted_routing, counts_NE, me, n, R, block, self.axis, run)
-        fits = jnp.max(counts_NE.reshape(n, n, E // n).sum(-1)) <= R  # the same on every device
-        return jax.lax.cond(
-            fits, lambda x: _padded(x, sorted_routing, counts_NE, me, n, R, block, self.axis, run),
-            lambda x: _padded(x, sorted_routing, counts_NE, me, n, T * K, block, self.axis, run), x_TD)
+            return exchange(R, x_TD)
+        counts_SDL = counts_NE.reshape(n, n, El)
+        if self.kind == "padded":  # the most rows one device sends to one peer
+            need = jnp.max(counts_SDL.sum(-1))
+            room = R
+        else:  # the most rows one device receives, block padding included
+            need = jnp.max(_round_up(counts_SDL.sum(0), block).sum(-1))
+            room = rows_out(n, R, El, block)
+        if self.sync_axes:  # one branch on every device, whatever its data shard
+            need = jax.lax.pmax(need, self.sync_axes)
+        return jax.lax.cond(need <= room, functools.partial(exchange, R), functools.partial(exchange, T * K), x_TD)
 
 
 def _ragged(x_TD, sorted_routing, lay: Layout, M_r: int, axis: str, run) -> Array:

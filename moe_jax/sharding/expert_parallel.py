@@ -109,7 +109,8 @@ class ExpertParallel:
             return None
         return DroplessExchange(kind=self.exchange_kind, num_experts=num_experts, axis_size=ep, axis="expert",
                                 buffer_factor=self.dropless_buffer_factor,
-                                tensor_axis="model" if tp > 1 else None)
+                                tensor_axis="model" if tp > 1 else None,
+                                sync_axes=tuple(a for a in self.batch_axes if a != "expert"))
 
     @property
     def mesh_shape(self) -> dict[str, int]:

@@ -175,6 +175,13 @@ def test_ragged_exchange_lowers_for_tpu_and_gpu(eight_devices):
     # 8 x ceil(2.0 x 32 / 8) = 64 rows, and the worst case, 8 x 32 = 256 rows, where routing overflows it.
     assert text.count("@ragged_all_to_all") == 8
     assert {"tensor<64x16xf32>", "tensor<256x16xf32>"} <= set(re.findall(r"tensor<\d+x16xf32>", text))
+    # benchmarks/collectives.py reads the same module: 8 ragged all-to-alls, each sending from the 16 x 2 = 32
+    # sorted rows (32 x 16 floats = 2048 B) into a 64- or 256-row receive buffer (the return's: 32 rows).
+    from benchmarks.collectives import parse_stablehlo_collectives
+
+    ragged = [c for c in parse_stablehlo_collectives(text, 8) if c["op"] == "ragged-all-to-all"]
+    assert len(ragged) == 8 and {c["group"] for c in ragged} == {8}
+    assert {c["output_buffer_bytes"] for c in ragged} == {64 * 64, 256 * 64, 32 * 64}
     # Plain all-to-alls only of offsets (the transpose rule exchanges them), never of float rows.
     plain = [line for line in text.splitlines() if '"stablehlo.all_to_all"' in line]
     assert plain and all(re.search(r"\(tensor<\d+xi32>\) -> tensor<\d+xi32>", line) for line in plain), plain

@@ -108,6 +108,31 @@ def _put_expert_grads(dp: dict, dw: dict, e: Array) -> dict:
             "b_out": None if dp["b_out"] is None else put(dp["b_out"], dw["b_out"])}
 
 
+def _varying_axes(a) -> frozenset:
+    """The manual mesh axes `a` varies over inside `jax.shard_map` (empty outside; jax 0.10 keeps them in
+    the aval's `mat.varying`, earlier versions in `vma`)."""
+    aval = jax.typeof(a)
+    mat = getattr(aval, "mat", None)
+    return frozenset(mat.varying if mat is not None else getattr(aval, "vma", ()))
+
+
+def varying_like(tree, *like):
+    """`tree` (loop carries made of zeros) marked as varying over every mesh axis any of `like` varies over.
+
+    Inside `jax.shard_map` the loops' outputs vary over the axes their inputs (sharded rows, sharded
+    expert weights) vary over, and a loop carry must keep its type; outside there are none, and this is
+    the identity."""
+    axes = frozenset().union(*(_varying_axes(leaf) for leaf in jax.tree.leaves(like)))
+    if not axes:
+        return tree
+
+    def cast(a):
+        missing = tuple(sorted(axes - _varying_axes(a)))
+        return jax.lax.pcast(a, missing, to="varying") if missing else a
+
+    return jax.tree.map(cast, tree)
+
+
 def _blocked_forward(activation, block, x_MD, p, start_E, rows_E):
     """y_MD and the pre-activations hg_rows `[M, 2F]` ([h | g] side by side; `[M, F]` without a gate) of
     the rows processed; 0 elsewhere."""
@@ -137,7 +162,8 @@ def _blocked_forward(activation, block, x_MD, p, start_E, rows_E):
             carry = jax.lax.fori_loop(0, n, functools.partial(step, size, base), carry)
         return carry
 
-    return jax.lax.fori_loop(0, E, expert, (jnp.zeros((M, D), dtype), jnp.zeros((M, hg_width), dtype)))
+    init = varying_like((jnp.zeros((M, D), dtype), jnp.zeros((M, hg_width), dtype)), x_MD, p, start_E, rows_E)
+    return jax.lax.fori_loop(0, E, expert, init)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
@@ -181,15 +207,26 @@ def _blocked_ffn_bwd(activation, block, res, dy_MD):
                    "b_out": None if w["b_out"] is None else dy_mD.astype(f32).sum(0)}
             return dx_MD, jax.tree.map(jnp.add, dw, new)
 
-        carry = (dx_MD, jax.tree.map(lambda v: jnp.zeros(v.shape, f32), w))
+        carry = (dx_MD, varying_like(jax.tree.map(lambda v: jnp.zeros(v.shape, f32), w), x_MD, dy_MD, p, rows_E))
         for size, base, n in _steps(rows_E[e], start_E[e], block_ladder(block, M)):
             carry = jax.lax.fori_loop(0, n, functools.partial(step, size, base), carry)
         dx_MD, dw = carry
         return dx_MD, _put_expert_grads(dp, dw, e)
 
-    init = (jnp.zeros_like(x_MD), jax.tree.map(jnp.zeros_like, p))
+    init = varying_like((jnp.zeros_like(x_MD), jax.tree.map(jnp.zeros_like, p)), x_MD, dy_MD, p, start_E, rows_E,
+                    hg_rows)
     dx_MD, dp = jax.lax.fori_loop(0, p["w_out"].shape[0], expert, init)
-    return dx_MD, dp, None, None
+    return dx_MD, _sum_over_extra_axes(dp, p), None, None
+
+
+def _sum_over_extra_axes(grads, params):
+    """Inside `jax.shard_map`: a weight gradient summed over the mesh axes it varies over and its weight does
+    not (the batch shards that share one copy of the weight), as JAX's own transposes do; else the identity."""
+    def reduce(g, w):
+        extra = tuple(sorted(_varying_axes(g) - _varying_axes(w)))
+        return jax.lax.psum(g, extra) if extra else g
+
+    return jax.tree.map(reduce, grads, params)
 
 
 blocked_ffn.defvjp(_blocked_ffn_fwd, _blocked_ffn_bwd)

@@ -128,7 +128,7 @@ class MoELayer(nnx.Module):
 
     def forward(self, x_BLD: Array, *, train: bool, rng: Optional[Array] = None,
                 token_ids_BL: Optional[Array] = None, run_experts=None,
-                replay: Optional[tuple] = None) -> tuple[Array, RoutingStats]:
+                replay: Optional[tuple] = None, run_dropless=None) -> tuple[Array, RoutingStats]:
         """The layer without its losses and metrics: x_BLD <dtype>[B, L, D] -> (y_BLD, RoutingStats).
 
         run_experts: capacity buffers `[E, X, D] -> [E, X, D]` through the experts; default `self.experts`
@@ -136,6 +136,10 @@ class MoELayer(nnx.Module):
         replay: (expert_BLK <int>[B, L, K], weight_BLK <float32>[B, L, K] or None): token choices used instead
         of the router's (a ledger's, moe_jax.ledger); capacity, losses and metrics follow from them as from the
         router's own. Without weights the router weighs the given experts itself (differentiably).
+        run_dropless: dropless routing's token choices through the experts and back,
+        `(x_TD, expert_TK, weight_TK) -> y_TD` (the weighted sum over the K choices); default: sorted by
+        expert on this device (the expert-parallel path exchanges the sorted rows with the devices holding
+        the experts, moe_jax.sharding.dropless).
         """
         cfg = self.cfg
         B, L, D = x_BLD.shape
@@ -156,7 +160,8 @@ class MoELayer(nnx.Module):
 
         weight_GSK = None
         if cfg.capacity_factor_for(train) is None:
-            y_GSD, expert_GSK, weight_GSK = self._dropless(x_GSD, logits_GSE, token_ids_GS, replay_GSK)
+            y_GSD, expert_GSK, weight_GSK = self._dropless(x_GSD, logits_GSE, token_ids_GS, replay_GSK,
+                                                            run_dropless)
             served_E = jax.nn.one_hot(expert_GSK, cfg.num_routed_experts, dtype=jnp.float32).sum(axis=(0, 1, 2))
             dropped_GSK = jnp.zeros(expert_GSK.shape, jnp.bool_)
             unserved_GS = jnp.zeros((G, S), jnp.bool_)
@@ -180,13 +185,16 @@ class MoELayer(nnx.Module):
                              dropped_GSK=dropped_GSK, unserved_GS=unserved_GS, weight_GSK=weight_GSK)
         return ungroup_tokens(y_GSD, cfg, B, L).astype(x_BLD.dtype), stats
 
-    def _dropless(self, x_GSD, logits_GSE, token_ids_GS, replay_GSK=None):
+    def _dropless(self, x_GSD, logits_GSE, token_ids_GS, replay_GSK=None, run_dropless=None):
         cfg = self.cfg
         G, S, D = x_GSD.shape
         if replay_GSK is not None and cfg.router in ("soft", "expert_choice"):
             self.router._replayed(logits_GSE, *replay_GSK)  # raises: nothing to replay
         expert_GSK, weight_GSK, _ = self.router.choices(logits_GSE, token_ids_GS, replay_GSK)
         K = expert_GSK.shape[-1]
+        if run_dropless is not None:
+            y_TD = run_dropless(x_GSD.reshape(G * S, D), expert_GSK.reshape(G * S, K), weight_GSK.reshape(G * S, K))
+            return y_TD.reshape(G, S, D), expert_GSK, weight_GSK
         block = cfg.dropless_block_size if cfg.expert_backend == "blocked" else 1
         sorted_routing = dispatch_lib.sort_choices(
             expert_GSK.reshape(G * S, K), weight_GSK.reshape(G * S, K), cfg.num_routed_experts, block)

@@ -93,6 +93,9 @@ CASES = [
     ("mesh", dict(balance_stats="local"), "balance_stats"), ("mesh", dict(num_processes=0), "num_processes"),
     ("mesh", dict(process_id=5), "process_id"), ("mesh", dict(num_processes=2, coordinator_address="host"),
                                                   "coordinator_address"),
+    ("mesh", dict(dropless_exchange="sparse"), "dropless_exchange"),
+    ("mesh", dict(dropless_buffer_factor=0.0), "dropless_buffer_factor"),
+    ("mesh", dict(dropless_exchange="ragged"), "dropless_exchange"),  # this CPU has no ragged_all_to_all
     # between sections (checked before any data is read)
     ("model", dict(group_size=100), "group_size"), ("model", dict(grouping="position", group_size=3), "group_size"),
     ("model", dict(max_seq_len=16), "seq_len"), ("model", dict(vocab_size=100), "vocab_size"),

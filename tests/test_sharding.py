@@ -317,9 +317,6 @@ def test_bad_meshes_fail_before_compile_naming_the_field(eight_devices):
         sh.check_moe_layout(moe(group_size=32), 8, 16, {"data": 1, "fsdp": 1, "expert": 8, "model": 1})
     with pytest.raises(ValueError, match="grouping='position'"):
         sh.check_moe_layout(moe(grouping="position"), 8, 10, {"expert": 2})
-    with pytest.raises(ValueError, match="dropless"):
-        sh.check_moe_layout(moe(capacity_factor=None, eval_capacity_factor=None, expert_backend="ragged_dot"),
-                            8, 16, {"expert": 2})
     # The same checks guard the layer itself, before anything is traced: a batch of 6 over 8 devices.
     layer = sh.apply_expert_parallel(MoELayer(moe(), rngs=nnx.Rngs(params=0)), sh.ExpertParallel(mesh_of(expert=8)))
     with pytest.raises(ValueError, match="batch_size=6"):

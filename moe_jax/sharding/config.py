@@ -22,6 +22,7 @@ from typing import Optional
 AXES = ("data", "fsdp", "expert", "model")
 BATCH_AXES = ("data", "fsdp", "expert")
 BALANCE_STATS = ("global", "shard")
+DROPLESS_EXCHANGES = ("auto", "ragged", "padded")
 PROCESS_ID_ENV = "MOE_JAX_PROCESS_ID"
 NUM_PROCESSES_ENV = "MOE_JAX_NUM_PROCESSES"
 
@@ -40,6 +41,14 @@ class ShardingConfig:
         balance_loss_scope='batch' loss per shard of the batch and averages it (the micro-batch loss of
         most data-parallel codebases). Group and sequence scopes are per group / sequence either way. The
         aux-loss-free bias update always uses the global expert loads: the bias is one replicated vector.
+    dropless_exchange: how dropless routing (capacity_factor=None) with expert > 1 sends each device's rows
+        to the devices holding their experts (moe_jax/sharding/dropless.py): 'ragged' (`ragged_all_to_all`,
+        exactly the routed rows; GPU/TPU only), 'padded' (`all_to_all` of buffers sized for the worst case;
+        any backend), 'auto' (padded on CPU, ragged elsewhere). The numerics are the same.
+    dropless_buffer_factor: the exchange buffers' rows per peer as a multiple of the balanced share
+        T * K / n (None: T * K, the worst case): the padded exchange's send buffers, the ragged one's receive
+        buffer; a step that overflows them on any device takes the worst-case exchange instead, so no token
+        is dropped either way.
     num_processes: 1 = this process alone. N > 1 = `jax.distributed.initialize` with N processes (one per
         host); -1 = let JAX detect them (Cloud TPU, Slurm, Open MPI). The same command then runs on every
         host: `coordinator_address` (host:port of process 0; None = $JAX_COORDINATOR_ADDRESS or detection)
@@ -51,6 +60,8 @@ class ShardingConfig:
     expert: int = 1
     model: int = 1
     balance_stats: str = "global"
+    dropless_exchange: str = "auto"
+    dropless_buffer_factor: Optional[float] = None
     num_processes: int = 1
     coordinator_address: Optional[str] = None
     process_id: Optional[int] = None
@@ -65,6 +76,12 @@ class ShardingConfig:
             raise _err(free[1], -1, f"only one mesh axis may be -1 (here {free}); give the others sizes.")
         if self.balance_stats not in BALANCE_STATS:
             raise _err("balance_stats", self.balance_stats, f"set it to one of {BALANCE_STATS}.")
+        if self.dropless_exchange not in DROPLESS_EXCHANGES:
+            raise _err("dropless_exchange", self.dropless_exchange, f"set it to one of {DROPLESS_EXCHANGES}.")
+        f = self.dropless_buffer_factor
+        if f is not None and (isinstance(f, bool) or not isinstance(f, (int, float)) or not f > 0):
+            raise _err("dropless_buffer_factor", f, "must be a number > 0 (a multiple of the balanced share of "
+                                                    "rows per peer), or None for the worst case.")
         n = self.num_processes
         if isinstance(n, bool) or not isinstance(n, int) or not (n >= 1 or n == -1):
             raise _err("num_processes", n, "must be 1 (one process), N > 1, or -1 (detected by JAX).")

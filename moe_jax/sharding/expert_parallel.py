@@ -32,19 +32,24 @@ z-loss, load metrics and the aux-loss-free bias update equal the single-device v
 (`jitter_eps`, `logit_noise_std`) is drawn on each shard from the key folded with the shard's index:
 the same distribution as on one device, other numbers.
 
-Dropless routing (capacity_factor=None) runs here only with mesh.expert = 1: its buffers have no fixed
-size, and the exchange it needs, `ragged_all_to_all`, is not implemented by XLA:CPU.
+Dropless routing (capacity_factor=None) has no fixed buffer: with mesh.expert > 1 each device sorts its
+choices by expert and exchanges exactly the routed rows (`dropless_exchange='ragged'`,
+`ragged_all_to_all`, GPU/TPU) or worst-case-sized `all_to_all` buffers ('padded', any backend, the
+default on CPU), with the single-device layer's numerics (moe_jax/sharding/dropless.py draws the layout).
 """
 from __future__ import annotations
 
 import dataclasses
 import functools
+from typing import Optional
+
 import jax
 from flax import nnx
-from jax.sharding import Mesh, PartitionSpec as P
+from jax.sharding import AbstractMesh, Mesh, PartitionSpec as P
 
 from moe_jax.moe_layer import MoELayer, RoutingStats, group_tokens, ungroup_tokens
-from moe_jax.sharding.config import BALANCE_STATS, BATCH_AXES
+from moe_jax.sharding.config import BALANCE_STATS, BATCH_AXES, DROPLESS_EXCHANGES
+from moe_jax.sharding.dropless import DroplessExchange
 from moe_jax.sharding.mesh import batch_shards, check_moe_layout
 from moe_jax.sharding.rules import EXPERT_PARALLEL_RULES, partition_spec, path_str
 
@@ -66,12 +71,46 @@ class ExpertParallel:
     Static and hashable: an attribute of the `ExpertParallelMoE` wrappers (part of their graphdef).
     """
 
-    mesh: Mesh
+    mesh: Mesh  # or an AbstractMesh, to lower for a platform this machine does not have
     balance_stats: str = "global"
+    dropless_exchange: str = "auto"
+    dropless_buffer_factor: Optional[float] = None
 
     def __post_init__(self):
         if self.balance_stats not in BALANCE_STATS:
             raise ValueError(f"config.mesh.balance_stats={self.balance_stats!r}: set it to one of {BALANCE_STATS}.")
+        if self.dropless_exchange not in DROPLESS_EXCHANGES:
+            raise ValueError(f"config.mesh.dropless_exchange={self.dropless_exchange!r}: set it to one of "
+                             f"{DROPLESS_EXCHANGES}.")
+        if self.dropless_exchange == "ragged" and self.platform == "cpu":
+            raise ValueError(
+                "config.mesh.dropless_exchange='ragged': XLA:CPU does not implement ragged_all_to_all; set it to "
+                "'padded' (or 'auto', which picks 'padded' on CPU and 'ragged' on GPU/TPU).")
+
+    @property
+    def platform(self) -> Optional[str]:
+        """The mesh's devices' platform ('cpu', 'gpu', 'tpu'); None for an AbstractMesh (lowered for any)."""
+        if isinstance(self.mesh, AbstractMesh):
+            return None
+        return self.mesh.devices.flat[0].platform
+
+    @property
+    def exchange_kind(self) -> str:
+        """The dropless exchange this plan runs: 'ragged' or 'padded' ('auto': padded on CPU, else ragged; an
+        AbstractMesh goes by JAX's default backend)."""
+        if self.dropless_exchange != "auto":
+            return self.dropless_exchange
+        return "padded" if (self.platform or jax.default_backend()) == "cpu" else "ragged"
+
+    def dropless(self, num_experts: int) -> Optional[DroplessExchange]:
+        """The dropless exchange over 'expert' (None when the axis has one device: the layer's local path)."""
+        ep, tp = self.mesh_shape.get("expert", 1), self.mesh_shape.get("model", 1)
+        if ep == 1:
+            return None
+        return DroplessExchange(kind=self.exchange_kind, num_experts=num_experts, axis_size=ep, axis="expert",
+                                buffer_factor=self.dropless_buffer_factor,
+                                tensor_axis="model" if tp > 1 else None,
+                                sync_axes=tuple(a for a in self.batch_axes if a != "expert"))
 
     @property
     def mesh_shape(self) -> dict[str, int]:
@@ -107,13 +146,14 @@ class ExpertParallelMoE(nnx.Module):
         cfg = layer.cfg
         B, L, _ = x_BLD.shape
         mesh_shape = plan.mesh_shape
-        check_moe_layout(cfg, B, L, mesh_shape, train=train)
+        check_moe_layout(cfg, B, L, mesh_shape)
         graphdef, state = nnx.split(layer)
         state_specs = jax.tree_util.tree_map_with_path(
             functools.partial(_inner_spec, mesh_shape=mesh_shape), state)
         batch_axes = plan.batch_axes
         tokens = P(batch_axes or None)
         with_rng, with_ids = rng is not None, token_ids_BL is not None
+        exchange = plan.dropless(cfg.num_routed_experts) if cfg.capacity_factor_for(train) is None else None
 
         def body(state, x_BLD, *extra):
             extra = list(extra)
@@ -122,8 +162,13 @@ class ExpertParallelMoE(nnx.Module):
             if rng is not None and batch_axes:  # independent router noise per shard (one device: one array)
                 rng = jax.random.fold_in(rng, jax.lax.axis_index(batch_axes))
             local = nnx.merge(graphdef, state)
+            run_dropless = None
+            if exchange is not None:
+                block = cfg.dropless_block_size if cfg.expert_backend == "blocked" else 1
+                run_dropless = functools.partial(exchange, local.experts, cfg.expert_backend, block)
             y_BLD, stats = local.forward(x_BLD, train=train, rng=rng, token_ids_BL=ids_BL,
-                                         run_experts=functools.partial(plan.run_experts, local.experts))
+                                         run_experts=functools.partial(plan.run_experts, local.experts),
+                                         run_dropless=run_dropless)
             b = x_BLD.shape[0]
             per_token = {k: ungroup_tokens(getattr(stats, k), cfg, b, L) for k in _PER_TOKEN
                          if getattr(stats, k) is not None}

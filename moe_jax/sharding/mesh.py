@@ -43,8 +43,7 @@ def _divides(size: int, n: int, what: str, field: str, axes: str) -> None:
                          f"sizes whose product divides it, or change {field}.")
 
 
-def check_moe_layout(cfg: MoEConfig, batch: int, length: int, mesh_shape: Mapping[str, int], *,
-                     train: Optional[bool] = None) -> None:
+def check_moe_layout(cfg: MoEConfig, batch: int, length: int, mesh_shape: Mapping[str, int]) -> None:
     """The expert-parallel MoE layer on `[batch, length]` tokens fits the mesh (raises naming the field)."""
     ep, tp, shards = mesh_shape.get("expert", 1), mesh_shape.get("model", 1), batch_shards(mesh_shape)
     _divides(cfg.num_routed_experts, ep, "the routed experts", "num_experts x granularity", "expert")
@@ -68,12 +67,6 @@ def check_moe_layout(cfg: MoEConfig, batch: int, length: int, mesh_shape: Mappin
             raise ValueError(
                 f"config.model.group_size={cfg.group_size} (grouping='position') does not divide the {local} "
                 f"sequences of each of the {shards} batch shards; choose a divisor of {local}.")
-    modes = (True, False) if train is None else (train,)
-    if ep > 1 and any(cfg.capacity_factor_for(t) is None for t in modes):
-        raise ValueError(
-            "config.model.capacity_factor=None (dropless) with config.mesh.expert > 1: expert parallelism sends "
-            "fixed-capacity buffers through all_to_all (a dropless exchange needs ragged_all_to_all, which "
-            "XLA:CPU does not implement); give capacity_factor and eval_capacity_factor, or set mesh.expert=1.")
     if tp > 1 and cfg.expert_bias:
         raise ValueError(
             "config.model.expert_bias=True with config.mesh.model > 1: tensor-parallel experts sum partial "

@@ -74,7 +74,9 @@ def init_sharded(run, tx: optax.GradientTransformation, *, log=print):
     and the train state initialised sharded: -> (graphdef, TrainState, Placement)."""
     sizes = check_layout(run.model, run.data.batch_size, run.data.seq_len, run.mesh, jax.device_count())
     mesh = make_mesh(run.mesh)
-    plan = ExpertParallel(mesh, balance_stats=run.mesh.balance_stats) if run.model.moe is not None else None
+    plan = (ExpertParallel(mesh, balance_stats=run.mesh.balance_stats, dropless_exchange=run.mesh.dropless_exchange,
+                           dropless_buffer_factor=run.mesh.dropless_buffer_factor)
+            if run.model.moe is not None else None)
     log(f"[moe_jax] mesh {' x '.join(f'{a}={n}' for a, n in sizes.items())} over {jax.device_count()} devices, "
         f"{jax.process_count()} process(es)")
     return init_sharded_state(lambda: Transformer(run.model, rngs=nnx.Rngs(params=run.train.seed)), tx, mesh, plan)

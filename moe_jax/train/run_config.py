@@ -278,9 +278,13 @@ def check_run(run: RunConfig) -> None:
 
 def check_machine(run: RunConfig) -> None:
     """What this machine must provide: as many devices as the mesh has (single-process runs; a multi-process
-    run is checked once `jax.distributed` is up), and a prepared dataset for a 'tfds:<name>' corpus."""
+    run is checked once `jax.distributed` is up), a backend for the dropless exchange asked for, and a
+    prepared dataset for a 'tfds:<name>' corpus."""
     import jax
 
+    if run.mesh.dropless_exchange == "ragged" and jax.default_backend() == "cpu":
+        raise ValueError("config.mesh.dropless_exchange='ragged': XLA:CPU does not implement ragged_all_to_all; set "
+                         "it to 'padded' (or 'auto', which picks 'padded' on CPU and 'ragged' on GPU/TPU).")
     if run.mesh.is_sharded and (not run.mesh.multi_process or jax.distributed.is_initialized()):
         from moe_jax.sharding.mesh import batch_shards, check_layout
         from moe_jax.train.microbatch import check_microbatches

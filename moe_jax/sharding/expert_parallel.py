@@ -53,7 +53,7 @@ from moe_jax.sharding.dropless import DroplessExchange
 from moe_jax.sharding.mesh import batch_shards, check_moe_layout
 from moe_jax.sharding.rules import EXPERT_PARALLEL_RULES, partition_spec, path_str
 
-_PER_TOKEN = ("logits_GSE", "expert_GSK", "dropped_GSK", "unserved_GS")
+_PER_TOKEN = ("logits_GSE", "expert_GSK", "dropped_GSK", "unserved_GS", "weight_GSK")  # weight_GSK: the ledger's
 
 
 def _inner_spec(path, leaf, mesh_shape: dict) -> P:
@@ -183,12 +183,14 @@ class ExpertParallelMoE(nnx.Module):
             args.append(token_ids_BL)
             in_specs.append(tokens)
         has_choices = cfg.router not in ("soft", "expert_choice")  # they have no token choices (expert_GSK None)
-        out_specs = (tokens, {k: tokens for k in _PER_TOKEN if k != "expert_GSK" or has_choices}, P())
+        out_specs = (tokens, {k: tokens for k in _PER_TOKEN if k not in ("expert_GSK", "weight_GSK") or has_choices},
+                     P())
         y_BLD, per_token, served_E = jax.shard_map(
             body, mesh=plan.mesh, in_specs=tuple(in_specs), out_specs=out_specs)(*args)
 
         grouped = {k: group_tokens(v, cfg) for k, v in per_token.items()}
-        stats = RoutingStats(served_E=served_E, expert_GSK=grouped.pop("expert_GSK", None), **grouped)
+        stats = RoutingStats(served_E=served_E, expert_GSK=grouped.pop("expert_GSK", None),
+                             weight_GSK=grouped.pop("weight_GSK", None), **grouped)
         shards = batch_shards(mesh_shape) if plan.balance_stats == "shard" else 1
         return y_BLD, layer.aux(stats, B, L, train, balance_shards=shards, balance_load=balance_load)
 

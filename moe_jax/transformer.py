@@ -4,12 +4,18 @@
     logits_BLV, aux = model(tokens_BL, train=True, rng=key)   # <float32>[B, L, V], ModelAux
     loss = cross_entropy(logits_BLV, targets_BL) + aux.aux_loss
 
+    logits_BLV, aux = model(tokens_BL, train=True, rng=key, mtp=True)  # + aux.mtp_logits (cfg.mtp_depth > 0)
+
     cache = model.init_cache(batch_size, max_len)             # fixed size: one trace per shape
     logits_BLV, cache = model.decode(tokens_BL, cache)         # prefill (L tokens) or one step (L = 1)
 
 Block i: x += Attn(Norm(x)); x += FFN_i(Norm(x)) with FFN_i an `MoELayer` for i in
 `cfg.moe_layer_indices` (optionally followed by a norm, `moe_output_norm`), else a dense FFN.
 Parameters are `cfg.param_dtype`; activations `cfg.dtype`; router logits and output logits float32.
+
+With `cfg.mtp_depth` > 0 the model also holds DeepSeek-V3's multi-token-prediction modules
+(moe_jax/mtp.py), built after everything else (the main parameters are initialised as without them);
+they run only when a call asks for them (`mtp=True`, the train step), never in `decode`.
 
 Decoding runs the MoE layers with train=False on the tokens of that call. Routing is per token, but
 capacity is per group: with `grouping='tokens'`, a decode step's group is the one new token of each
@@ -37,11 +43,14 @@ from moe_jax.types import Array
 class ModelAux:
     """aux_loss: <float32>[] sum over MoE layers of their weighted aux loss (`losses['aux_loss']`).
     layers: one dict per MoE layer in depth order: {"layer": index, "losses": {...}, "metrics": {...}}.
-    layer_indices: the same indices, static (python ints even under jit)."""
+    layer_indices: the same indices, static (python ints even under jit).
+    mtp_logits: with `mtp=True`, <float32>[B, L - k, V] of MTP depth k = 1..D, predicting `targets_BL[:, k:]`
+    (its MoE layers are in `layers` and `aux_loss` too, indices num_layers + k - 1); else ()."""
 
     aux_loss: Array
     layers: tuple
     layer_indices: tuple = struct.field(pytree_node=False, default=())
+    mtp_logits: tuple = ()
 
 
 @struct.dataclass
@@ -118,10 +127,17 @@ class Transformer(nnx.Module):
         if not cfg.tie_embeddings:
             unembed = nnx.Param(nnx.initializers.lecun_normal()(rngs.params(), (D, V), pd))
         self.unembed_DV = nnx.data(unembed)
+        mtp = None
+        if cfg.mtp_depth:  # last: the main parameters' initialisation does not depend on mtp_depth
+            from moe_jax.mtp import MultiTokenPrediction
+
+            mtp = MultiTokenPrediction(cfg, block_cls=Block, make_norm=make_norm, rngs=rngs)
+        self.mtp = nnx.data(mtp)
 
     def moe_layers(self) -> list[tuple[int, MoELayer]]:
         """(layer index, MoELayer) for every MoE layer, in depth order (the order of `ModelAux.layers`)."""
-        return [(b.layer_index, b.ffn) for b in self.blocks if b.is_moe]
+        main = [(b.layer_index, b.ffn) for b in self.blocks if b.is_moe]
+        return main if self.mtp is None else main + self.mtp.moe_layers()
 
     def _check_tokens(self, tokens_BL: Array, max_len: int, what: str) -> None:
         if tokens_BL.ndim != 2:
@@ -132,13 +148,14 @@ class Transformer(nnx.Module):
             raise ValueError(f"Transformer: {tokens_BL.shape[1]} tokens exceed {what}={max_len}; "
                              f"shorten the input or raise {what}.")
 
-    def __call__(self, tokens_BL: Array, *, train: bool = False,
-                 rng: Optional[Array] = None) -> tuple[Array, ModelAux]:
-        """tokens_BL <int>[B, L] -> (logits <float32>[B, L, V], ModelAux). `rng` drives router noise (train)."""
+    def __call__(self, tokens_BL: Array, *, train: bool = False, rng: Optional[Array] = None,
+                 mtp: bool = False) -> tuple[Array, ModelAux]:
+        """tokens_BL <int>[B, L] -> (logits <float32>[B, L, V], ModelAux). `rng` drives router noise (train).
+        mtp: also run the multi-token-prediction modules (if any): `ModelAux.mtp_logits`."""
         self._check_tokens(tokens_BL, self.cfg.max_seq_len, "ModelConfig.max_seq_len")
         B, L = tokens_BL.shape
         positions_BL = jnp.broadcast_to(jnp.arange(L, dtype=jnp.int32), (B, L))
-        logits_BLV, aux, _ = self._forward(tokens_BL, positions_BL, train=train, rng=rng)
+        logits_BLV, aux, _ = self._forward(tokens_BL, positions_BL, train=train, rng=rng, mtp=mtp)
         return logits_BLV, aux
 
     def init_cache(self, batch_size: int, max_len: Optional[int] = None) -> DecodeCache:
@@ -159,10 +176,23 @@ class Transformer(nnx.Module):
         logits_BLV, _, layers = self._forward(tokens_BL, positions_BL, train=False, rng=None, cache=cache)
         return logits_BLV, DecodeCache(layers=layers, index=cache.index + L)
 
-    def _forward(self, tokens_BL, positions_BL, *, train, rng, cache: Optional[DecodeCache] = None):
-        cfg = self.cfg
-        dt = cfg.compute_dtype
-        x_BLD = jnp.take(self.embed_VD[...], tokens_BL, axis=0).astype(dt)
+    def _embed(self, tokens_BL: Array) -> Array:
+        return jnp.take(self.embed_VD[...], tokens_BL, axis=0).astype(self.cfg.compute_dtype)
+
+    def _head(self, x_BLD: Array) -> Array:
+        """Normalised states -> <float32>[B, L, V] logits (the output head; the embedding when tied)."""
+        dt = self.cfg.compute_dtype
+        if self.unembed_DV is None:
+            logits_BLV = jnp.einsum("bld,vd->blv", x_BLD, self.embed_VD[...].astype(dt),
+                                    preferred_element_type=jnp.float32)
+        else:
+            logits_BLV = jnp.einsum("bld,dv->blv", x_BLD, self.unembed_DV[...].astype(dt),
+                                    preferred_element_type=jnp.float32)
+        return logits_BLV.astype(jnp.float32)
+
+    def _forward(self, tokens_BL, positions_BL, *, train, rng, cache: Optional[DecodeCache] = None,
+                 mtp: bool = False):
+        x_BLD = self._embed(tokens_BL)
         layer_aux, new_layers = [], []
         for i, block in enumerate(self.blocks):
             layer_rng = None if rng is None else jax.random.fold_in(rng, i)
@@ -173,14 +203,13 @@ class Transformer(nnx.Module):
             new_layers.append(layer_cache)
             if aux is not None:
                 layer_aux.append({"layer": i, "losses": aux.losses, "metrics": aux.metrics})
-        x_BLD = self.final_norm(x_BLD)
-        if self.unembed_DV is None:
-            logits_BLV = jnp.einsum("bld,vd->blv", x_BLD, self.embed_VD[...].astype(dt),
-                                    preferred_element_type=jnp.float32)
-        else:
-            logits_BLV = jnp.einsum("bld,dv->blv", x_BLD, self.unembed_DV[...].astype(dt),
-                                    preferred_element_type=jnp.float32)
+        mtp_logits = ()
+        if mtp and self.mtp is not None and cache is None:
+            mtp_logits, mtp_aux = self.mtp(x_BLD, tokens_BL, embed=self._embed, head=self._head, train=train,
+                                           rng=rng)
+            layer_aux += mtp_aux
+        logits_BLV = self._head(self.final_norm(x_BLD))
         aux_loss = sum((a["losses"]["aux_loss"].astype(jnp.float32) for a in layer_aux), jnp.zeros((), jnp.float32))
         aux = ModelAux(aux_loss=aux_loss, layers=tuple(layer_aux),
-                       layer_indices=tuple(a["layer"] for a in layer_aux))
-        return logits_BLV.astype(jnp.float32), aux, tuple(new_layers)
+                       layer_indices=tuple(a["layer"] for a in layer_aux), mtp_logits=mtp_logits)
+        return logits_BLV, aux, tuple(new_layers)

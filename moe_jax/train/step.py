@@ -1,6 +1,7 @@
 """The jitted train and eval steps.
 
-Train step: cross-entropy + the MoE layers' weighted auxiliary losses, AdamW update, then the
+Train step: cross-entropy + the MoE layers' weighted auxiliary losses (+ with `ModelConfig.mtp_depth` = D > 0
+the multi-token-prediction loss lambda / D * sum_k CE_k, moe_jax/mtp.py), AdamW update, then the
 aux-loss-free bias update of every router that has a correction bias (DeepSeek-V3, Wang et al. 2024:
 b_i += rate * sign(mean load - load_i), outside the gradient). A step whose loss or gradient norm is
 not finite is not applied (params, optimizer state and biases stay as they were) and is counted in
@@ -19,6 +20,12 @@ from moe_jax.train.state import TrainState, split_model
 
 def cross_entropy(logits_BLV: jax.Array, targets_BL: jax.Array) -> jax.Array:
     return optax.softmax_cross_entropy_with_integer_labels(logits_BLV.astype(jnp.float32), targets_BL).mean()
+
+
+def mtp_losses(mtp_logits: tuple, targets_BL: jax.Array) -> list[jax.Array]:
+    """CE of MTP depth k = 1..D: its logits <float32>[B, L - k, V] against t_{i+k+1}, i.e. `targets_BL[:, k:]`
+    (DeepSeek-V3 Eq. 24, averaged over the L - k positions that have a target)."""
+    return [cross_entropy(logits, targets_BL[:, k:]) for k, logits in enumerate(mtp_logits, start=1)]
 
 
 def _layer_metrics(aux) -> dict:
@@ -54,17 +61,24 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, schedule, *, pla
 
         def loss_fn(params):
             model = _model(graphdef, placement, params, state.rest)
-            logits_BLV, aux = model(inputs_BL, train=True, rng=rng)
+            cfg = model.cfg
+            logits_BLV, aux = model(inputs_BL, train=True, rng=rng, mtp=cfg.mtp_depth > 0)
             ce = cross_entropy(logits_BLV, targets_BL)
-            return ce + aux.aux_loss, (ce, aux)
+            loss = ce + aux.aux_loss
+            mtp = mtp_losses(aux.mtp_logits, targets_BL)
+            if mtp:  # L_MTP = lambda / D * sum_k L_MTP^k; absent (not 0 * ...) without MTP: the loss is unchanged
+                loss = loss + cfg.mtp_loss_weight / len(mtp) * sum(mtp)
+            return loss, (ce, aux, mtp)
 
-        (loss, (ce, aux)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+        (loss, (ce, aux, mtp)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
         grad_norm = optax.tree.norm(grads)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
 
         model = nnx.merge(graphdef, params, state.rest)
-        for (_, layer), entry in zip(model.moe_layers(), aux.layers):
+        layers = dict(model.moe_layers())
+        for entry in aux.layers:
+            layer = layers[entry["layer"]]
             bias = layer.router.correction_bias_E
             if bias is not None:
                 bias[...] = losses_lib.update_correction_bias(
@@ -79,6 +93,9 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, schedule, *, pla
         metrics = {"loss": loss, "ce": ce, "aux_loss": aux.aux_loss, "grad_norm": grad_norm,
                    "learning_rate": schedule(state.step), "applied": ok.astype(jnp.float32),
                    **_layer_metrics(aux)}
+        if mtp:  # mtp_loss/<k>: CE of depth k; mtp_loss: lambda / D * their sum, the part of `loss` they add
+            metrics.update({f"mtp_loss/{k}": value for k, value in enumerate(mtp, start=1)},
+                           mtp_loss=model.cfg.mtp_loss_weight / len(mtp) * sum(mtp))
         return new_state, metrics
 
     if placement is None:

@@ -82,11 +82,7 @@ class MultiTokenPrediction(nnx.Module):
 
         -> (logits: tuple over k = 1..D of <float32>[B, L - k, V], predicting `targets_BL[:, k:]`;
             layer aux: [{"layer", "losses", "metrics"}] of the MoE blocks, depth order)."""
-        B, L = tokens_BL.shape
-        if L <= len(self.modules):
-            raise ValueError(f"MultiTokenPrediction: {L} input tokens leave no position for MTP depth "
-                             f"{len(self.modules)} (depth k predicts token i + k + 1 at positions i < L - k); "
-                             f"use sequences longer than config.model.mtp_depth + 1 tokens.")
+        B, L = tokens_BL.shape  # L > D: checked by Transformer.__call__
         logits, layer_aux = [], []
         for module in self.modules:
             k = module.depth

@@ -154,6 +154,10 @@ class Transformer(nnx.Module):
         mtp: also run the multi-token-prediction modules (if any): `ModelAux.mtp_logits`."""
         self._check_tokens(tokens_BL, self.cfg.max_seq_len, "ModelConfig.max_seq_len")
         B, L = tokens_BL.shape
+        if mtp and L <= self.cfg.mtp_depth:
+            raise ValueError(f"Transformer: {L} input tokens leave no position for MTP depth {self.cfg.mtp_depth} "
+                             "(depth k predicts token i + k + 1 at positions i < L - k); use sequences longer than "
+                             "ModelConfig.mtp_depth + 1 tokens (inputs plus targets).")
         positions_BL = jnp.broadcast_to(jnp.arange(L, dtype=jnp.int32), (B, L))
         logits_BLV, aux, _ = self._forward(tokens_BL, positions_BL, train=train, rng=rng, mtp=mtp)
         return logits_BLV, aux

@@ -119,8 +119,23 @@ def non_moe_train_flops_per_token(model: ModelConfig, counts: dict, seq_len: int
     return 6.0 * matmul_params + scores
 
 
+def mtp_train_flops_per_token(model: ModelConfig, counts: dict, seq_len: int) -> float:
+    """Forward+backward FLOPs per token of the multi-token-prediction modules (0 without them): 6 x the
+    parameters a token runs through in each (`counts["mtp_active"]`: M_k, the block at k / E of its routed
+    experts; its few norm scales are counted as if they were matmul weights) + 6 x the shared output head
+    once per depth + the attention score and value matmuls of one block per depth (counted at the full
+    seq_len, as the main layers; depth k runs on seq_len - k positions)."""
+    D = model.mtp_depth
+    if not D:
+        return 0.0
+    scores = 6 * D * seq_len * model.num_heads * (model.qk_head_dim + model.value_head_dim)
+    return 6.0 * (counts["mtp_active"] + D * model.vocab_size * model.d_model) + scores
+
+
 def train_flops_per_token(model: ModelConfig, counts: dict, seq_len: int) -> float:
     """Forward+backward FLOPs per token of the whole model: `non_moe_train_flops_per_token` + 6 x the MoE
-    layers' active parameters (routers, the k routed experts of a token, shared experts)."""
+    layers' active parameters (routers, the k routed experts of a token, shared experts) +
+    `mtp_train_flops_per_token` (training-only modules; 0 without them)."""
     moe_active = counts["router"] + counts["routed_experts_active"] + counts["shared_experts"]
-    return non_moe_train_flops_per_token(model, counts, seq_len) + 6.0 * moe_active
+    return (non_moe_train_flops_per_token(model, counts, seq_len) + 6.0 * moe_active
+            + mtp_train_flops_per_token(model, counts, seq_len))

@@ -143,7 +143,7 @@ class Recorder:
             model = nnx.merge(graphdef, params, rest)
             _, aux = model(tokens_BL, train=False)
             biases = []
-            for _, layer in model.moe_layers():
+            for _, layer in model.moe_layers(mtp=False):  # the ledger records the model's own layers
                 bias = layer.router.correction_bias_E
                 biases.append(jnp.zeros((layer.cfg.num_routed_experts,), jnp.float32) if bias is None else bias[...])
             return tuple(entry["choices"] for entry in aux.layers), tuple(biases)
@@ -165,7 +165,7 @@ class Recorder:
             bias = biases
         if not tokens:
             raise ValueError("Recorder: no batches given.")
-        layers = nnx.merge(self._graphdef, params, rest).moe_layers()
+        layers = nnx.merge(self._graphdef, params, rest).moe_layers(mtp=False)
 
         def stack(name, dtype):
             return np.stack([np.concatenate([c[name] for c in chunks]).reshape(-1, chunks[0][name].shape[-1])

@@ -66,6 +66,11 @@ class ModelConfig:
     first_dense_layers: int = 0  # N: the first N layers are dense
     moe_output_norm: bool = False  # normalise the MoE output before the residual add (fine-grained experts)
 
+    # DeepSeek-V3 multi-token prediction (arXiv 2412.19437, section 2.2; moe_jax/mtp.py): D sequential
+    # training-only modules; module k predicts token i + k + 1. 0 = none (no parameters, no loss).
+    mtp_depth: int = 0
+    mtp_loss_weight: float = 0.3  # lambda: L_MTP = lambda / D * sum_k L_MTP^k (DeepSeek-V3: 0.3, later 0.1)
+
     tie_embeddings: bool = False  # logits = x @ embed^T instead of a separate unembedding
     dtype: str = "float32"  # compute dtype; the router and the logits are float32 regardless
     param_dtype: str = "float32"
@@ -92,6 +97,7 @@ class ModelConfig:
         else:
             self._check_mla()
         self._check_moe()
+        self._check_mtp()
 
     def _check_mha(self):
         for name in ("q_lora_rank", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim"):
@@ -138,6 +144,21 @@ class ModelConfig:
         if not self.moe_layer_indices:
             raise _err("first_dense_layers", self.first_dense_layers,
                        f"leaves no MoE layer among {self.num_layers}; lower it, or set moe=None for a dense model.")
+
+    def _check_mtp(self):
+        if isinstance(self.mtp_depth, bool) or not isinstance(self.mtp_depth, int) or self.mtp_depth < 0:
+            raise _err("mtp_depth", self.mtp_depth, "must be an integer >= 0 (0 = no multi-token prediction; "
+                                                    "DeepSeek-V3 uses 1).")
+        if self.mtp_depth >= self.max_seq_len:
+            raise _err("mtp_depth", self.mtp_depth,
+                       f"must be < max_seq_len={self.max_seq_len}: MTP module k sees the first L - k positions "
+                       "of a sequence of L inputs; lower mtp_depth.")
+        if not (isinstance(self.mtp_loss_weight, (int, float)) and self.mtp_loss_weight >= 0):
+            raise _err("mtp_loss_weight", self.mtp_loss_weight, "must be a number >= 0 (DeepSeek-V3: 0.3, then 0.1).")
+        if self.mtp_depth > 0 and self.mtp_loss_weight == 0:
+            raise _err("mtp_loss_weight", self.mtp_loss_weight,
+                       f"is 0 with mtp_depth={self.mtp_depth}: the MTP modules would get no training signal; "
+                       "set mtp_loss_weight > 0 (e.g. 0.3) or mtp_depth=0.")
 
     @classmethod
     def from_dict(cls, fields: Mapping[str, Any]) -> "ModelConfig":
@@ -190,8 +211,16 @@ class ModelConfig:
         N, P = self.first_dense_layers, self.moe_every
         return tuple(i for i in range(N, self.num_layers) if (i - N) % P == 0)
 
+    @property
+    def mtp_layer_indices(self) -> tuple[int, ...]:
+        """Layer indices of the MTP modules' blocks: num_layers, ..., num_layers + mtp_depth - 1 (after the
+        main layers, as in DeepSeek-V3's checkpoint, where the MTP block is layer 61 of 0..60)."""
+        return tuple(range(self.num_layers, self.num_layers + self.mtp_depth))
+
     def is_moe_layer(self, i: int) -> bool:
-        return i in self.moe_layer_indices
+        """Main layer i per the placement rule; an MTP block (i in `mtp_layer_indices`) is an MoE layer
+        whenever the model has MoE layers (DeepSeek-V3's MTP block is a full MoE decoder layer)."""
+        return i in self.moe_layer_indices or (self.moe is not None and i in self.mtp_layer_indices)
 
     @property
     def cache_numbers_per_token(self) -> int:

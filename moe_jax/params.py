@@ -3,7 +3,8 @@ a 671B DeepSeek-V3 layout is counted in seconds.
 
     count_params(cfg) -> {"total", "active_per_token", "embedding", "unembedding", "non_embedding",
                           "active_non_embedding", "attention", "dense_ffn", "routed_experts",
-                          "routed_experts_active", "shared_experts", "router", "norms", "buffers"}
+                          "routed_experts_active", "shared_experts", "router", "norms", "buffers",
+                          "mtp", "mtp_active", "main_model"}
 
 Active per token: routed experts count k / E of their parameters (each token runs k of E experts:
 `MoEConfig.top_k` / `num_routed_experts`, after granularity); everything else -- attention, dense
@@ -14,6 +15,13 @@ compute over tokens depends on the group size and "active per token" is only nom
 "embedding" is the input table, "unembedding" the output head (0 when tied); "non_embedding" excludes
 both (Kaplan et al. 2020's N). "buffers" counts non-trainable state (DeepSeek-V3 correction biases),
 which is not in "total".
+
+Multi-token prediction (`ModelConfig.mtp_depth`, moe_jax/mtp.py): "mtp" counts every parameter of the
+MTP modules (per module: M_k 2D x D, three norms, one block; the embedding and the output head are the
+main model's and are not counted again), and is in "total" and "non_embedding", but in none of the
+other categories; "main_model" = total - mtp. The MTP modules are training-only: "active_per_token"
+(and "active_non_embedding") are the main model's, what inference runs; "mtp_active" is what a token
+runs through in the MTP modules during training (their routed experts at k / E).
 """
 from __future__ import annotations
 
@@ -62,8 +70,15 @@ def count_params(cfg: ModelConfig) -> dict[str, int]:
     counts = dict(embedding=_size(model.embed_VD), unembedding=_size(model.unembed_DV), attention=0,
                   dense_ffn=0, routed_experts=0, routed_experts_active=0, shared_experts=0, router=0,
                   norms=_size(model.final_norm))
-    total = _size(model) - sum(_size(b) for b in model.blocks)
+    mtp = _size(model.mtp)
+    total = _size(model) - sum(_size(b) for b in model.blocks)  # the MTP modules counted once: D in the prototype
     buffers = _size(model, nnx.Variable) - _size(model) - sum(_size(b, nnx.Variable) - _size(b) for b in model.blocks)
+    mtp_routed = mtp_routed_active = 0
+    for _, layer in ([] if model.mtp is None else model.mtp.moe_layers()):
+        routed = _size(layer.experts)
+        mtp_routed += routed
+        mtp_routed_active += routed * layer.cfg.top_k // layer.cfg.num_routed_experts
+    counts["mtp"] = mtp
     for block in model.blocks:
         n = multiplicity[block.is_moe]
         total += n * _size(block)
@@ -84,6 +99,7 @@ def count_params(cfg: ModelConfig) -> dict[str, int]:
         raise RuntimeError(f"count_params: categories sum to {parts}, the model holds {total}; "
                            "classify the new parameter in moe_jax/params.py.")
     embed = counts["embedding"] + counts["unembedding"]
-    active = total - counts["routed_experts"] + counts["routed_experts_active"]
+    active = total - mtp - counts["routed_experts"] + counts["routed_experts_active"]
     return dict(total=total, active_per_token=active, non_embedding=total - embed,
-                active_non_embedding=active - embed, buffers=buffers, **counts)
+                active_non_embedding=active - embed, buffers=buffers, main_model=total - mtp,
+                mtp_active=mtp - mtp_routed + mtp_routed_active, **counts)

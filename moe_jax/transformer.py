@@ -4,12 +4,18 @@
     logits_BLV, aux = model(tokens_BL, train=True, rng=key)   # <float32>[B, L, V], ModelAux
     loss = cross_entropy(logits_BLV, targets_BL) + aux.aux_loss
 
+    logits_BLV, aux = model(tokens_BL, train=True, rng=key, mtp=True)  # + aux.mtp_logits (cfg.mtp_depth > 0)
+
     cache = model.init_cache(batch_size, max_len)             # fixed size: one trace per shape
     logits_BLV, cache = model.decode(tokens_BL, cache)         # prefill (L tokens) or one step (L = 1)
 
 Block i: x += Attn(Norm(x)); x += FFN_i(Norm(x)) with FFN_i an `MoELayer` for i in
 `cfg.moe_layer_indices` (optionally followed by a norm, `moe_output_norm`), else a dense FFN.
 Parameters are `cfg.param_dtype`; activations `cfg.dtype`; router logits and output logits float32.
+
+With `cfg.mtp_depth` > 0 the model also holds DeepSeek-V3's multi-token-prediction modules
+(moe_jax/mtp.py), built after everything else (the main parameters are initialised as without them);
+they run only when a call asks for them (`mtp=True`, the train step), never in `decode`.
 
 Decoding runs the MoE layers with train=False on the tokens of that call. Routing is per token, but
 capacity is per group: with `grouping='tokens'`, a decode step's group is the one new token of each
@@ -39,11 +45,14 @@ class ModelAux:
     layers: one dict per MoE layer in depth order: {"layer": index, "losses": {...}, "metrics": {...},
         "choices": {...} or None} (choices: `MoELayer.aux`'s per-token routing decisions, for the ledger), and
         "balance_load" (`MoEAux.balance_load`) for a layer with balance_loss_scope='batch'.
-    layer_indices: the same indices, static (python ints even under jit)."""
+    layer_indices: the same indices, static (python ints even under jit).
+    mtp_logits: with `mtp=True`, <float32>[B, L - k, V] of MTP depth k = 1..D, predicting `targets_BL[:, k:]`
+    (its MoE layers are in `layers` and `aux_loss` too, indices num_layers + k - 1); else ()."""
 
     aux_loss: Array
     layers: tuple
     layer_indices: tuple = struct.field(pytree_node=False, default=())
+    mtp_logits: tuple = ()
 
 
 @struct.dataclass
@@ -123,10 +132,18 @@ class Transformer(nnx.Module):
         if not cfg.tie_embeddings:
             unembed = nnx.Param(nnx.initializers.lecun_normal()(rngs.params(), (D, V), pd))
         self.unembed_DV = nnx.data(unembed)
+        mtp = None
+        if cfg.mtp_depth:  # last: the main parameters' initialisation does not depend on mtp_depth
+            from moe_jax.mtp import MultiTokenPrediction
 
-    def moe_layers(self) -> list[tuple[int, MoELayer]]:
-        """(layer index, MoELayer) for every MoE layer, in depth order (the order of `ModelAux.layers`)."""
-        return [(b.layer_index, b.ffn) for b in self.blocks if b.is_moe]
+            mtp = MultiTokenPrediction(cfg, block_cls=Block, make_norm=make_norm, rngs=rngs)
+        self.mtp = nnx.data(mtp)
+
+    def moe_layers(self, *, mtp: bool = True) -> list[tuple[int, MoELayer]]:
+        """(layer index, MoELayer) for every MoE layer, in depth order (the order of `ModelAux.layers`); the MTP
+        modules' MoE layers last, unless `mtp=False` (a forward pass without `mtp=True` runs only the others)."""
+        main = [(b.layer_index, b.ffn) for b in self.blocks if b.is_moe]
+        return main if self.mtp is None or not mtp else main + self.mtp.moe_layers()
 
     def _check_tokens(self, tokens_BL: Array, max_len: int, what: str) -> None:
         if tokens_BL.ndim != 2:
@@ -138,7 +155,8 @@ class Transformer(nnx.Module):
                              f"shorten the input or raise {what}.")
 
     def __call__(self, tokens_BL: Array, *, train: bool = False, rng: Optional[Array] = None,
-                 replay: Optional[tuple] = None, balance_load: Optional[dict] = None) -> tuple[Array, ModelAux]:
+                 replay: Optional[tuple] = None, balance_load: Optional[dict] = None,
+                 mtp: bool = False) -> tuple[Array, ModelAux]:
         """tokens_BL <int>[B, L] -> (logits <float32>[B, L, V], ModelAux). `rng` drives router noise (train).
 
         replay: one (expert_BLK, weight_BLK or None) per MoE layer in depth order, routing used instead of the
@@ -146,16 +164,21 @@ class Transformer(nnx.Module):
         balance_load: {MoE layer index: <float32>[n, E]} the router choices per expert that the layer's
         balance_loss_scope='batch' loss uses for f_i (`MoELayer.aux`): a microbatched train step passes the
         whole batch's (the sum over its microbatches of `ModelAux.layers[i]["balance_load"]`).
+        mtp: also run the multi-token-prediction modules (if any): `ModelAux.mtp_logits`.
         """
         self._check_tokens(tokens_BL, self.cfg.max_seq_len, "ModelConfig.max_seq_len")
         B, L = tokens_BL.shape
+        if mtp and L <= self.cfg.mtp_depth:
+            raise ValueError(f"Transformer: {L} input tokens leave no position for MTP depth {self.cfg.mtp_depth} "
+                             "(depth k predicts token i + k + 1 at positions i < L - k); use sequences longer than "
+                             "ModelConfig.mtp_depth + 1 tokens (inputs plus targets).")
         positions_BL = jnp.broadcast_to(jnp.arange(L, dtype=jnp.int32), (B, L))
         moe_count = sum(b.is_moe for b in self.blocks)
         if replay is not None and len(replay) != moe_count:
             raise ValueError(f"Transformer: replay has {len(replay)} entries for {moe_count} MoE layers; give one "
                              "(expert ids, weights or None) per MoE layer in depth order.")
         logits_BLV, aux, _ = self._forward(tokens_BL, positions_BL, train=train, rng=rng, replay=replay,
-                                           balance_load=balance_load)
+                                           balance_load=balance_load, mtp=mtp)
         return logits_BLV, aux
 
     def init_cache(self, batch_size: int, max_len: Optional[int] = None) -> DecodeCache:
@@ -176,11 +199,23 @@ class Transformer(nnx.Module):
         logits_BLV, _, layers = self._forward(tokens_BL, positions_BL, train=False, rng=None, cache=cache)
         return logits_BLV, DecodeCache(layers=layers, index=cache.index + L)
 
+    def _embed(self, tokens_BL: Array) -> Array:
+        return jnp.take(self.embed_VD[...], tokens_BL, axis=0).astype(self.cfg.compute_dtype)
+
+    def _head(self, x_BLD: Array) -> Array:
+        """Normalised states -> <float32>[B, L, V] logits (the output head; the embedding when tied)."""
+        dt = self.cfg.compute_dtype
+        if self.unembed_DV is None:
+            logits_BLV = jnp.einsum("bld,vd->blv", x_BLD, self.embed_VD[...].astype(dt),
+                                    preferred_element_type=jnp.float32)
+        else:
+            logits_BLV = jnp.einsum("bld,dv->blv", x_BLD, self.unembed_DV[...].astype(dt),
+                                    preferred_element_type=jnp.float32)
+        return logits_BLV.astype(jnp.float32)
+
     def _forward(self, tokens_BL, positions_BL, *, train, rng, cache: Optional[DecodeCache] = None, replay=None,
-                 balance_load: Optional[dict] = None):
-        cfg = self.cfg
-        dt = cfg.compute_dtype
-        x_BLD = jnp.take(self.embed_VD[...], tokens_BL, axis=0).astype(dt)
+                 balance_load: Optional[dict] = None, mtp: bool = False):
+        x_BLD = self._embed(tokens_BL)
         layer_aux, new_layers = [], []
         for i, block in enumerate(self.blocks):
             layer_rng = None if rng is None else jax.random.fold_in(rng, i)
@@ -196,14 +231,13 @@ class Transformer(nnx.Module):
                 if aux.balance_load is not None:
                     entry["balance_load"] = aux.balance_load
                 layer_aux.append(entry)
-        x_BLD = self.final_norm(x_BLD)
-        if self.unembed_DV is None:
-            logits_BLV = jnp.einsum("bld,vd->blv", x_BLD, self.embed_VD[...].astype(dt),
-                                    preferred_element_type=jnp.float32)
-        else:
-            logits_BLV = jnp.einsum("bld,dv->blv", x_BLD, self.unembed_DV[...].astype(dt),
-                                    preferred_element_type=jnp.float32)
+        mtp_logits = ()
+        if mtp and self.mtp is not None and cache is None:
+            mtp_logits, mtp_aux = self.mtp(x_BLD, tokens_BL, embed=self._embed, head=self._head, train=train,
+                                           rng=rng, balance_load=balance_load)
+            layer_aux += mtp_aux
+        logits_BLV = self._head(self.final_norm(x_BLD))
         aux_loss = sum((a["losses"]["aux_loss"].astype(jnp.float32) for a in layer_aux), jnp.zeros((), jnp.float32))
         aux = ModelAux(aux_loss=aux_loss, layers=tuple(layer_aux),
-                       layer_indices=tuple(a["layer"] for a in layer_aux))
-        return logits_BLV.astype(jnp.float32), aux, tuple(new_layers)
+                       layer_indices=tuple(a["layer"] for a in layer_aux), mtp_logits=mtp_logits)
+        return logits_BLV, aux, tuple(new_layers)

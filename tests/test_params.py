@@ -104,3 +104,29 @@ def test_deepseek_v3_671b_in_seconds():
     assert round(c["total"] / 1e9) == 671
     assert c["active_non_embedding"] == 37_552_282_624 - 1_853_358_080
     assert c["buffers"] == 58 * 256  # the correction biases
+
+
+def test_deepseek_v3_with_mtp_685b():
+    """configs/deepseek_v3.py:full (mtp_depth=1): the MTP module shares the embedding and the output head."""
+    import importlib
+
+    from moe_jax.train.run_config import build_run_config
+
+    cfg = build_run_config(importlib.import_module("configs.deepseek_v3").get_config("full")).model
+    assert cfg.mtp_depth == 1
+    c = count_params(cfg)
+    # MTP module: M_1 2*7168*7168 = 102,760,448 + hidden, embedding and final RMSNorms 3*7168 = 21,504
+    # + one MoE decoder layer 11,507,286,016 (as in test_deepseek_v3_671b_in_seconds) = 11,610,067,968
+    assert c["mtp"] == 102_760_448 + 21_504 + 11_507_286_016 == 11_610_067_968
+    assert c["main_model"] == 671_026_404_352  # unchanged by the MTP module
+    assert c["total"] == 671_026_404_352 + 11_610_067_968 == 682_636_472_320
+    # DeepSeek's release stores the MTP layer with its own copies of the embedding and the output head,
+    # 2 * 129280*7168 = 1,853,358,080: 684,489,830,400, the "671B + 14B = 685B" of the Hugging Face release
+    # (its MTP "14B" = 11.61B + 1.85B = 13.46B; README_WEIGHTS: "11.5B unique parameters").
+    assert c["total"] + c["embedding"] + c["unembedding"] == 684_489_830_400
+    assert abs((c["total"] + c["embedding"] + c["unembedding"]) / 685e9 - 1) < 0.001
+    # inference runs the main model only; a training token also runs M_1 and the MTP layer's active part:
+    # 102,781,952 + 585,318,400 = 688,100,352
+    assert c["active_per_token"] == 37_552_282_624
+    assert c["mtp_active"] == 688_100_352
+    assert c["buffers"] == 59 * 256  # the MTP layer's router has a correction bias too

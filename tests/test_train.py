@@ -212,3 +212,33 @@ def test_train_step_updates_correction_bias_by_the_sign_rule():
     assert load.sum() == 2 * 16 * run.model.moe.top_k  # every choice of the 32 tokens is served
     np.testing.assert_allclose(after - before, 0.25 * np.sign(load.mean() - load))
     assert np.any(after != before)
+
+
+def test_deepseek_v3_tiny_trains_with_mtp_and_restores_it(tmp_path):
+    """The tiny DeepSeek-V3 preset (one MTP module, an MoE block): a short run logs the MTP loss and the MTP
+    block's MoE metrics, and its checkpoint brings the MTP parameters back."""
+    import importlib
+
+    from moe_jax.train.restore import load_run
+
+    config = importlib.import_module("configs.deepseek_v3").get_config("tiny")
+    assert config.model.mtp_depth == 1
+    config.model.num_layers = 2
+    config.data.update(dict(corpus="synthetic", seq_len=16, batch_size=2, data_dir=str(tmp_path / "data")))
+    config.train.update(dict(steps=4, warmup_steps=1, log_every=1, eval_every=4, eval_batches=1,
+                             checkpoint_every=4, sample_tokens=0, progress=False, async_checkpointing=False))
+    summary = loop_lib.train(build_run_config(config), str(tmp_path / "w"), log=lambda *_: None)
+    assert summary["steps"] == 4
+    train = [r for r in read_jsonl(os.path.join(tmp_path / "w", "metrics.jsonl")) if r["split"] == "train"]
+    assert len(train) == 4 and all(np.isfinite(r["mtp_loss/1"]) for r in train)
+    assert all(r["mtp_loss"] == pytest.approx(0.3 * r["mtp_loss/1"], rel=1e-5) for r in train)
+    assert "moe/2/tokens_per_expert" in train[-1]  # the MTP block is layer num_layers + 1 - 1 = 2
+    loaded = load_run(str(tmp_path / "w"))
+    assert loaded.step == 4 and loaded.model.mtp is not None
+    proj = np.asarray(loaded.model.mtp.modules[0].w_proj_2DD[...])
+    from flax import nnx
+
+    from moe_jax.transformer import Transformer
+
+    fresh = Transformer(loaded.run.model, rngs=nnx.Rngs(params=loaded.run.train.seed))
+    assert not np.array_equal(proj, np.asarray(fresh.mtp.modules[0].w_proj_2DD[...]))  # trained, restored

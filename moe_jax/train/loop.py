@@ -76,6 +76,9 @@ def train(run: RunConfig, workdir: str, *, log=print) -> dict:
         json.dump(record, f, indent=2)
     log(f"[moe_jax] {run.name}: {counts['total']/1e6:.2f}M params, {counts['active_per_token']/1e6:.2f}M active "
         f"per token; data {data.describe().get('corpus')}; workdir {workdir}")
+    if cfg.mtp_depth:
+        log(f"[moe_jax] multi-token prediction: {cfg.mtp_depth} module(s), {counts['mtp']/1e6:.2f}M of the params "
+            f"(training only), loss weight {cfg.mtp_loss_weight}")
 
     tx = make_optimizer(tcfg)
     schedule = learning_rate_schedule(tcfg)

@@ -254,12 +254,23 @@ def check_run(run: RunConfig) -> None:
     if d.tokenizer == "byte" and m.vocab_size < 256:
         raise ValueError(f"config.model.vocab_size={m.vocab_size} is smaller than the byte tokenizer's 256 tokens; "
                          "set config.model.vocab_size >= 256.")
+    if m.mtp_depth and d.seq_len <= m.mtp_depth:
+        raise ValueError(f"config.model.mtp_depth={m.mtp_depth} needs config.data.seq_len > {m.mtp_depth} (MTP depth k "
+                         f"predicts token i + k + 1 at the first seq_len - k positions; seq_len={d.seq_len} leaves "
+                         "none for the last depth); raise seq_len or lower mtp_depth.")
     moe = m.moe
     if moe is not None and moe.group_size is not None:
         B, L, S = d.batch_size, d.seq_len, moe.group_size
         if moe.grouping == "tokens" and (B * L) % S:
             raise ValueError(f"config.model.group_size={S} does not divide the {B} x {L} = {B * L} tokens of a batch "
                              "(config.data.batch_size x seq_len); choose a group size that divides them.")
+        short = [k for k in range(1, m.mtp_depth + 1) if (B * (L - k)) % S]
+        if moe.grouping == "tokens" and short:
+            k = short[0]
+            raise ValueError(f"config.model.group_size={S} does not divide the {B} x {L - k} = {B * (L - k)} tokens "
+                             f"that MTP depth {k} routes (config.model.mtp_depth={m.mtp_depth}: depth k sees "
+                             "seq_len - k positions); leave group_size None (one sequence per group), use "
+                             "grouping='position', or set mtp_depth=0.")
         if moe.grouping == "position" and B % S:
             raise ValueError(f"config.model.group_size={S} does not divide config.data.batch_size={B} "
                              "(grouping='position' groups the same position across sequences); choose a divisor "

@@ -1,6 +1,7 @@
 """The jitted train and eval steps.
 
-Train step: cross-entropy + the MoE layers' weighted auxiliary losses, AdamW update, then the
+Train step: cross-entropy + the MoE layers' weighted auxiliary losses (+ with `ModelConfig.mtp_depth` = D > 0
+the multi-token-prediction loss lambda / D * sum_k CE_k, moe_jax/mtp.py), AdamW update, then the
 aux-loss-free bias update of every router that has a correction bias (DeepSeek-V3, Wang et al. 2024:
 b_i += rate * sign(mean load - load_i), outside the gradient). A step whose loss or gradient norm is
 not finite is not applied (params, optimizer state and biases stay as they were) and is counted in
@@ -35,6 +36,12 @@ from moe_jax.transformer import ModelAux
 
 def cross_entropy(logits_BLV: jax.Array, targets_BL: jax.Array) -> jax.Array:
     return optax.softmax_cross_entropy_with_integer_labels(logits_BLV.astype(jnp.float32), targets_BL).mean()
+
+
+def mtp_losses(mtp_logits: tuple, targets_BL: jax.Array) -> list[jax.Array]:
+    """CE of MTP depth k = 1..D: its logits <float32>[B, L - k, V] against t_{i+k+1}, i.e. `targets_BL[:, k:]`
+    (DeepSeek-V3 Eq. 24, averaged over the L - k positions that have a target)."""
+    return [cross_entropy(logits, targets_BL[:, k:]) for k, logits in enumerate(mtp_logits, start=1)]
 
 
 def _layer_metrics(aux) -> dict:
@@ -74,24 +81,20 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, schedule, *, pla
 
     def train_step(state: TrainState, batch_BL1: jax.Array, key: jax.Array):
         rng = jax.random.fold_in(key, state.step)
-        inputs_BL, targets_BL = batch_BL1[:, :-1], batch_BL1[:, 1:]
-
-        def loss_fn(params):
-            model = _model(graphdef, placement, params, state.rest)
-            logits_BLV, aux = model(inputs_BL, train=True, rng=rng)
-            ce = cross_entropy(logits_BLV, targets_BL)
-            return ce + aux.aux_loss, (ce, aux)
 
         if microbatches == 1:
-            (loss, (ce, aux)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+            (loss, (ce, aux, mtp)), grads = jax.value_and_grad(objective, has_aux=True)(
+                state.params, state.rest, batch_BL1, rng, None)
         else:
-            loss, ce, aux, grads = _accumulate(state, batch_BL1, rng)
+            loss, ce, aux, mtp, grads = _accumulate(state, batch_BL1, rng)
         grad_norm = optax.tree.norm(grads)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
 
         model = nnx.merge(graphdef, params, state.rest)
-        for (_, layer), entry in zip(model.moe_layers(), aux.layers):
+        layers = dict(model.moe_layers())
+        for entry in aux.layers:
+            layer = layers[entry["layer"]]
             bias = layer.router.correction_bias_E
             if bias is not None:
                 bias[...] = losses_lib.update_correction_bias(
@@ -106,17 +109,28 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, schedule, *, pla
         metrics = {"loss": loss, "ce": ce, "aux_loss": aux.aux_loss, "grad_norm": grad_norm,
                    "learning_rate": schedule(state.step), "applied": ok.astype(jnp.float32),
                    **_layer_metrics(aux)}
+        if mtp:  # mtp_loss/<k>: CE of depth k; mtp_loss: lambda / D * their sum, the part of `loss` they add
+            metrics.update({f"mtp_loss/{k}": value for k, value in enumerate(mtp, start=1)},
+                           mtp_loss=model.cfg.mtp_loss_weight / len(mtp) * sum(mtp))
         return new_state, metrics
 
-    def micro_fn(params, rest, tokens_BL1, rng, balance_load):
+    def objective(params, rest, tokens_BL1, rng, balance_load):
+        """loss, (ce, ModelAux, [CE of MTP depth k]) of one batch or microbatch: cross-entropy, the MoE layers'
+        weighted aux losses and, with MTP, lambda / D * sum_k L_MTP^k (absent, not 0 * ..., without MTP)."""
         model = _model(graphdef, placement, params, rest)
-        logits_BLV, aux = model(tokens_BL1[:, :-1], train=True, rng=rng, balance_load=balance_load)
-        ce = cross_entropy(logits_BLV, tokens_BL1[:, 1:])
-        return ce + aux.aux_loss, (ce, aux)
+        cfg = model.cfg
+        inputs_BL, targets_BL = tokens_BL1[:, :-1], tokens_BL1[:, 1:]
+        logits_BLV, aux = model(inputs_BL, train=True, rng=rng, balance_load=balance_load, mtp=cfg.mtp_depth > 0)
+        ce = cross_entropy(logits_BLV, targets_BL)
+        loss = ce + aux.aux_loss
+        mtp = mtp_losses(aux.mtp_logits, targets_BL)
+        if mtp:
+            loss = loss + cfg.mtp_loss_weight / len(mtp) * sum(mtp)
+        return loss, (ce, aux, mtp)
 
     def micro_loads(params, rest, tokens_BL1, rng):
         """{MoE layer: <float32>[n, E] load} of one microbatch: the forward pass alone (its logits unused)."""
-        _, (_, aux) = micro_fn(params, rest, tokens_BL1, rng, None)
+        _, (_, aux, _) = objective(params, rest, tokens_BL1, rng, None)
         return {entry["layer"]: entry["balance_load"] for entry in aux.layers if "balance_load" in entry}
 
     def _accumulate(state: TrainState, batch_BL1: jax.Array, rng: jax.Array):
@@ -145,22 +159,22 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, schedule, *, pla
 
         def micro_step(grad_sum, x):
             tokens_BL1, m = x
-            (loss, (ce, aux)), grads = jax.value_and_grad(micro_fn, has_aux=True)(
+            (loss, (ce, aux, mtp)), grads = jax.value_and_grad(objective, has_aux=True)(
                 params, rest, tokens_BL1, jax.random.fold_in(rng, m), load)
             grad_sum = jax.tree.map(lambda s, g: s + g.astype(jnp.float32), grad_sum, grads)
             layers = tuple({"losses": e["losses"], "metrics": e["metrics"]} for e in aux.layers)
-            return grad_sum, (loss, ce, aux.aux_loss, layers)
+            return grad_sum, (loss, ce, aux.aux_loss, layers, tuple(mtp))
 
         grad_sum = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
         if placement is not None:
             grad_sum = jax.lax.with_sharding_constraint(grad_sum, placement.state.params)
-        grad_sum, (loss_M, ce_M, aux_M, layers_M) = jax.lax.scan(micro_step, grad_sum, xs)
+        grad_sum, (loss_M, ce_M, aux_M, layers_M, mtp_M) = jax.lax.scan(micro_step, grad_sum, xs)
         grads = jax.tree.map(lambda s, p: (s / M).astype(p.dtype), grad_sum, params)
         layers = tuple({"layer": i, "losses": jax.tree.map(lambda v: v.mean(axis=0), e["losses"]),
                         "metrics": losses_lib.combine_routing_metrics(e["metrics"])}
                        for i, e in zip(indices, layers_M))
         aux = ModelAux(aux_loss=aux_M.mean(), layers=layers, layer_indices=tuple(indices))
-        return loss_M.mean(), ce_M.mean(), aux, grads
+        return loss_M.mean(), ce_M.mean(), aux, [v.mean() for v in mtp_M], grads
 
     if placement is None:
         return jax.jit(train_step, donate_argnums=0)

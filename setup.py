@@ -26,7 +26,7 @@ setup(
         "qwix>=0.1.8",  # quantize/dequantize numerics of the int8/int4 routed experts
     ],
     extras_require={
-        "test": ["pytest", "hypothesis", "tokenizers==0.23.3", "scipy", "threadpoolctl>=3.5",
+        "test": ["pytest", "pytest-xdist>=3.6", "hypothesis", "tokenizers==0.23.3", "scipy", "threadpoolctl>=3.5",
                  "nbclient>=0.11", "nbformat>=5.10", "ipykernel>=6"],  # the notebooks run headless in tests
         "experiments": ["scipy", "threadpoolctl>=3.5"],  # experiments/fit.py
         "bpe": ["tokenizers==0.23.3"],

@@ -169,7 +169,7 @@ def test_missing_shard_and_missing_tensor_and_wrong_shape(tmp_path):
     # A tensor missing: a config that announces q/k norms the weights do not have.
     d = _copy("qwen2_moe", tmp_path / "b")
     _edit_config(d, model_type="qwen3_moe", attention_bias=False)
-    with pytest.raises(KeyError, match=r"[qk]_norm.weight' is missing"):
+    with pytest.raises(ValueError, match=r"[qk]_norm.weight' is missing"):
         load_hf(str(d))
 
 
@@ -210,3 +210,19 @@ def test_float8_weights_are_dequantised_per_block(tmp_path):
     _write_raw_safetensors(tmp_path / "model.safetensors", {"w.weight": w.astype(ml_dtypes.float8_e4m3fn)})
     with pytest.raises(ValueError, match="w.weight_scale_inv"):
         hf_files.CheckpointReader(str(tmp_path)).get("w.weight")
+
+
+# ---- live: only where torch and transformers import ----
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_live_transformers_loads_our_export(family, tmp_path):
+    """transformers' from_pretrained reads what save_hf writes, and gives the fixture's logits."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    model, _ = _load(family)
+    save_hf(model, str(tmp_path), family=family)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path), dtype=torch.float32).eval()
+    ref = reference(family)
+    with torch.no_grad():
+        logits = hf(torch.as_tensor(ref["input_ids"], dtype=torch.long)).logits.numpy()
+    np.testing.assert_allclose(logits, ref["logits"], atol=ATOL, rtol=0)

@@ -67,7 +67,7 @@ def check_checkpoint(reader: files.CheckpointReader, cfg: ModelConfig, family: s
     expected = expected_tensors(cfg, family)
     for name, shape in expected.items():
         if name not in reader:
-            raise KeyError(f"{reader.directory}: tensor {name!r} is missing (config.json describes a model that "
+            raise ValueError(f"{reader.directory}: tensor {name!r} is missing (config.json describes a model that "
                            "needs it); the checkpoint is incomplete, or config.json does not belong to it.")
         if reader.shape(name) != shape:
             raise ValueError(f"{reader.file_of(name)}: tensor {name!r} has shape {list(reader.shape(name))}, but "

@@ -104,7 +104,7 @@ class CheckpointReader:
 
     def _require(self, name: str) -> None:
         if name not in self._where:
-            raise KeyError(f"Tensor {name!r} is not in the checkpoint at {self.directory} (its safetensors files "
+            raise ValueError(f"Tensor {name!r} is not in the checkpoint at {self.directory} (its safetensors files "
                            "and index do not list it); the checkpoint is incomplete or of another layout.")
 
     def _handle(self, path: str):

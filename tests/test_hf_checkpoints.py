@@ -23,7 +23,7 @@ from moe_jax.hf import files as hf_files
 from moe_jax.sampling import generate
 
 FIXTURES = Path(__file__).parent / "fixtures" / "hf_models"
-FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe")
+FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3")
 ATOL = 1e-4
 
 
@@ -100,6 +100,41 @@ def test_fixtures_exercise_each_family_feature():
     q3 = cfgs["qwen3_moe"]
     assert q3.qk_norm == "head" and q3.head_dim == 16 and q3.moe.normalize_topk and q3.rope_theta == 1e6
     assert cfgs["olmoe"].qk_norm == "full" and not cfgs["olmoe"].moe.normalize_topk
+    ds = cfgs["deepseek_v3"]
+    assert ds.attention == "mla" and ds.q_lora_rank == 16 and ds.first_dense_layers == 1
+    assert ds.moe.score_fn == "sigmoid" and ds.moe.use_correction_bias and ds.moe.n_expert_groups == 4
+    assert ds.moe.routed_scaling_factor == 2.5 and ds.moe.num_shared_experts == 1
+
+
+def test_deepseek_v3_needs_the_rope_permutation_and_the_bias():
+    """Loading DeepSeek-V3's RoPE rows without the interleave permutation, or without the correction bias,
+    changes the logits by far more than the tolerance: the parity above tests both."""
+    from moe_jax.hf import weights
+
+    ref = reference("deepseek_v3")
+    model, _ = _load("deepseek_v3")
+    tokens = jnp.asarray(ref["input_ids"])
+    attn = model.blocks[0].attn
+    saved = np.asarray(attn.w_kr_DP[...])
+    attn.w_kr_DP[...] = jnp.asarray(saved[:, np.argsort(weights.rope_order(0, 4))])  # HF's interleaved order
+    logits, _ = logits_and_experts(model, tokens)
+    assert np.abs(np.asarray(logits)[:2] - ref["logits"]).max() > 1e-2
+    attn.w_kr_DP[...] = jnp.asarray(saved)
+    router = model.blocks[1].ffn.router
+    router.correction_bias_E[...] = jnp.zeros_like(router.correction_bias_E[...])
+    logits, experts = logits_and_experts(model, tokens)
+    assert np.any(np.asarray(experts[0])[:48] != ref["expert_ids"][0])
+
+
+def test_deepseek_v3_mtp_layers_are_skipped_with_a_note(tmp_path):
+    src = hf_files.CheckpointReader(str(FIXTURES / "deepseek_v3"))
+    tensors = {n: src.get(n) for n in src.names()}
+    tensors["model.layers.2.eh_proj.weight"] = np.zeros((32, 64), np.float32)  # layer 2 == num_hidden_layers
+    hf_files.write_checkpoint(str(tmp_path), json.loads((FIXTURES / "deepseek_v3" / "config.json").read_text()),
+                              tensors)
+    notes = []
+    load_hf(str(tmp_path), log=notes.append)
+    assert len(notes) == 1 and "skipped 1 tensors" in notes[0] and "multi-token-prediction" in notes[0]
 
 
 @pytest.mark.parametrize("family", FAMILIES)

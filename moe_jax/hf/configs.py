@@ -27,6 +27,7 @@ FAMILIES = {
     "qwen2_moe": "Qwen2MoeForCausalLM",
     "qwen3_moe": "Qwen3MoeForCausalLM",
     "olmoe": "OlmoeForCausalLM",
+    "deepseek_v3": "DeepseekV3ForCausalLM",
 }
 
 
@@ -65,11 +66,52 @@ def _need(hf: dict, path: str, field: str):
     return hf[field]
 
 
+def _deepseek_v3(hf: dict, path: str, common: dict, moe_common: dict) -> ModelConfig:
+    """DeepSeek-V3: MLA, sigmoid scores with a selection-only correction bias, group-limited top-k (top-2 sum
+    per group), shared experts, the first `first_k_dense_replace` layers dense."""
+    for field, want in (("attention_bias", False), ("moe_layer_freq", 1), ("scoring_func", "sigmoid"),
+                        ("topk_method", "noaux_tc"), ("rms_norm_eps", 1e-6)):
+        if field in hf and hf[field] != want:
+            why = ("the latent norms use transformers' default 1e-6 while the block norms use rms_norm_eps; "
+                   "ModelConfig has one norm_eps" if field == "rms_norm_eps" else f"only {want!r} is implemented")
+            raise _fail(path, field, hf[field], why + ".")
+    E = int(hf.get("n_routed_experts") or _need(hf, path, "num_local_experts"))
+    moe = dict(moe_common, d_ff=int(_need(hf, path, "moe_intermediate_size")), num_experts=E, score_fn="sigmoid",
+               normalize_topk=bool(hf.get("norm_topk_prob", True)), use_correction_bias=True,
+               routed_scaling_factor=float(hf.get("routed_scaling_factor", 1.0)),
+               n_expert_groups=int(hf.get("n_group") or 1), topk_groups=int(hf.get("topk_group") or 1),
+               group_score="top2_sum", num_shared_experts=int(hf.get("n_shared_experts") or 0),
+               shared_d_ff=int(hf["moe_intermediate_size"]), balance_loss_coef=0.0)
+    D, H = common["d_model"], common["num_heads"]
+    return ModelConfig(**dict(common, head_dim=None if D % H == 0 else int(hf["v_head_dim"]), num_kv_heads=None),
+                       attention="mla", q_lora_rank=hf.get("q_lora_rank"), kv_lora_rank=int(hf["kv_lora_rank"]),
+                       qk_nope_head_dim=int(hf["qk_nope_head_dim"]), qk_rope_head_dim=int(hf["qk_rope_head_dim"]),
+                       v_head_dim=int(hf["v_head_dim"]), moe=MoEConfig(**moe),
+                       first_dense_layers=int(hf.get("first_k_dense_replace") or 0))
+
+
 def model_config_from_hf(hf: dict, *, path: str = "config.json", expert_backend: str = "ragged_dot",
                          max_seq_len: Optional[int] = None, param_dtype: str = "float32",
                          dtype: str = "float32") -> ModelConfig:
     """The `ModelConfig` of a Hugging Face config.json dict (raises `HFConfigError` naming the field)."""
     family = family_of(hf, path)
+    if family == "deepseek_v3":
+        if hf.get("rope_interleave") is False:
+            raise _fail(path, "rope_interleave", False, "only DeepSeek's interleaved RoPE layout is mapped.")
+        D, H = int(_need(hf, path, "hidden_size")), int(_need(hf, path, "num_attention_heads"))
+        K = int(_need(hf, path, "num_experts_per_tok"))
+        seq = int(hf.get("max_position_embeddings", 4096))
+        common = dict(vocab_size=int(_need(hf, path, "vocab_size")), d_model=D, num_layers=int(_need(
+            hf, path, "num_hidden_layers")), num_heads=H, d_ff=int(_need(hf, path, "intermediate_size")),
+            activation="swiglu", norm="rmsnorm", norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+            rope_theta=_rope(hf, path), max_seq_len=seq if max_seq_len is None else min(seq, max_seq_len),
+            tie_embeddings=bool(hf.get("tie_word_embeddings", False)), dtype=dtype, param_dtype=param_dtype)
+        if hf.get("hidden_act", "silu") != "silu":
+            raise _fail(path, "hidden_act", hf["hidden_act"], "only SiLU-gated (SwiGLU) FFNs are implemented.")
+        moe_common = dict(d_model=D, num_experts_per_token=K, router="top_k", capacity_factor=None,
+                          eval_capacity_factor=None, expert_backend=expert_backend, activation="swiglu",
+                          balance_loss_scope="batch", z_loss_coef=0.0)
+        return _deepseek_v3(hf, path, common, moe_common)
     act = hf.get("hidden_act", "silu")
     if act != "silu":
         raise _fail(path, "hidden_act", act, "only SiLU-gated (SwiGLU) FFNs are implemented ('silu').")
@@ -155,6 +197,8 @@ def hf_config_from_model(cfg: ModelConfig, family: str, *, extra: Optional[dict]
     where = f"ModelConfig (export to {family})"
     if m is None:
         raise _fail(where, "moe", None, "a dense model has no MoE family to export to.")
+    if family == "deepseek_v3":
+        return _deepseek_v3_config(cfg, where, extra)
     checks = [("attention", cfg.attention, "mha"), ("norm", cfg.norm, "rmsnorm"), ("activation", m.activation, "swiglu"),
               ("router", m.router, "top_k"), ("score_fn", m.score_fn, "softmax"), ("granularity", m.granularity, 1),
               ("topk_order", m.topk_order, "softmax_topk"), ("n_expert_groups", m.n_expert_groups, 1),
@@ -201,6 +245,37 @@ def hf_config_from_model(cfg: ModelConfig, family: str, *, extra: Optional[dict]
         hf.update(attention_bias=False)
     if family == "olmoe":
         hf.update(intermediate_size=m.d_ff, attention_bias=False, clip_qkv=None)
+    for key, value in (extra or {}).items():
+        hf.setdefault(key, value)
+    return hf
+
+
+def _deepseek_v3_config(cfg: ModelConfig, where: str, extra: Optional[dict]) -> dict[str, Any]:
+    m = cfg.moe
+    checks = [("attention", cfg.attention, "mla"), ("norm", cfg.norm, "rmsnorm"), ("norm_eps", cfg.norm_eps, 1e-6),
+              ("activation", m.activation, "swiglu"), ("router", m.router, "top_k"), ("score_fn", m.score_fn, "sigmoid"),
+              ("granularity", m.granularity, 1), ("use_correction_bias", m.use_correction_bias, True),
+              ("group_score", m.group_score, "top2_sum"), ("moe_every", cfg.moe_every, 1),
+              ("moe_output_norm", cfg.moe_output_norm, False), ("shared_expert_gate", m.shared_expert_gate, False),
+              ("shared_d_ff", m.shared_d_ff or m.d_ff, m.d_ff), ("expert_bias", m.expert_bias, False)]
+    for field, value, want in checks:
+        if value != want:
+            raise _fail(where, field, value, f"deepseek_v3 needs {want!r}.")
+    hf: dict[str, Any] = {
+        "model_type": "deepseek_v3", "architectures": [FAMILIES["deepseek_v3"]], "vocab_size": cfg.vocab_size,
+        "hidden_size": cfg.d_model, "intermediate_size": cfg.d_ff, "moe_intermediate_size": m.d_ff,
+        "num_hidden_layers": cfg.num_layers, "num_attention_heads": cfg.num_heads,
+        "num_key_value_heads": cfg.num_heads, "n_shared_experts": m.num_shared_experts,
+        "n_routed_experts": m.num_experts, "routed_scaling_factor": m.routed_scaling_factor,
+        "kv_lora_rank": cfg.kv_lora_rank, "q_lora_rank": cfg.q_lora_rank, "qk_rope_head_dim": cfg.qk_rope_head_dim,
+        "v_head_dim": cfg.value_head_dim, "qk_nope_head_dim": cfg.nope_head_dim, "n_group": m.n_expert_groups,
+        "topk_group": m.topk_groups, "num_experts_per_tok": m.num_experts_per_token,
+        "first_k_dense_replace": cfg.first_dense_layers, "norm_topk_prob": m.normalize_topk, "hidden_act": "silu",
+        "max_position_embeddings": cfg.max_seq_len, "rms_norm_eps": cfg.norm_eps,
+        "tie_word_embeddings": cfg.tie_embeddings, "rope_interleave": True, "attention_bias": False,
+        "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta}, "rope_theta": cfg.rope_theta,
+        "torch_dtype": cfg.param_dtype, "dtype": cfg.param_dtype, "num_mtp_layers": 0,
+    }
     for key, value in (extra or {}).items():
         hf.setdefault(key, value)
     return hf

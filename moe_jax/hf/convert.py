@@ -105,7 +105,12 @@ def load_hf(directory: str, *, expert_backend: str = "ragged_dot", max_seq_len: 
     cfg = configs.model_config_from_hf(hf, path=os.path.join(directory, "config.json"), expert_backend=expert_backend,
                                        max_seq_len=max_seq_len, param_dtype=param_dtype, dtype=dtype)
     reader = files.CheckpointReader(directory)
-    notes = check_checkpoint(reader, cfg, family)
+    skip = ()
+    if family == "deepseek_v3":  # multi-token-prediction modules sit at layer indices >= num_hidden_layers
+        L = cfg.num_layers
+        skip = ((re.compile(rf"model\.layers\.({'|'.join(str(L + j) for j in range(16))})\."),
+                 "DeepSeek-V3 multi-token-prediction (MTP) layers, which moe_jax's model does not run"),)
+    notes = check_checkpoint(reader, cfg, family, skip)
     graphdef, flat = _flat_params(abstract_model(cfg))
     shapes = {path: v.shape for path, v in flat}
     values = {}

@@ -85,6 +85,64 @@ def _attention(cfg: ModelConfig, i: int, p: str) -> list[Entry]:
     return out
 
 
+def rope_order(nope: int, rope: int) -> np.ndarray:
+    """Feature order of one MLA query/key head, ours from HF's: `ours[..., i] = hf[..., order[i]]`.
+
+    DeepSeek's checkpoints rotate interleaved pairs (x0, x1), (x2, x3), ... of the RoPE features; ours rotates
+    (x_i, x_{i + P/2}) (rotate-half). Taking the even features then the odd ones turns one into the other
+    (q.k is unchanged when q and k are permuted alike), so the layout change is a row permutation of the
+    weights that produce RoPE features."""
+    return np.concatenate([np.arange(nope), nope + np.arange(0, rope, 2), nope + np.arange(1, rope, 2)])
+
+
+def _mla(cfg: ModelConfig, i: int, p: str) -> list[Entry]:
+    import jax.numpy as jnp
+
+    a, at = ("blocks", i, "attn"), p + "self_attn."
+    O, P, Z = cfg.nope_head_dim, cfg.qk_rope_head_dim, cfg.kv_lora_rank
+    order = rope_order(O, P)
+    inverse = np.argsort(order)
+    rope_order_P = order[O:] - O
+    rope_inverse_P = np.argsort(rope_order_P)
+
+    def q_to_hf(xs):  # [A, H, Q] -> [H * Q, A]
+        x = xs[0][:, :, inverse]
+        return [x.transpose(1, 2, 0).reshape(-1, x.shape[0])]
+
+    def q_from_hf(hs, shapes):
+        A, H, Q = shapes[0]
+        return [hs[0].reshape(H, Q, A)[:, order, :].transpose(2, 0, 1)]
+
+    def kv_a_to_hf(xs):  # w_dkv_DZ [D, Z], w_kr_DP [D, P] -> [Z + P, D]
+        return [jnp.concatenate([xs[0].T, xs[1][:, rope_inverse_P].T], axis=0)]
+
+    def kv_a_from_hf(hs, shapes):
+        w = hs[0]
+        return [w[:Z].T, w[Z:][rope_order_P].T]
+
+    def kv_b_to_hf(xs):  # w_uk_ZHO [Z, H, O], w_uv_ZHU [Z, H, U] -> [H * (O + U), Z]
+        w = jnp.concatenate([xs[0], xs[1]], axis=-1)
+        return [w.transpose(1, 2, 0).reshape(-1, w.shape[0])]
+
+    def kv_b_from_hf(hs, shapes):
+        (Zk, H, _), (_, _, U) = shapes
+        w = hs[0].reshape(H, O + U, Zk)
+        return [w[:, :O].transpose(2, 0, 1), w[:, O:].transpose(2, 0, 1)]
+
+    out = []
+    if cfg.q_lora_rank is None:
+        out.append(Entry((a + ("w_q_AHQ",),), (at + "q_proj.weight",), q_to_hf, q_from_hf))
+    else:
+        out += [linear(a + ("w_dq_DA",), at + "q_a_proj.weight"),
+                vector(a + ("q_norm", "scale"), at + "q_a_layernorm.weight"),
+                Entry((a + ("w_q_AHQ",),), (at + "q_b_proj.weight",), q_to_hf, q_from_hf)]
+    out += [Entry((a + ("w_dkv_DZ",), a + ("w_kr_DP",)), (at + "kv_a_proj_with_mqa.weight",), kv_a_to_hf, kv_a_from_hf),
+            vector(a + ("kv_norm", "scale"), at + "kv_a_layernorm.weight"),
+            Entry((a + ("w_uk_ZHO",), a + ("w_uv_ZHU",)), (at + "kv_b_proj.weight",), kv_b_to_hf, kv_b_from_hf),
+            linear(a + ("w_o_HUD",), at + "o_proj.weight", n_in=2)]
+    return out
+
+
 def _moe(cfg: ModelConfig, family: str, i: int, p: str) -> list[Entry]:
     f = ("blocks", i, "ffn")
     m = cfg.moe
@@ -95,6 +153,8 @@ def _moe(cfg: ModelConfig, family: str, i: int, p: str) -> list[Entry]:
     if m.num_shared_experts:
         shared = "shared_expert" if family == "qwen2_moe" else "shared_experts"
         out += _ffn(f + ("shared",), lambda j: [f"{mlp}{shared}.{_DEFAULT_FFN[j]}.weight"])
+    if m.use_correction_bias:
+        out.append(vector(f + ("router", "correction_bias_E"), mlp + "gate.e_score_correction_bias"))
     if m.shared_expert_gate:
         out.append(linear(f + ("shared_gate_D1",), mlp + "shared_expert_gate.weight"))
     return out
@@ -107,7 +167,7 @@ def weight_entries(cfg: ModelConfig, family: str) -> list[Entry]:
         out.append(linear(("unembed_DV",), "lm_head.weight"))
     for i in range(cfg.num_layers):
         p = f"model.layers.{i}."
-        out += _attention(cfg, i, p)
+        out += _mla(cfg, i, p) if cfg.attention == "mla" else _attention(cfg, i, p)
         out += [vector(("blocks", i, "attn_norm", "scale"), p + "input_layernorm.weight"),
                 vector(("blocks", i, "ffn_norm", "scale"), p + "post_attention_layernorm.weight")]
         if cfg.is_moe_layer(i):

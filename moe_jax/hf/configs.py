@@ -1,6 +1,6 @@
 """Hugging Face `config.json` <-> `ModelConfig`, per model family.
 
-Families (`model_type` in config.json): mixtral, qwen2_moe, qwen3_moe, olmoe. Every field that changes the
+Families (`model_type` in config.json): mixtral, qwen2_moe, qwen3_moe, olmoe, deepseek_v3. Every field that changes the
 forward pass is either mapped or refused with one error naming config.json and the field, before any
 weight is read. Fields that only matter for training in transformers (dropout, router jitter) or for its
 runtime (use_cache, initializer_range, token ids) are not model architecture and are ignored.
@@ -9,14 +9,14 @@ MoE layers come in **dropless** (capacity_factor = eval_capacity_factor = None):
 drop no token, so any capacity would change the model. The balance loss is set to what transformers adds
 when training with `output_router_logits=True`: `router_aux_loss_coef * E * sum_e f_e P_e` over the whole
 batch, with f counting all k choices (summing to k) -- ours counts f summing to 1, hence
-`balance_loss_coef = router_aux_loss_coef * k`, `balance_loss_scope='batch'`, and no z-loss.
+`balance_loss_coef = router_aux_loss_coef * k`, `balance_loss_scope='batch'`, and no z-loss. DeepSeek-V3
+balances through its correction bias (aux-loss-free), so its balance_loss_coef is 0.
 
 Sliding-window attention (Mixtral's `sliding_window`, Qwen's `use_sliding_window`) equals full causal
 attention on sequences no longer than the window, so the window becomes `max_seq_len`.
 """
 from __future__ import annotations
 
-import dataclasses
 from typing import Any, Optional
 
 from moe_jax.model_config import ModelConfig
@@ -280,10 +280,3 @@ def _deepseek_v3_config(cfg: ModelConfig, where: str, extra: Optional[dict]) -> 
         hf.setdefault(key, value)
     return hf
 
-
-def describe(cfg: ModelConfig) -> str:
-    """One line: the imported model's shape."""
-    m = cfg.moe
-    fields = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg) if f.name != "moe"}
-    moe = f"E={m.num_experts} k={m.num_experts_per_token} F={m.d_ff} shared={m.num_shared_experts}" if m else "dense"
-    return f"d_model={fields['d_model']} layers={fields['num_layers']} heads={fields['num_heads']} vocab={fields['vocab_size']} {moe}"

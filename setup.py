@@ -24,6 +24,7 @@ setup(
         "tqdm",
         "matplotlib",
         "qwix>=0.1.8",  # quantize/dequantize numerics of the int8/int4 routed experts
+        "safetensors>=0.4",  # Hugging Face checkpoints in and out (moe_jax.hf); no installed package brought it
     ],
     extras_require={
         "test": ["pytest", "pytest-xdist>=3.6", "hypothesis", "tokenizers==0.23.3", "scipy", "threadpoolctl>=3.5",

@@ -99,6 +99,31 @@ class Attention(nnx.Module):
         self.w_k_DNQ = nnx.Param(_init(0, (1, 2))(rngs.params(), (D, N, Q), pd))
         self.w_v_DNU = nnx.Param(_init(0, (1, 2))(rngs.params(), (D, N, U), pd))
         self.w_o_HUD = nnx.Param(_init((0, 1), 2)(rngs.params(), (H, U, D), pd))
+        zeros = lambda *shape: nnx.Param(jnp.zeros(shape, pd))
+        bias = cfg.attention_bias
+        self.b_q_HQ = nnx.data(zeros(H, Q) if bias else None)
+        self.b_k_NQ = nnx.data(zeros(N, Q) if bias else None)
+        self.b_v_NU = nnx.data(zeros(N, U) if bias else None)
+        q_norm = k_norm = None
+        if cfg.qk_norm is not None:  # 'head': over Q; 'full': over the flattened H * Q (N * Q) projection
+            q_dim, k_dim = (Q, Q) if cfg.qk_norm == "head" else (H * Q, N * Q)
+            q_norm = nnx.RMSNorm(q_dim, epsilon=cfg.norm_eps, dtype=self.dtype, param_dtype=pd, rngs=rngs)
+            k_norm = nnx.RMSNorm(k_dim, epsilon=cfg.norm_eps, dtype=self.dtype, param_dtype=pd, rngs=rngs)
+        self.qk_norm = cfg.qk_norm
+        self.q_norm, self.k_norm = nnx.data(q_norm), nnx.data(k_norm)
+
+    def _project(self, x_BLD: Array, w, b, norm) -> Array:
+        """x_BLD @ w (+ b), then the optional q/k RMSNorm (Qwen3-MoE per head, OLMoE over the projection)."""
+        dt = self.dtype
+        y_BLHX = jnp.einsum("bld,dhx->blhx", x_BLD, w[...].astype(dt))
+        if b is not None:
+            y_BLHX = y_BLHX + b[...].astype(dt)
+        if norm is not None:
+            if self.qk_norm == "full":
+                y_BLHX = norm(y_BLHX.reshape(*y_BLHX.shape[:2], -1)).reshape(y_BLHX.shape)
+            else:
+                y_BLHX = norm(y_BLHX)
+        return y_BLHX
 
     def init_cache(self, batch_size: int, max_len: int) -> KVCache:
         N, Q = self.w_k_DNQ.shape[1:]
@@ -111,11 +136,16 @@ class Attention(nnx.Module):
         """x_BLD <dtype>[B, L, D] -> (<dtype>[B, L, D], updated cache or None)."""
         dt = self.dtype
         x_BLD = x_BLD.astype(dt)
-        q_BLHQ = apply_rope(jnp.einsum("bld,dhq->blhq", x_BLD, self.w_q_DHQ[...].astype(dt)), positions_BL,
-                            self.rope_theta)
-        k_BLNQ = apply_rope(jnp.einsum("bld,dnq->blnq", x_BLD, self.w_k_DNQ[...].astype(dt)), positions_BL,
-                            self.rope_theta)
-        v_BLNU = jnp.einsum("bld,dnu->blnu", x_BLD, self.w_v_DNU[...].astype(dt))
+        if self.b_q_HQ is None and self.q_norm is None:  # the original path, op for op
+            q_BLHQ = jnp.einsum("bld,dhq->blhq", x_BLD, self.w_q_DHQ[...].astype(dt))
+            k_BLNQ = jnp.einsum("bld,dnq->blnq", x_BLD, self.w_k_DNQ[...].astype(dt))
+            v_BLNU = jnp.einsum("bld,dnu->blnu", x_BLD, self.w_v_DNU[...].astype(dt))
+        else:
+            q_BLHQ = self._project(x_BLD, self.w_q_DHQ, self.b_q_HQ, self.q_norm)
+            k_BLNQ = self._project(x_BLD, self.w_k_DNQ, self.b_k_NQ, self.k_norm)
+            v_BLNU = self._project(x_BLD, self.w_v_DNU, self.b_v_NU, None)
+        q_BLHQ = apply_rope(q_BLHQ, positions_BL, self.rope_theta)
+        k_BLNQ = apply_rope(k_BLNQ, positions_BL, self.rope_theta)
         if cache is None:
             k_BJNQ, v_BJNU, k_positions_BJ = k_BLNQ, v_BLNU, positions_BL
         else:

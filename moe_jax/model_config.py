@@ -22,6 +22,8 @@ from moe_jax.moe_config import ACTIVATIONS, MoEConfig
 
 NORMS = ("rmsnorm", "layernorm")
 ATTENTIONS = ("mha", "mla")
+QK_NORMS = ("head", "full")
+ROPE_SCALINGS = ("yarn",)
 DTYPES = ("float32", "bfloat16")
 
 
@@ -60,6 +62,9 @@ class ModelConfig:
     qk_nope_head_dim: Optional[int] = None  # MLA: per-head key/query width without RoPE; None = head_dim
     qk_rope_head_dim: Optional[int] = None  # MLA: decoupled RoPE key/query width (required for 'mla')
     v_head_dim: Optional[int] = None  # MLA: per-head value width; None = head_dim
+    attention_bias: bool = False  # biases on the query/key/value projections (Qwen2-MoE); 'mha' only
+    qk_norm: Optional[str] = None  # RMSNorm of queries and keys before RoPE: None | 'head' (over each head's
+    #                                width: Qwen3-MoE) | 'full' (over the whole projection: OLMoE); 'mha' only
 
     moe: Optional[MoEConfig] = None  # None = dense model
     moe_every: int = 1  # P: every P-th layer after the dense prefix is MoE
@@ -98,6 +103,7 @@ class ModelConfig:
             self._check_mla()
         self._check_moe()
         self._check_mtp()
+        self._check_attention_extras()
 
     def _check_mha(self):
         for name in ("q_lora_rank", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim"):
@@ -127,6 +133,15 @@ class ModelConfig:
                 raise _err(name, value, "must be > 0.")
         if self.qk_rope_head_dim % 2:
             raise _err("qk_rope_head_dim", self.qk_rope_head_dim, "must be even: RoPE rotates pairs of features.")
+
+    def _check_attention_extras(self):
+        if self.qk_norm is not None and self.qk_norm not in QK_NORMS:
+            raise _err("qk_norm", self.qk_norm, f"set qk_norm to one of {QK_NORMS} or None (no q/k norm).")
+        if self.attention == "mla":
+            for name in ("attention_bias", "qk_norm"):
+                if getattr(self, name):
+                    raise _err(name, getattr(self, name), "applies to attention='mha' only; leave it at its default "
+                                                          "for 'mla' (MLA normalises its latents instead).")
 
     def _check_moe(self):
         if self.moe_every < 1:

@@ -1,0 +1,263 @@
+"""Hugging Face checkpoints in and out (moe_jax.hf), checked against transformers to the logit.
+
+Fixtures: tests/fixtures/hf_models/<family>/ -- tiny random models saved by transformers 5.23.0 (torch
+2.13.0 CPU) with their logits, every MoE layer's expert ids and 20 greedy tokens, written by
+tests/fixtures/make_hf_models.py. These tests need numpy and safetensors only, never torch.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import struct
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from moe_jax.hf import HFConfigError, load_hf, save_hf
+from moe_jax.hf import files as hf_files
+from moe_jax.sampling import generate
+
+FIXTURES = Path(__file__).parent / "fixtures" / "hf_models"
+FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3")
+ATOL = 1e-4
+
+
+def reference(family: str) -> dict:
+    with np.load(FIXTURES / family / "reference.npz") as f:
+        out = {k: f[k] for k in f.files}
+    out["meta"] = json.loads(str(out["meta"]))
+    return out
+
+
+def _load(family: str, **kw):
+    return load_hf(str(FIXTURES / family), log=lambda s: None, **kw)
+
+
+@nnx.jit
+def logits_and_experts(model, tokens_BL):
+    """(logits <float32>[B, L, V], per MoE layer in depth order the router's top-k expert ids <int>[B * L, K]
+    sorted ascending), in one compiled call."""
+    B, L = tokens_BL.shape
+    logits_BLV, _ = model(tokens_BL, train=False)
+    positions_BL = jnp.broadcast_to(jnp.arange(L, dtype=jnp.int32), (B, L))
+    x = jnp.take(model.embed_VD[...], tokens_BL, axis=0)
+    experts = []
+    for block in model.blocks:
+        if block.is_moe:
+            h, _ = block.attn(block.attn_norm(x), positions_BL)
+            y = block.ffn_norm(x + h)
+            expert_GSK, _, _ = block.ffn.router.choices(block.ffn.router.logits(y), None)
+            experts.append(jnp.sort(expert_GSK.reshape(B * L, -1), -1))
+        x, _, _ = block(x, positions_BL, tokens_BL, train=False, rng=None)
+    return logits_BLV, experts
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_logits_routing_and_greedy_match_transformers(family):
+    """Logits (atol 1e-4), every MoE layer's expert ids (exact) and the 20 greedy tokens (exact).
+
+    The greedy sequence rides in the same batch as the logits check: by causality the logits at position t
+    of greedy[:, :-1] are those of the prefix greedy[:, :t + 1], so argmax at t = P - 1 ... P + 18 must give
+    the 20 tokens HF's full-forward greedy loop chose (one compiled call per family instead of 21)."""
+    ref = reference(family)
+    model, info = _load(family)
+    assert info.family == family
+    assert model.cfg.moe.capacity_factor is None and model.cfg.moe.eval_capacity_factor is None  # dropless
+    greedy = ref["greedy"]
+    P = ref["prompt"].shape[1]
+    tokens = np.concatenate([ref["input_ids"], greedy[:, :-1]])  # [3, 24]
+    logits, ours = logits_and_experts(model, jnp.asarray(tokens))
+    logits = np.asarray(logits)
+    np.testing.assert_allclose(logits[:2], ref["logits"], atol=ATOL, rtol=0)
+    assert len(ours) == len(ref["expert_ids"]) >= 1
+    for layer_ours, layer_hf in zip(ours, ref["expert_ids"]):
+        np.testing.assert_array_equal(np.asarray(layer_ours)[: layer_hf.shape[0]], layer_hf)
+    np.testing.assert_array_equal(logits[2, P - 1:].argmax(-1), greedy[0, P:])
+
+
+def test_kv_cache_decoding_matches_transformers_greedy():
+    """The decode path (prefill, then one token at a time through the KV cache) on the model with the most
+    features (q/k/v biases, a shared expert, a dense layer, tied embeddings)."""
+    ref = reference("qwen2_moe")
+    model, _ = _load("qwen2_moe")
+    ids = generate(model, jnp.asarray(ref["prompt"]), max_new_tokens=20, cache_len=32)
+    np.testing.assert_array_equal(np.asarray(ids), ref["greedy"])
+
+
+def test_fixtures_exercise_each_family_feature():
+    """The fixtures hold what they are meant to test (else a parity pass could be vacuous)."""
+    cfgs = {f: _load(f)[0].cfg for f in FAMILIES}
+    assert cfgs["mixtral"].moe.normalize_topk and cfgs["mixtral"].kv_heads == 2
+    q2 = cfgs["qwen2_moe"]
+    assert q2.attention_bias and q2.tie_embeddings and q2.first_dense_layers == 1 and q2.moe_layer_indices == (1,)
+    assert q2.moe.shared_expert_gate and q2.moe.shared_d_ff == 40 and not q2.moe.normalize_topk
+    assert q2.d_ff == 48 and q2.norm_eps == 1e-6
+    q3 = cfgs["qwen3_moe"]
+    assert q3.qk_norm == "head" and q3.head_dim == 16 and q3.moe.normalize_topk and q3.rope_theta == 1e6
+    assert cfgs["olmoe"].qk_norm == "full" and not cfgs["olmoe"].moe.normalize_topk
+    ds = cfgs["deepseek_v3"]
+    assert ds.attention == "mla" and ds.q_lora_rank == 16 and ds.first_dense_layers == 1
+    assert ds.moe.score_fn == "sigmoid" and ds.moe.use_correction_bias and ds.moe.n_expert_groups == 4
+    assert ds.moe.routed_scaling_factor == 2.5 and ds.moe.num_shared_experts == 1
+
+
+def test_deepseek_v3_needs_the_rope_permutation_and_the_bias():
+    """Loading DeepSeek-V3's RoPE rows without the interleave permutation, or without the correction bias,
+    changes the logits by far more than the tolerance: the parity above tests both."""
+    from moe_jax.hf import weights
+
+    ref = reference("deepseek_v3")
+    model, _ = _load("deepseek_v3")
+    tokens = jnp.asarray(ref["input_ids"])
+    attn = model.blocks[0].attn
+    saved = np.asarray(attn.w_kr_DP[...])
+    attn.w_kr_DP[...] = jnp.asarray(saved[:, np.argsort(weights.rope_order(0, 4))])  # HF's interleaved order
+    logits, _ = logits_and_experts(model, tokens)
+    assert np.abs(np.asarray(logits)[:2] - ref["logits"]).max() > 1e-2
+    attn.w_kr_DP[...] = jnp.asarray(saved)
+    router = model.blocks[1].ffn.router
+    router.correction_bias_E[...] = jnp.zeros_like(router.correction_bias_E[...])
+    logits, experts = logits_and_experts(model, tokens)
+    assert np.any(np.asarray(experts[0])[:48] != ref["expert_ids"][0])
+
+
+def test_deepseek_v3_mtp_layers_are_skipped_with_a_note(tmp_path):
+    src = hf_files.CheckpointReader(str(FIXTURES / "deepseek_v3"))
+    tensors = {n: src.get(n) for n in src.names()}
+    tensors["model.layers.2.eh_proj.weight"] = np.zeros((32, 64), np.float32)  # layer 2 == num_hidden_layers
+    hf_files.write_checkpoint(str(tmp_path), json.loads((FIXTURES / "deepseek_v3" / "config.json").read_text()),
+                              tensors)
+    notes = []
+    load_hf(str(tmp_path), log=notes.append)
+    assert len(notes) == 1 and "skipped 1 tensors" in notes[0] and "multi-token-prediction" in notes[0]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_export_import_round_trip_is_bit_exact(family, tmp_path):
+    model, _ = _load(family)
+    out = tmp_path / "export"
+    save_hf(model, str(out), family=family, max_shard_bytes=40_000)  # several shards + an index
+    assert (out / hf_files.INDEX).exists()
+    again, _ = load_hf(str(out), log=lambda s: None)
+    assert again.cfg == model.cfg
+    a, b = nnx.to_flat_state(nnx.state(model)), dict(nnx.to_flat_state(nnx.state(again)))
+    assert len(a) == len(b)
+    for path, v in a:
+        np.testing.assert_array_equal(np.asarray(v[...]), np.asarray(b[path][...]), err_msg=str(path))
+    # And the exported tensors are the fixture's, name for name (the layout HF's from_pretrained reads).
+    src, dst = hf_files.CheckpointReader(str(FIXTURES / family)), hf_files.CheckpointReader(str(out))
+    assert src.names() == dst.names()
+    for name in src.names():
+        np.testing.assert_array_equal(src.get(name), dst.get(name), err_msg=name)
+
+
+def _copy(family: str, tmp_path) -> Path:
+    d = tmp_path / family
+    shutil.copytree(FIXTURES / family, d)
+    return d
+
+
+def _edit_config(d: Path, **changes):
+    cfg = json.loads((d / "config.json").read_text())
+    cfg.update(changes)
+    (d / "config.json").write_text(json.dumps(cfg))
+
+
+def test_unsupported_architecture_names_model_type(tmp_path):
+    d = _copy("mixtral", tmp_path)
+    _edit_config(d, model_type="llama")
+    with pytest.raises(HFConfigError, match=r"config.json: model_type='llama'.*unsupported"):
+        load_hf(str(d))
+
+
+@pytest.mark.parametrize("family,changes,field", [
+    ("olmoe", {"clip_qkv": 8.0}, "clip_qkv"),
+    ("mixtral", {"hidden_act": "gelu"}, "hidden_act"),
+    ("mixtral", {"rope_parameters": {"rope_type": "yarn", "rope_theta": 1e6, "factor": 4.0}}, "rope_parameters.rope_type"),
+    ("qwen2_moe", {"mlp_only_layers": [1]}, "mlp_only_layers"),
+])
+def test_unhonourable_config_field_is_named(family, changes, field, tmp_path):
+    d = _copy(family, tmp_path)
+    _edit_config(d, **changes)
+    with pytest.raises(HFConfigError, match=rf"config.json: {field}="):
+        load_hf(str(d))
+
+
+def test_missing_shard_and_missing_tensor_and_wrong_shape(tmp_path):
+    model, _ = _load("mixtral")
+    out = tmp_path / "sharded"
+    files = save_hf(model, str(out), family="mixtral", max_shard_bytes=40_000)
+    assert len(files) > 2
+    (out / files[1]).unlink()
+    with pytest.raises(FileNotFoundError, match=files[1]):
+        load_hf(str(out))
+    # A tensor of the wrong shape: config.json says 4 heads of 8, the weights are for another width.
+    d = _copy("mixtral", tmp_path)
+    _edit_config(d, num_key_value_heads=4)
+    with pytest.raises(ValueError, match=r"model.layers.0.self_attn.k_proj.weight.*shape \[16, 32\].*\[32, 32\]"):
+        load_hf(str(d))
+    # A tensor missing: a config that announces q/k norms the weights do not have.
+    d = _copy("qwen2_moe", tmp_path / "b")
+    _edit_config(d, model_type="qwen3_moe", attention_bias=False)
+    with pytest.raises(ValueError, match=r"[qk]_norm.weight' is missing"):
+        load_hf(str(d))
+
+
+def test_tensors_the_config_does_not_announce_are_refused(tmp_path):
+    d = _copy("qwen2_moe", tmp_path)
+    _edit_config(d, qkv_bias=False)  # the biases are in the file: loading without them would change the model
+    with pytest.raises(ValueError, match=r"no parameter for.*self_attn\.[qkv]_proj\.bias"):
+        load_hf(str(d))
+
+
+def _write_raw_safetensors(path, tensors: dict):
+    """An independent minimal safetensors writer (header JSON + raw little-endian bytes), for float8."""
+    header, blobs, offset = {}, [], 0
+    codes = {"float8_e4m3fn": "F8_E4M3", "float32": "F32"}
+    for name, a in tensors.items():
+        raw = np.ascontiguousarray(a).tobytes()
+        header[name] = {"dtype": codes[a.dtype.name], "shape": list(a.shape), "data_offsets": [offset, offset + len(raw)]}
+        blobs.append(raw)
+        offset += len(raw)
+    h = json.dumps(header).encode()
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(h)) + h + b"".join(blobs))
+
+
+def test_float8_weights_are_dequantised_per_block(tmp_path):
+    import ml_dtypes
+
+    # A 3 x 5 weight in blocks of 2 x 2 (scales 2 x 3; the last row/column blocks are partial).
+    w = np.array([[1, 2, 0.5, -1, 4], [-2, 0.25, 3, 1, -0.5], [8, -4, 1.5, 2, 0.75]], np.float32)
+    scale = np.array([[0.5, 2.0, 10.0], [3.0, -1.0, 0.125]], np.float32)
+    _write_raw_safetensors(tmp_path / "model.safetensors",
+                           {"w.weight": w.astype(ml_dtypes.float8_e4m3fn), "w.weight_scale_inv": scale})
+    reader = hf_files.CheckpointReader(str(tmp_path))
+    got = reader.get("w.weight")
+    # Each entry times the scale of its 2 x 2 block: row 0 = [1*.5, 2*.5, .5*2, -1*2, 4*10].
+    want = np.array([[0.5, 1.0, 1.0, -2.0, 40.0], [-1.0, 0.125, 6.0, 2.0, -5.0], [24.0, -12.0, -1.5, -2.0, 0.09375]])
+    np.testing.assert_array_equal(got, want.astype(np.float32))
+    _write_raw_safetensors(tmp_path / "model.safetensors", {"w.weight": w.astype(ml_dtypes.float8_e4m3fn)})
+    with pytest.raises(ValueError, match="w.weight_scale_inv"):
+        hf_files.CheckpointReader(str(tmp_path)).get("w.weight")
+
+
+# ---- live: only where torch and transformers import ----
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_live_transformers_loads_our_export(family, tmp_path):
+    """transformers' from_pretrained reads what save_hf writes, and gives the fixture's logits."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    model, _ = _load(family)
+    save_hf(model, str(tmp_path), family=family)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path), dtype=torch.float32).eval()
+    ref = reference(family)
+    with torch.no_grad():
+        logits = hf(torch.as_tensor(ref["input_ids"], dtype=torch.long)).logits.numpy()
+    np.testing.assert_allclose(logits, ref["logits"], atol=ATOL, rtol=0)

@@ -1,0 +1,81 @@
+"""experiments.convert: a Hugging Face directory -> a workdir that training and sampling restore -> back."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from flax import nnx
+
+from experiments import convert
+from moe_jax.hf import files as hf_files
+from moe_jax.train.checkpoint import Checkpoints
+from moe_jax.train.restore import load_run, load_run_config
+from moe_jax.train.state import init_state, make_optimizer
+from moe_jax.transformer import Transformer
+
+ROOT = Path(__file__).resolve().parents[1]
+MIXTRAL = ROOT / "tests" / "fixtures" / "hf_models" / "mixtral"
+
+
+def test_from_hf_workdir_resumes_samples_and_converts_back(tmp_path):
+    workdir, out = tmp_path / "run", tmp_path / "back"
+    logs = []
+    result = convert.from_hf(str(MIXTRAL), str(workdir), log=logs.append)
+    assert "bit-exact" in logs[-1]
+    model = result["model"]
+    # The run record rebuilds the imported model; hf_config.py is a config file that builds the same run.
+    run = load_run_config(str(workdir))
+    assert run.model == model.cfg and run.model.moe.capacity_factor is None
+    from moe_jax.train.run_config import build_run_config, load_config_file
+
+    config = load_config_file(str(workdir / "hf_config.py"))
+    section = convert.model_section(model.cfg)
+    assert {k: config.model[k] for k in section} == section and config.model.moe_d_ff == 32
+    # This tiny vocabulary (96) cannot train on byte data (a real model's >= 32000 can): said, with the fix.
+    with pytest.raises(ValueError, match="vocab_size=96 is smaller than the byte tokenizer"):
+        build_run_config(config)
+    # Sampling's restore (params only) and training's (the whole TrainState, at step 0) both read it.
+    loaded = load_run(str(workdir))
+    assert loaded.step == 0 and not convert._params_equal(model, loaded.model)
+    _, target = init_state(Transformer(run.model, rngs=nnx.Rngs(params=1)), make_optimizer(run.train))
+    ckpt = Checkpoints(str(workdir), keep=3)
+    try:
+        step, state, meta = ckpt.restore_latest(target, expect_model=json.loads(
+            (workdir / "config.json").read_text())["model"])
+    finally:
+        ckpt.close()
+    assert step == 0 and int(state.step) == 0
+    np.testing.assert_array_equal(np.asarray(state.params["embed_VD"][...]), np.asarray(model.embed_VD[...]))
+    # The tokenizer came along and decodes a greedy continuation.
+    assert (workdir / convert.TOKENIZER_DIR / "tokenizer.json").exists()
+    text = convert.greedy_text(model, result["tokenizer_dir"], "ROMEO:", 5)
+    assert text.startswith("ROMEO:") and len(text) >= len("ROMEO:")
+    # Back to Hugging Face: the fixture's tensors, name for name, and its tokenizer.
+    convert.to_hf(str(workdir), str(out), log=logs.append)
+    src, dst = hf_files.CheckpointReader(str(MIXTRAL)), hf_files.CheckpointReader(str(out))
+    assert src.names() == dst.names()
+    for name in src.names():
+        np.testing.assert_array_equal(src.get(name), dst.get(name), err_msg=name)
+    assert (out / "tokenizer.json").read_bytes() == (MIXTRAL / "tokenizer.json").read_bytes()
+    with pytest.raises(FileExistsError, match="new --workdir"):
+        convert.from_hf(str(MIXTRAL), str(workdir), log=logs.append)
+
+
+def test_cli_unsupported_architecture_is_one_line(tmp_path):
+    d = tmp_path / "llama"
+    shutil.copytree(MIXTRAL, d)
+    cfg = json.loads((d / "config.json").read_text())
+    (d / "config.json").write_text(json.dumps(dict(cfg, model_type="llama")))
+    proc = subprocess.run([sys.executable, "-m", "experiments.convert", f"--from_hf={d}", f"--workdir={tmp_path / 'w'}"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          env=dict(os.environ, JAX_PLATFORMS="cpu"))
+    assert proc.returncode == 2, proc.stderr
+    lines = [l for l in proc.stderr.strip().splitlines() if l.startswith("error:")]
+    assert len(lines) == 1 and "model_type='llama'" in lines[0] and "config.json" in lines[0], proc.stderr
+    assert not (tmp_path / "w").exists()  # nothing written before the check

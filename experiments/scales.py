@@ -52,6 +52,7 @@ class Scale:
     reduced: bool = False  # smoke: every axis cut to its first and last value
     mesh: dict = dataclasses.field(default_factory=dict)  # the run config's mesh section (moe_jax.sharding)
     group_size: Optional[int] = None  # tokens per routing group of token-choice MoEs (None: one sequence)
+    health: dict = dataclasses.field(default_factory=dict)  # the run config's health section (ledger, pictures)
 
     def axis(self, values, smoke=None) -> list:
         """A sweep axis at this scale: all values, or (smoke) `smoke` if given, else the first and the last."""
@@ -104,7 +105,7 @@ class Scale:
         train["checkpoint_every"] = max(1, steps // self.train.get("checkpoints", 1))
         train.pop("checkpoints", None)
         train["warmup_steps"] = min(train["warmup_steps"], steps)
-        config = base.make(name, model, data=dict(self.data, seed=seed), train=train)
+        config = base.make(name, model, data=dict(self.data, seed=seed), train=train, health=dict(self.health))
         for key, value in self.mesh.items():
             setattr(config.mesh, key, value)
         return config
@@ -132,6 +133,9 @@ SMOKE = Scale(
     granularity_sizes=("xs", "s"),
     flops_matched_seeds=(0,),
     reduced=True,
+    # runs of 8 steps: no routing ledger or routing picture at their evaluations (tests/test_ledger.py and
+    # tests/test_health.py cover those); their compile and drawing would cost more than the training
+    health=dict(ledger_batches=0, pictures=False),
 )
 
 # CPU: why these numbers (experiments/results/cpu/report.md measures each):

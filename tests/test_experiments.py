@@ -56,6 +56,10 @@ def test_smoke_every_run_finishes_and_learns(smoke):
             assert r["flops_router"] == 0, r["name"]
         else:
             assert r["flops_router"] > 0, r["name"]
+        # the smoke scale's health section: no ledger, no routing picture (the training.png of the run is kept)
+        workdir = out / "runs" / r["name"]
+        assert (workdir / "training.png").exists() and not (workdir / "routing.png").exists(), r["name"]
+        assert not (workdir / "ledgers").exists(), r["name"]
     for sweep in sweeps.SWEEPS:  # smoke: 2 points per axis
         assert len({r["name"] for r in rows if r["sweep"] == sweep}) >= 2, sweep
     header = open(out / "results.csv").readline().strip().split(",")

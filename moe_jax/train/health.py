@@ -39,6 +39,7 @@ class HealthConfig:
     """The `health` section of a run config: the routing ledger and the alarm thresholds (None = off)."""
 
     ledger_batches: int = 1  # evaluation batches the ledger records at each evaluation (0 = no ledger)
+    pictures: bool = True  # routing.png in the workdir and its TensorBoard image, redrawn at each evaluation
     alarms: bool = True
     start_step: int = 0  # alarms are checked at evaluations from this step on
     max_dead_fraction: Optional[float] = 0.25  # experts that served no token, as a fraction of E
@@ -180,18 +181,14 @@ class RoutingWatch:
 
     def picture(self, writer, step: int, title: str = "") -> Optional[str]:
         """routing.png in the workdir (load heatmap, saturation, co-activation) and the same TensorBoard image."""
-        if not self.layers or not self.write:
+        if not self.layers or not self.write or not self.cfg.pictures:
             return None
-        import matplotlib.pyplot as plt
-
         from moe_jax.train.metrics import read_jsonl
-        from moe_jax.train.routing_plots import routing_figure
+        from moe_jax.train.routing_plots import render, routing_figure, write_png
 
-        fig = routing_figure(read_jsonl(writer.jsonl_path), self.previous, title)
-        path = os.path.join(self.workdir, "routing.png")
-        fig.savefig(path, dpi=90)
-        writer.figure("routing", fig, step)
-        plt.close(fig)
+        pixels = render(routing_figure(read_jsonl(writer.jsonl_path), self.previous, title))
+        path = write_png(pixels, os.path.join(self.workdir, "routing.png"))
+        writer.image("routing", pixels, step)
         return path
 
 

@@ -61,10 +61,10 @@ class MetricWriter:
             self._tb.add_text("alarm", record["message"], step)
             self._tb.add_scalar(f"alarm/{record['layer']}/{record['metric']}", record["value"], step)
 
-    def figure(self, tag: str, fig, step: int) -> None:
-        """A matplotlib figure as a TensorBoard image (nothing without TensorBoard)."""
+    def image(self, tag: str, pixels, step: int) -> None:
+        """An image <uint8>[H, W, 3] in TensorBoard (nothing without TensorBoard)."""
         if self._tb is not None:
-            self._tb.add_figure(tag, fig, step, close=False)
+            self._tb.add_image(tag, pixels, step, dataformats="HWC")
 
     def close(self) -> None:
         self._jsonl.close()

@@ -5,17 +5,18 @@ import numpy as np
 
 
 def plot_run(records: list[dict], path: str, title: str = "") -> str:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
     train = [r for r in records if r["split"] == "train"]
     evals = [r for r in records if r["split"] == "eval"]
     layers = sorted({k.split("/")[1] for r in train for k in r if k.startswith("moe/") and k.endswith("/tokens_per_expert")},
                     key=int)
     ncols = 1 + len(layers)
-    fig, axes = plt.subplots(1, ncols, figsize=(5 * ncols, 4), squeeze=False)
+    fig = Figure(figsize=(5 * ncols, 4))  # no pyplot: nothing global to close, no GUI backend to pick
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, ncols, squeeze=False)
+    fig.subplots_adjust(left=0.25 / ncols, right=0.98, bottom=0.13, top=0.9, wspace=0.35)
     ax = axes[0, 0]
     ax.plot([r["step"] for r in train], [r["ce"] for r in train], label="train")
     if evals:
@@ -35,7 +36,5 @@ def plot_run(records: list[dict], path: str, title: str = "") -> str:
         ax.set_ylabel("expert")
         ax.set_title(f"layer {layer}: share of tokens served")
         fig.colorbar(im, ax=ax)
-    fig.tight_layout()
     fig.savefig(path, dpi=100)
-    plt.close(fig)
     return path

@@ -1,6 +1,9 @@
 """Routing pictures: load of every (layer, expert) over training, router saturation over evaluations, and
 the expert co-activation matrix of a ledger. `routing.png` in the workdir (rewritten at each evaluation)
-and a TensorBoard image."""
+and a TensorBoard image.
+
+The figure is drawn once per evaluation on matplotlib's Agg canvas, without pyplot and with a fixed layout:
+the PNG file and the TensorBoard image share the same pixels (`render`)."""
 from __future__ import annotations
 
 from typing import Optional
@@ -28,12 +31,13 @@ def load_matrix(records: list[dict]) -> tuple[list[int], list[int], np.ndarray]:
 
 
 def routing_figure(records: list[dict], ledger: Optional[Ledger] = None, title: str = ""):
-    import matplotlib
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
+    fig = Figure(figsize=(16, 4.5))
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, 3)
+    fig.subplots_adjust(left=0.06, right=0.98, bottom=0.12, top=0.84 if title else 0.9, wspace=0.35)
     ax = axes[0]
     layers, steps, share = load_matrix(records)
     if share.size:
@@ -73,14 +77,22 @@ def routing_figure(records: list[dict], ledger: Optional[Ledger] = None, title: 
         ax.set_axis_off()
     if title:
         fig.suptitle(title)
-    fig.tight_layout()
     return fig
 
 
-def plot_routing(records: list[dict], path: str, ledger: Optional[Ledger] = None, title: str = "") -> str:
-    import matplotlib.pyplot as plt
+def render(fig, dpi: int = 90) -> np.ndarray:
+    """The figure's pixels, <uint8>[H, W, 3], drawn once."""
+    fig.set_dpi(dpi)
+    fig.canvas.draw()
+    return np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()
 
-    fig = routing_figure(records, ledger, title)
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
+
+def write_png(pixels: np.ndarray, path: str) -> str:
+    from matplotlib.image import imsave
+
+    imsave(path, pixels, format="png")
     return path
+
+
+def plot_routing(records: list[dict], path: str, ledger: Optional[Ledger] = None, title: str = "") -> str:
+    return write_png(render(routing_figure(records, ledger, title)), path)

@@ -23,8 +23,13 @@ from moe_jax.hf import files as hf_files
 from moe_jax.sampling import generate
 
 FIXTURES = Path(__file__).parent / "fixtures" / "hf_models"
-FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3")
+FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3", "deepseek_v2")
+FIXTURE_NAMES = FAMILIES + ("deepseek_v3_yarn",)  # a fixture's family is its config.json's model_type
 ATOL = 1e-4
+
+
+def family_of(fixture: str) -> str:
+    return json.loads((FIXTURES / fixture / "config.json").read_text())["model_type"]
 
 
 def reference(family: str) -> dict:
@@ -57,7 +62,7 @@ def logits_and_experts(model, tokens_BL):
     return logits_BLV, experts
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", FIXTURE_NAMES)
 def test_logits_routing_and_greedy_match_transformers(family):
     """Logits (atol 1e-4), every MoE layer's expert ids (exact) and the 20 greedy tokens (exact).
 
@@ -66,7 +71,7 @@ def test_logits_routing_and_greedy_match_transformers(family):
     the 20 tokens HF's full-forward greedy loop chose (one compiled call per family instead of 21)."""
     ref = reference(family)
     model, info = _load(family)
-    assert info.family == family
+    assert info.family == family_of(family)
     assert model.cfg.moe.capacity_factor is None and model.cfg.moe.eval_capacity_factor is None  # dropless
     greedy = ref["greedy"]
     P = ref["prompt"].shape[1]
@@ -104,6 +109,17 @@ def test_fixtures_exercise_each_family_feature():
     assert ds.attention == "mla" and ds.q_lora_rank == 16 and ds.first_dense_layers == 1
     assert ds.moe.score_fn == "sigmoid" and ds.moe.use_correction_bias and ds.moe.n_expert_groups == 4
     assert ds.moe.routed_scaling_factor == 2.5 and ds.moe.num_shared_experts == 1
+    v2 = cfgs["deepseek_v2"]
+    assert v2.attention == "mla" and v2.q_lora_rank is None and v2.first_dense_layers == 1
+    assert v2.moe_layer_indices == (1, 2) and v2.moe.score_fn == "softmax" and not v2.moe.use_correction_bias
+    assert v2.moe.n_expert_groups == 4 and v2.moe.topk_groups == 2 and v2.moe.group_score == "max"
+    assert v2.moe.routed_scaling_factor == 2.0 and not v2.moe.normalize_topk and v2.moe.shared_width == 32
+    assert v2.rope_scaling == "yarn" and v2.yarn_mscale == v2.yarn_mscale_all_dim == 0.707
+    yarn = _load("deepseek_v3_yarn")[0].cfg
+    assert yarn.rope_scaling == "yarn" and yarn.yarn_original_max_len == 16 < reference("deepseek_v3_yarn")["input_ids"].shape[1]
+    inv_freq, factor = yarn.rope_frequencies()
+    # theta^(-2/8) = 0.1 is neither kept (0.1) nor interpolated (0.1 / 4): it sits on the ramp
+    assert 0.1 / 4 < inv_freq[1] < 0.1 and factor != 1.0 and yarn.softmax_factor != 1.0
 
 
 def test_deepseek_v3_needs_the_rope_permutation_and_the_bias():
@@ -137,11 +153,11 @@ def test_deepseek_v3_mtp_layers_are_skipped_with_a_note(tmp_path):
     assert len(notes) == 1 and "skipped 1 tensors" in notes[0] and "multi-token-prediction" in notes[0]
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", FIXTURE_NAMES)
 def test_export_import_round_trip_is_bit_exact(family, tmp_path):
     model, _ = _load(family)
     out = tmp_path / "export"
-    save_hf(model, str(out), family=family, max_shard_bytes=40_000)  # several shards + an index
+    save_hf(model, str(out), family=family_of(family), max_shard_bytes=40_000)  # several shards + an index
     assert (out / hf_files.INDEX).exists()
     again, _ = load_hf(str(out), log=lambda s: None)
     assert again.cfg == model.cfg
@@ -249,13 +265,13 @@ def test_float8_weights_are_dequantised_per_block(tmp_path):
 
 # ---- live: only where torch and transformers import ----
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", FIXTURE_NAMES)
 def test_live_transformers_loads_our_export(family, tmp_path):
     """transformers' from_pretrained reads what save_hf writes, and gives the fixture's logits."""
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
     model, _ = _load(family)
-    save_hf(model, str(tmp_path), family=family)
+    save_hf(model, str(tmp_path), family=family_of(family))
     hf = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path), dtype=torch.float32).eval()
     ref = reference(family)
     with torch.no_grad():

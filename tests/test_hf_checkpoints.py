@@ -116,7 +116,8 @@ def test_fixtures_exercise_each_family_feature():
     assert v2.moe.routed_scaling_factor == 2.0 and not v2.moe.normalize_topk and v2.moe.shared_width == 32
     assert v2.rope_scaling == "yarn" and v2.yarn_mscale == v2.yarn_mscale_all_dim == 0.707
     yarn = _load("deepseek_v3_yarn")[0].cfg
-    assert yarn.rope_scaling == "yarn" and yarn.yarn_original_max_len == 16 < reference("deepseek_v3_yarn")["input_ids"].shape[1]
+    L = reference("deepseek_v3_yarn")["input_ids"].shape[1]
+    assert yarn.rope_scaling == "yarn" and yarn.yarn_original_max_len == 16 < L
     inv_freq, factor = yarn.rope_frequencies()
     # theta^(-2/8) = 0.1 is neither kept (0.1) nor interpolated (0.1 / 4): it sits on the ramp
     assert 0.1 / 4 < inv_freq[1] < 0.1 and factor != 1.0 and yarn.softmax_factor != 1.0
@@ -170,7 +171,8 @@ def test_released_style_rope_scaling_reads_like_rope_parameters(tmp_path):
 
 
 # The architecture fields of the released config.json files (deepseek-ai/DeepSeek-V2-Lite, DeepSeek-V2, DeepSeek-V3).
-_RELEASED_YARN = {"beta_fast": 32, "beta_slow": 1, "factor": 40, "original_max_position_embeddings": 4096, "type": "yarn"}
+_RELEASED_YARN = {"beta_fast": 32, "beta_slow": 1, "factor": 40, "original_max_position_embeddings": 4096,
+                  "type": "yarn"}
 _RELEASED_V2 = dict(model_type="deepseek_v2", first_k_dense_replace=1, hidden_act="silu", kv_lora_rank=512,
                     max_position_embeddings=163840, moe_layer_freq=1, n_shared_experts=2, norm_topk_prob=False,
                     num_experts_per_tok=6, qk_nope_head_dim=128, qk_rope_head_dim=64, rms_norm_eps=1e-6,

@@ -86,7 +86,8 @@ def _rope(hf: dict, path: str, yarn: bool = False) -> dict:
     attention_factor = params.get("attention_factor")
     return dict(rope_theta=theta, rope_scaling="yarn", yarn_factor=float(factor), yarn_original_max_len=int(original),
                 yarn_beta_fast=float(params.get("beta_fast") or 32), yarn_beta_slow=float(params.get("beta_slow") or 1),
-                yarn_mscale=float(params.get("mscale") or 0.0), yarn_mscale_all_dim=float(params.get("mscale_all_dim") or 0.0),
+                yarn_mscale=float(params.get("mscale") or 0.0),
+                yarn_mscale_all_dim=float(params.get("mscale_all_dim") or 0.0),
                 yarn_attention_factor=None if attention_factor is None else float(attention_factor),
                 yarn_truncate=bool(params.get("truncate", True)))
 
@@ -292,7 +293,8 @@ def hf_config_from_model(cfg: ModelConfig, family: str, *, extra: Optional[dict]
         raise _fail(where, "moe", None, "a dense model has no MoE family to export to.")
     if family in ("deepseek_v2", "deepseek_v3"):
         return _deepseek_config(cfg, family, where, extra)
-    checks = [("rope_scaling", cfg.rope_scaling, None), ("attention", cfg.attention, "mha"), ("norm", cfg.norm, "rmsnorm"), ("activation", m.activation, "swiglu"),
+    checks = [("rope_scaling", cfg.rope_scaling, None),
+              ("attention", cfg.attention, "mha"), ("norm", cfg.norm, "rmsnorm"), ("activation", m.activation, "swiglu"),
               ("router", m.router, "top_k"), ("score_fn", m.score_fn, "softmax"), ("granularity", m.granularity, 1),
               ("topk_order", m.topk_order, "softmax_topk"), ("n_expert_groups", m.n_expert_groups, 1),
               ("routed_scaling_factor", m.routed_scaling_factor, 1.0), ("expert_bias", m.expert_bias, False),

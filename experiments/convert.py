@@ -34,8 +34,8 @@ from moe_jax import cli
 _FROM = flags.DEFINE_string("from_hf", None, "A Hugging Face model directory to import.")
 _TO = flags.DEFINE_string("to_hf", None, "A directory to write the workdir's model to, as Hugging Face files.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "The moe_jax workdir written (--from_hf) or read (--to_hf).")
-_FAMILY = flags.DEFINE_string("family", None, "--to_hf: mixtral | qwen2_moe | qwen3_moe | olmoe | deepseek_v3 "
-                                              "(default: the family the workdir was imported from).")
+_FAMILY = flags.DEFINE_string("family", None, "--to_hf: mixtral | qwen2_moe | qwen3_moe | olmoe | deepseek_v2 | "
+                                              "deepseek_v3 (default: the family the workdir was imported from).")
 _BACKEND = flags.DEFINE_string("expert_backend", "ragged_dot", "Dropless expert backend: ragged_dot (accelerators) "
                                                                "| blocked (fastest on CPU) | pallas.")
 _MAX_LEN = flags.DEFINE_integer("max_seq_len", None, "Cap ModelConfig.max_seq_len (the decode cache default).")
@@ -163,7 +163,7 @@ def to_hf(workdir: str, target: str, *, family=None, dtype=None, log=print) -> l
         tokenizer_from = tok if os.path.isdir(tok) else None
     if family is None:
         raise ValueError(f"--family is required: {workdir} was not imported by experiments.convert (no {SOURCE}); "
-                         "give one of mixtral, qwen2_moe, qwen3_moe, olmoe, deepseek_v3.")
+                         "give one of mixtral, qwen2_moe, qwen3_moe, olmoe, deepseek_v2, deepseek_v3.")
     loaded = load_run(workdir)
     written = save_hf(loaded.model, target, family=family, dtype=dtype, extra_config=extra,
                       tokenizer_from=tokenizer_from)

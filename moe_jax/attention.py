@@ -29,17 +29,24 @@ from moe_jax.model_config import ModelConfig
 from moe_jax.types import Array
 
 
-def apply_rope(x_BLHP: Array, positions_BL: Array, theta: float) -> Array:
+def apply_rope(x_BLHP: Array, positions_BL: Array, theta: float, inv_freq: Optional[tuple] = None,
+               factor: float = 1.0) -> Array:
     """Rotary position embedding (Su et al. 2021), rotate-half layout (GPT-NeoX, Llama).
 
     Feature pairs (i, i + P/2) are rotated by the angle position * theta^(-2i/P). Computed in float32,
     returned in x's dtype. q.k of two rotated vectors depends on their positions only through their
-    difference.
+    difference. inv_freq: P/2 frequencies used instead of theta^(-2i/P) (YaRN, moe_jax/rope.py); factor
+    multiplies cos and sin (YaRN's attention factor).
     """
     P = x_BLHP.shape[-1]
-    inv_freq = theta ** (-jnp.arange(0, P // 2, dtype=jnp.float32) * 2.0 / P)
+    if inv_freq is None:
+        inv_freq = theta ** (-jnp.arange(0, P // 2, dtype=jnp.float32) * 2.0 / P)
+    else:
+        inv_freq = jnp.asarray(inv_freq, jnp.float32)
     angle_BLp = positions_BL.astype(jnp.float32)[..., None] * inv_freq
     sin, cos = jnp.sin(angle_BLp)[:, :, None, None, :], jnp.cos(angle_BLp)[:, :, None, None, :]
+    if factor != 1.0:
+        sin, cos = sin * factor, cos * factor
     signed_sin = jnp.concatenate([-sin, sin], axis=-2)  # [B, L, 1, 2, P/2]: the two halves
     # Halves as an axis of 2: (x1, x2) -> (x1 cos - x2 sin, x2 cos + x1 sin) with a reverse of that axis,
     # no slice + concatenate of x (whose gradient is a pad, slow on XLA:CPU). Same float ops, same result.
@@ -94,6 +101,8 @@ class Attention(nnx.Module):
         pd = cfg.param_jnp_dtype
         self.num_heads, self.num_kv_heads = H, N
         self.rope_theta = cfg.rope_theta
+        self.rope_inv_freq, self.rope_factor = cfg.rope_frequencies()
+        self.softmax_factor = cfg.softmax_factor
         self.dtype = cfg.compute_dtype
         self.w_q_DHQ = nnx.Param(_init(0, (1, 2))(rngs.params(), (D, H, Q), pd))
         self.w_k_DNQ = nnx.Param(_init(0, (1, 2))(rngs.params(), (D, N, Q), pd))
@@ -144,8 +153,8 @@ class Attention(nnx.Module):
             q_BLHQ = self._project(x_BLD, self.w_q_DHQ, self.b_q_HQ, self.q_norm)
             k_BLNQ = self._project(x_BLD, self.w_k_DNQ, self.b_k_NQ, self.k_norm)
             v_BLNU = self._project(x_BLD, self.w_v_DNU, self.b_v_NU, None)
-        q_BLHQ = apply_rope(q_BLHQ, positions_BL, self.rope_theta)
-        k_BLNQ = apply_rope(k_BLNQ, positions_BL, self.rope_theta)
+        q_BLHQ = apply_rope(q_BLHQ, positions_BL, self.rope_theta, self.rope_inv_freq, self.rope_factor)
+        k_BLNQ = apply_rope(k_BLNQ, positions_BL, self.rope_theta, self.rope_inv_freq, self.rope_factor)
         if cache is None:
             k_BJNQ, v_BJNU, k_positions_BJ = k_BLNQ, v_BLNU, positions_BL
         else:
@@ -158,6 +167,8 @@ class Attention(nnx.Module):
         q_BLNRQ = q_BLHQ.reshape(B, L, N, H // N, Q)
         scores_BNRLJ = jnp.einsum("blnrq,bjnq->bnrlj", q_BLNRQ, k_BJNQ,
                                   preferred_element_type=jnp.float32) / math.sqrt(Q)
+        if self.softmax_factor != 1.0:  # YaRN's m(s, mscale_all_dim)^2
+            scores_BNRLJ = scores_BNRLJ * self.softmax_factor
         mask = causal_mask(positions_BL, k_positions_BJ)[:, None, None]
         probs_BNRLJ = _masked_softmax(scores_BNRLJ, mask).astype(dt)
         out_BLNRU = jnp.einsum("bnrlj,bjnu->blnru", probs_BNRLJ, v_BJNU)
@@ -172,7 +183,7 @@ class LatentAttention(nnx.Module):
         k_R  = RoPE(x W_KR)                               [B, L, P]   cached, shared by all heads
         k_h  = [c_KV W_UK_h ; k_R],  v_h = c_KV W_UV_h
         q_h  = [c_Q W_UQ_h ; RoPE(c_Q W_QR_h)],  c_Q = RMSNorm(x W_DQ) (or x itself without q_lora_rank)
-        softmax scale 1 / sqrt(O + P)
+        softmax scale 1 / sqrt(O + P) (times YaRN's m^2 with rope_scaling='yarn': `ModelConfig.softmax_scale`)
 
     Without a cache the keys and values are expanded per head (cheapest for a long sequence). With a
     cache, W_UK is absorbed into the query and W_UV applied after the weighted sum of latents (Sec.
@@ -186,6 +197,8 @@ class LatentAttention(nnx.Module):
         pd, dt = cfg.param_jnp_dtype, cfg.compute_dtype
         self.nope_dim, self.rope_dim = O, P
         self.rope_theta = cfg.rope_theta
+        self.rope_inv_freq, self.rope_factor = cfg.rope_frequencies()
+        self.scale = cfg.softmax_scale
         self.dtype = dt
         if cfg.q_lora_rank is None:
             self.w_dq_DA, self.q_norm = nnx.data(None), nnx.data(None)
@@ -215,10 +228,11 @@ class LatentAttention(nnx.Module):
         q_in_BLA = x_BLD if self.w_dq_DA is None else self.q_norm(x_BLD @ w(self.w_dq_DA))
         q_BLHQ = jnp.einsum("bla,ahq->blhq", q_in_BLA, w(self.w_q_AHQ))
         q_nope_BLHO = q_BLHQ[..., : self.nope_dim]
-        q_rope_BLHP = apply_rope(q_BLHQ[..., self.nope_dim:], positions_BL, self.rope_theta)
+        rope = lambda x: apply_rope(x, positions_BL, self.rope_theta, self.rope_inv_freq, self.rope_factor)
+        q_rope_BLHP = rope(q_BLHQ[..., self.nope_dim:])
         c_kv_BLZ = self.kv_norm(x_BLD @ w(self.w_dkv_DZ)).astype(dt)
-        k_rope_BLP = apply_rope((x_BLD @ w(self.w_kr_DP))[:, :, None, :], positions_BL, self.rope_theta)[:, :, 0]
-        scale = 1.0 / math.sqrt(self.nope_dim + self.rope_dim)
+        k_rope_BLP = rope((x_BLD @ w(self.w_kr_DP))[:, :, None, :])[:, :, 0]
+        scale = self.scale
 
         if cache is None:
             k_nope_BLHO = jnp.einsum("blz,zho->blho", c_kv_BLZ, w(self.w_uk_ZHO))

@@ -14,10 +14,12 @@ MoE placement: layer i (0-based) is an MoE layer iff `moe` is set, i >= first_de
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, Mapping, Optional
 
 import jax.numpy as jnp
 
+from moe_jax import rope
 from moe_jax.moe_config import ACTIVATIONS, MoEConfig
 
 NORMS = ("rmsnorm", "layernorm")
@@ -55,6 +57,17 @@ class ModelConfig:
     norm_eps: float = 1e-6
     rope_theta: float = 10000.0
     max_seq_len: int = 2048
+    # RoPE scaling: None (plain RoPE) | 'yarn' (YaRN, arXiv 2309.00071; DeepSeek-V2/V3's long context), with the
+    # yarn_* fields below as Hugging Face's rope_scaling names them (moe_jax/rope.py has the formulas).
+    rope_scaling: Optional[str] = None
+    yarn_factor: float = 1.0  # s: context extension factor ('factor')
+    yarn_original_max_len: Optional[int] = None  # L0, the pretraining context ('original_max_position_embeddings')
+    yarn_beta_fast: float = 32.0  # rotations below which features are interpolated ('beta_fast')
+    yarn_beta_slow: float = 1.0  # rotations above which they keep their frequency ('beta_slow')
+    yarn_mscale: float = 0.0  # 'mscale'; 0 = absent
+    yarn_mscale_all_dim: float = 0.0  # 'mscale_all_dim'; 0 = absent (then no softmax scale correction)
+    yarn_attention_factor: Optional[float] = None  # 'attention_factor': cos/sin factor; None = from the mscales
+    yarn_truncate: bool = True  # 'truncate': round the ramp's ends to whole features
 
     attention: str = "mha"  # mha (incl. GQA) | mla
     q_lora_rank: Optional[int] = None  # MLA: query latent width; None = no query compression
@@ -92,6 +105,7 @@ class ModelConfig:
             raise _err("norm_eps", self.norm_eps, "must be > 0 (e.g. 1e-6).")
         if not self.rope_theta > 0:
             raise _err("rope_theta", self.rope_theta, "must be > 0 (e.g. 10000.0).")
+        self._check_rope_scaling()
         if self.head_dim is None and self.d_model % self.num_heads:
             raise _err("num_heads", self.num_heads,
                        f"does not divide d_model={self.d_model}; choose one that does or set head_dim.")
@@ -104,6 +118,33 @@ class ModelConfig:
         self._check_moe()
         self._check_mtp()
         self._check_attention_extras()
+
+    def _check_rope_scaling(self):
+        yarn_fields = ("yarn_factor", "yarn_original_max_len", "yarn_beta_fast", "yarn_beta_slow", "yarn_mscale",
+                       "yarn_mscale_all_dim", "yarn_attention_factor", "yarn_truncate")
+        if self.rope_scaling is None:
+            defaults = {f.name: f.default for f in dataclasses.fields(self)}
+            for name in yarn_fields:
+                if getattr(self, name) != defaults[name]:
+                    raise _err(name, getattr(self, name), "is a YaRN field, but rope_scaling=None (plain RoPE); set "
+                                                          "rope_scaling='yarn' or leave it at its default.")
+            return
+        if self.rope_scaling not in ROPE_SCALINGS:
+            raise _err("rope_scaling", self.rope_scaling, f"set rope_scaling to one of {ROPE_SCALINGS} or None "
+                                                          "(plain RoPE).")
+        if not self.yarn_factor >= 1:
+            raise _err("yarn_factor", self.yarn_factor, "must be >= 1 (the context extension factor, e.g. 40).")
+        if self.yarn_original_max_len is None or not self.yarn_original_max_len > 0:
+            raise _err("yarn_original_max_len", self.yarn_original_max_len,
+                       "is required for rope_scaling='yarn' and must be > 0 (the pretraining context, e.g. 4096).")
+        if not 0 < self.yarn_beta_slow <= self.yarn_beta_fast:
+            raise _err("yarn_beta_slow", self.yarn_beta_slow,
+                       f"must be > 0 and <= yarn_beta_fast={self.yarn_beta_fast} (YaRN: 1 and 32).")
+        for name in ("yarn_mscale", "yarn_mscale_all_dim"):
+            if not getattr(self, name) >= 0:
+                raise _err(name, getattr(self, name), "must be >= 0 (0 = absent).")
+        if self.yarn_attention_factor is not None and not self.yarn_attention_factor > 0:
+            raise _err("yarn_attention_factor", self.yarn_attention_factor, "must be > 0, or None (from the mscales).")
 
     def _check_mha(self):
         for name in ("q_lora_rank", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim"):
@@ -218,6 +259,30 @@ class ModelConfig:
     def rope_dim(self) -> int:
         """Features per head that RoPE rotates."""
         return self.qk_rope_head_dim if self.attention == "mla" else self.base_head_dim
+
+    def rope_frequencies(self) -> tuple[Optional[tuple], float]:
+        """(inverse frequencies of the `rope_dim` RoPE features as a tuple of float32 values, or None for plain
+        RoPE (theta^(-2i/P), computed in the attention), factor on cos and sin)."""
+        if self.rope_scaling is None:
+            return None, 1.0
+        freqs = rope.yarn_inv_freq(self.rope_dim, self.rope_theta, self.yarn_factor, self.yarn_original_max_len,
+                                   self.yarn_beta_fast, self.yarn_beta_slow, self.yarn_truncate)
+        factor = rope.yarn_attention_factor(self.yarn_factor, self.yarn_mscale, self.yarn_mscale_all_dim,
+                                            self.yarn_attention_factor)
+        return tuple(freqs.tolist()), factor
+
+    @property
+    def softmax_factor(self) -> float:
+        """YaRN's m(s, mscale_all_dim)^2 on the attention softmax scale (DeepSeek); 1 without it."""
+        if self.rope_scaling != "yarn":
+            return 1.0
+        return rope.yarn_softmax_factor(self.yarn_factor, self.yarn_mscale_all_dim)
+
+    @property
+    def softmax_scale(self) -> float:
+        """Attention scores are multiplied by this: 1 / sqrt(qk_head_dim) * softmax_factor."""
+        scale = 1.0 / math.sqrt(self.qk_head_dim)
+        return scale if self.softmax_factor == 1.0 else scale * self.softmax_factor
 
     @property
     def moe_layer_indices(self) -> tuple[int, ...]:

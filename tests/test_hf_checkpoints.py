@@ -18,13 +18,18 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from moe_jax.hf import HFConfigError, load_hf, save_hf
+from moe_jax.hf import HFConfigError, hf_config_from_model, load_hf, model_config_from_hf, save_hf
 from moe_jax.hf import files as hf_files
 from moe_jax.sampling import generate
 
 FIXTURES = Path(__file__).parent / "fixtures" / "hf_models"
-FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3")
+FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3", "deepseek_v2")
+FIXTURE_NAMES = FAMILIES + ("deepseek_v3_yarn",)  # a fixture's family is its config.json's model_type
 ATOL = 1e-4
+
+
+def family_of(fixture: str) -> str:
+    return json.loads((FIXTURES / fixture / "config.json").read_text())["model_type"]
 
 
 def reference(family: str) -> dict:
@@ -57,7 +62,7 @@ def logits_and_experts(model, tokens_BL):
     return logits_BLV, experts
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", FIXTURE_NAMES)
 def test_logits_routing_and_greedy_match_transformers(family):
     """Logits (atol 1e-4), every MoE layer's expert ids (exact) and the 20 greedy tokens (exact).
 
@@ -66,7 +71,7 @@ def test_logits_routing_and_greedy_match_transformers(family):
     the 20 tokens HF's full-forward greedy loop chose (one compiled call per family instead of 21)."""
     ref = reference(family)
     model, info = _load(family)
-    assert info.family == family
+    assert info.family == family_of(family)
     assert model.cfg.moe.capacity_factor is None and model.cfg.moe.eval_capacity_factor is None  # dropless
     greedy = ref["greedy"]
     P = ref["prompt"].shape[1]
@@ -104,6 +109,18 @@ def test_fixtures_exercise_each_family_feature():
     assert ds.attention == "mla" and ds.q_lora_rank == 16 and ds.first_dense_layers == 1
     assert ds.moe.score_fn == "sigmoid" and ds.moe.use_correction_bias and ds.moe.n_expert_groups == 4
     assert ds.moe.routed_scaling_factor == 2.5 and ds.moe.num_shared_experts == 1
+    v2 = cfgs["deepseek_v2"]
+    assert v2.attention == "mla" and v2.q_lora_rank is None and v2.first_dense_layers == 1
+    assert v2.moe_layer_indices == (1, 2) and v2.moe.score_fn == "softmax" and not v2.moe.use_correction_bias
+    assert v2.moe.n_expert_groups == 4 and v2.moe.topk_groups == 2 and v2.moe.group_score == "max"
+    assert v2.moe.routed_scaling_factor == 2.0 and not v2.moe.normalize_topk and v2.moe.shared_width == 32
+    assert v2.rope_scaling == "yarn" and v2.yarn_mscale == v2.yarn_mscale_all_dim == 0.707
+    yarn = _load("deepseek_v3_yarn")[0].cfg
+    L = reference("deepseek_v3_yarn")["input_ids"].shape[1]
+    assert yarn.rope_scaling == "yarn" and yarn.yarn_original_max_len == 16 < L
+    inv_freq, factor = yarn.rope_frequencies()
+    # theta^(-2/8) = 0.1 is neither kept (0.1) nor interpolated (0.1 / 4): it sits on the ramp
+    assert 0.1 / 4 < inv_freq[1] < 0.1 and factor != 1.0 and yarn.softmax_factor != 1.0
 
 
 def test_deepseek_v3_needs_the_rope_permutation_and_the_bias():
@@ -126,6 +143,87 @@ def test_deepseek_v3_needs_the_rope_permutation_and_the_bias():
     assert np.any(np.asarray(experts[0])[:48] != ref["expert_ids"][0])
 
 
+def test_yarn_matters_in_the_deepseek_v3_yarn_fixture(tmp_path):
+    """Without YaRN (plain RoPE), or with YaRN but without mscale_all_dim (no softmax correction, another
+    cos/sin factor), the fixture's logits are off by far more than the tolerance: its parity tests YaRN."""
+    ref = reference("deepseek_v3_yarn")
+    params = json.loads((FIXTURES / "deepseek_v3_yarn" / "config.json").read_text())["rope_parameters"]
+    no_mscale = {k: v for k, v in params.items() if k != "mscale_all_dim"}
+    for i, rope in enumerate(({"rope_type": "default", "rope_theta": params["rope_theta"]}, no_mscale)):
+        d = _copy("deepseek_v3_yarn", tmp_path / str(i))
+        _edit_config(d, rope_parameters=rope)
+        model, _ = load_hf(str(d), log=lambda s: None)
+        logits, _ = logits_and_experts(model, jnp.asarray(ref["input_ids"]))
+        assert np.abs(np.asarray(logits)[:2] - ref["logits"]).max() > 1e-2, rope
+
+
+def test_released_style_rope_scaling_reads_like_rope_parameters(tmp_path):
+    """DeepSeek's released config.json files carry `rope_scaling` with `type` and a top-level rope_theta (no
+    rope_parameters); transformers 5.23.0 reads them as the same YaRN, and so do we."""
+    want = _load("deepseek_v3_yarn")[0].cfg
+    d = _copy("deepseek_v3_yarn", tmp_path)
+    cfg = json.loads((d / "config.json").read_text())
+    params = cfg.pop("rope_parameters")
+    theta = params.pop("rope_theta")
+    params["type"] = params.pop("rope_type")
+    (d / "config.json").write_text(json.dumps(dict(cfg, rope_scaling=params, rope_theta=theta)))
+    assert model_config_from_hf(json.loads((d / "config.json").read_text())) == want
+
+
+# The architecture fields of the released config.json files (deepseek-ai/DeepSeek-V2-Lite, DeepSeek-V2, DeepSeek-V3).
+_RELEASED_YARN = {"beta_fast": 32, "beta_slow": 1, "factor": 40, "original_max_position_embeddings": 4096,
+                  "type": "yarn"}
+_RELEASED_V2 = dict(model_type="deepseek_v2", first_k_dense_replace=1, hidden_act="silu", kv_lora_rank=512,
+                    max_position_embeddings=163840, moe_layer_freq=1, n_shared_experts=2, norm_topk_prob=False,
+                    num_experts_per_tok=6, qk_nope_head_dim=128, qk_rope_head_dim=64, rms_norm_eps=1e-6,
+                    rope_theta=10000, scoring_func="softmax", tie_word_embeddings=False, v_head_dim=128,
+                    vocab_size=102400, attention_bias=False, aux_loss_alpha=0.001, seq_aux=True,
+                    rope_scaling=dict(_RELEASED_YARN, mscale=0.707, mscale_all_dim=0.707))
+RELEASED = {
+    "DeepSeek-V2-Lite": dict(_RELEASED_V2, hidden_size=2048, intermediate_size=10944, moe_intermediate_size=1408,
+                             n_group=1, topk_group=1, n_routed_experts=64, num_attention_heads=16,
+                             num_key_value_heads=16, num_hidden_layers=27, q_lora_rank=None,
+                             routed_scaling_factor=1.0, topk_method="greedy"),
+    "DeepSeek-V2": dict(_RELEASED_V2, hidden_size=5120, intermediate_size=12288, moe_intermediate_size=1536,
+                        n_group=8, topk_group=3, n_routed_experts=160, num_attention_heads=128,
+                        num_key_value_heads=128, num_hidden_layers=60, q_lora_rank=1536, routed_scaling_factor=16.0,
+                        topk_method="group_limited_greedy"),
+    "DeepSeek-V3": dict(model_type="deepseek_v3", first_k_dense_replace=3, hidden_act="silu", hidden_size=7168,
+                        intermediate_size=18432, kv_lora_rank=512, max_position_embeddings=163840,
+                        moe_intermediate_size=2048, moe_layer_freq=1, n_group=8, n_routed_experts=256,
+                        n_shared_experts=1, norm_topk_prob=True, num_attention_heads=128, num_experts_per_tok=8,
+                        num_hidden_layers=61, num_key_value_heads=128, num_nextn_predict_layers=1, q_lora_rank=1536,
+                        qk_nope_head_dim=128, qk_rope_head_dim=64, rms_norm_eps=1e-6, rope_theta=10000,
+                        routed_scaling_factor=2.5, scoring_func="sigmoid", topk_group=4, topk_method="noaux_tc",
+                        vocab_size=129280, v_head_dim=128, tie_word_embeddings=False,
+                        rope_scaling=dict(_RELEASED_YARN, mscale=1.0, mscale_all_dim=1.0)),
+}
+
+
+@pytest.mark.parametrize("name", sorted(RELEASED))
+def test_released_deepseek_configs_map(name):
+    """The released configs (rope_scaling YaRN, factor 40 over 4096) map, with no weight read."""
+    cfg = model_config_from_hf(RELEASED[name])
+    m = 0.1 * (0.707 if "V2" in name else 1.0) * np.log(40) + 1
+    assert cfg.rope_scaling == "yarn" and cfg.yarn_factor == 40 and cfg.yarn_original_max_len == 4096
+    assert cfg.softmax_factor == pytest.approx(m * m) and cfg.rope_frequencies()[1] == 1.0  # mscale == mscale_all_dim
+    assert cfg.max_seq_len == 163840
+    if name == "DeepSeek-V2":
+        assert (cfg.moe.n_expert_groups, cfg.moe.topk_groups, cfg.moe.group_score) == (8, 3, "max")
+        assert cfg.moe.routed_scaling_factor == 16.0 and cfg.moe.shared_width == 2 * 1536
+    if name == "DeepSeek-V2-Lite":
+        assert cfg.q_lora_rank is None and cfg.moe.n_expert_groups == 1 and cfg.moe.num_experts == 64
+
+
+def test_deepseek_v2_moe_layer_freq_follows_deepseeks_placement():
+    """DeepSeek's code: layer i is MoE iff i >= first_k_dense_replace and i % moe_layer_freq == 0."""
+    hf = json.loads((FIXTURES / "deepseek_v2" / "config.json").read_text())
+    cfg = model_config_from_hf(dict(hf, num_hidden_layers=7, first_k_dense_replace=2, moe_layer_freq=2))
+    assert cfg.moe_layer_indices == (2, 4, 6) == tuple(i for i in range(7) if i >= 2 and i % 2 == 0)
+    with pytest.raises(HFConfigError, match="moe_every"):  # transformers 5.23.0 would build MoE layers 2..6
+        hf_config_from_model(cfg, "deepseek_v2")
+
+
 def test_deepseek_v3_mtp_layers_are_skipped_with_a_note(tmp_path):
     src = hf_files.CheckpointReader(str(FIXTURES / "deepseek_v3"))
     tensors = {n: src.get(n) for n in src.names()}
@@ -137,11 +235,11 @@ def test_deepseek_v3_mtp_layers_are_skipped_with_a_note(tmp_path):
     assert len(notes) == 1 and "skipped 1 tensors" in notes[0] and "multi-token-prediction" in notes[0]
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", FIXTURE_NAMES)
 def test_export_import_round_trip_is_bit_exact(family, tmp_path):
     model, _ = _load(family)
     out = tmp_path / "export"
-    save_hf(model, str(out), family=family, max_shard_bytes=40_000)  # several shards + an index
+    save_hf(model, str(out), family=family_of(family), max_shard_bytes=40_000)  # several shards + an index
     assert (out / hf_files.INDEX).exists()
     again, _ = load_hf(str(out), log=lambda s: None)
     assert again.cfg == model.cfg
@@ -180,6 +278,15 @@ def test_unsupported_architecture_names_model_type(tmp_path):
     ("mixtral", {"hidden_act": "gelu"}, "hidden_act"),
     ("mixtral", {"rope_parameters": {"rope_type": "yarn", "rope_theta": 1e6, "factor": 4.0}}, "rope_parameters.rope_type"),
     ("qwen2_moe", {"mlp_only_layers": [1]}, "mlp_only_layers"),
+    ("deepseek_v3", {"rope_parameters": {"rope_type": "dynamic", "rope_theta": 1e4, "factor": 2.0}},
+     "rope_parameters.rope_type"),
+    ("deepseek_v3_yarn", {"rope_parameters": {"rope_type": "yarn", "rope_theta": 1e4, "factor": 4.0,
+                                              "original_max_position_embeddings": 16, "partial_rotary_factor": 0.5}},
+     "rope_parameters.partial_rotary_factor"),
+    ("deepseek_v2", {"topk_method": "noaux_tc"}, "topk_method"),
+    ("deepseek_v2", {"norm_topk_prob": True}, "norm_topk_prob"),
+    ("deepseek_v2", {"scoring_func": "sigmoid"}, "scoring_func"),
+    ("deepseek_v2", {"moe_layer_freq": 2}, "moe_layer_freq"),  # first_k_dense_replace=1 is not a multiple of 2
 ])
 def test_unhonourable_config_field_is_named(family, changes, field, tmp_path):
     d = _copy(family, tmp_path)
@@ -249,13 +356,13 @@ def test_float8_weights_are_dequantised_per_block(tmp_path):
 
 # ---- live: only where torch and transformers import ----
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", FIXTURE_NAMES)
 def test_live_transformers_loads_our_export(family, tmp_path):
     """transformers' from_pretrained reads what save_hf writes, and gives the fixture's logits."""
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
     model, _ = _load(family)
-    save_hf(model, str(tmp_path), family=family)
+    save_hf(model, str(tmp_path), family=family_of(family))
     hf = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path), dtype=torch.float32).eval()
     ref = reference(family)
     with torch.no_grad():

@@ -1,6 +1,7 @@
 """Hugging Face `config.json` <-> `ModelConfig`, per model family.
 
-Families (`model_type` in config.json): mixtral, qwen2_moe, qwen3_moe, olmoe, deepseek_v3. Every field that changes the
+Families (`model_type` in config.json): mixtral, qwen2_moe, qwen3_moe, olmoe, deepseek_v2, deepseek_v3. Every field
+that changes the
 forward pass is either mapped or refused with one error naming config.json and the field, before any
 weight is read. Fields that only matter for training in transformers (dropout, router jitter) or for its
 runtime (use_cache, initializer_range, token ids) are not model architecture and are ignored.
@@ -9,8 +10,12 @@ MoE layers come in **dropless** (capacity_factor = eval_capacity_factor = None):
 drop no token, so any capacity would change the model. The balance loss is set to what transformers adds
 when training with `output_router_logits=True`: `router_aux_loss_coef * E * sum_e f_e P_e` over the whole
 batch, with f counting all k choices (summing to k) -- ours counts f summing to 1, hence
-`balance_loss_coef = router_aux_loss_coef * k`, `balance_loss_scope='batch'`, and no z-loss. DeepSeek-V3
-balances through its correction bias (aux-loss-free), so its balance_loss_coef is 0.
+`balance_loss_coef = router_aux_loss_coef * k`, `balance_loss_scope='batch'`, and no z-loss. transformers
+adds no balance loss for DeepSeek-V2 and V3 (V3 balances through its correction bias), so theirs is 0.
+
+RoPE: plain (`rope_type='default'`) for every family; DeepSeek-V2 and V3 also YaRN (`rope_type`/`type`
+'yarn', as their releases ship), mapped onto ModelConfig's rope_scaling/yarn_* fields with transformers
+5.23.0's defaults and precedence (moe_jax/rope.py); any other scaling is refused naming the field.
 
 Sliding-window attention (Mixtral's `sliding_window`, Qwen's `use_sliding_window`) equals full causal
 attention on sequences no longer than the window, so the window becomes `max_seq_len`.
@@ -27,6 +32,7 @@ FAMILIES = {
     "qwen2_moe": "Qwen2MoeForCausalLM",
     "qwen3_moe": "Qwen3MoeForCausalLM",
     "olmoe": "OlmoeForCausalLM",
+    "deepseek_v2": "DeepseekV2ForCausalLM",
     "deepseek_v3": "DeepseekV3ForCausalLM",
 }
 
@@ -47,17 +53,59 @@ def family_of(hf: dict, path: str = "config.json") -> str:
     return model_type
 
 
-def _rope(hf: dict, path: str) -> float:
-    """rope_theta from transformers 5.x's `rope_parameters` or the older top-level `rope_theta`/`rope_scaling`."""
-    params = hf.get("rope_parameters") or {}
-    scaling = hf.get("rope_scaling") or {}
-    rope_type = params.get("rope_type") or scaling.get("rope_type") or scaling.get("type") or "default"
-    if rope_type != "default":
-        field = "rope_parameters.rope_type" if params.get("rope_type") else "rope_scaling.type"
-        raise _fail(path, field, rope_type, "only plain RoPE ('default') is implemented for this family; "
-                                            "use a checkpoint without RoPE scaling.")
-    theta = params.get("rope_theta", hf.get("rope_theta", 10000.0))
-    return float(theta)
+_YARN_KEYS = ("rope_type", "type", "rope_theta", "factor", "original_max_position_embeddings", "attention_factor",
+              "beta_fast", "beta_slow", "mscale", "mscale_all_dim", "truncate")
+
+
+def _rope(hf: dict, path: str, yarn: bool = False) -> dict:
+    """ModelConfig's RoPE fields from transformers 5.x's `rope_parameters` or the older top-level
+    `rope_theta`/`rope_scaling` (which transformers 5.23.0 takes instead of rope_parameters when both are set).
+    yarn: the family's attention implements YaRN as transformers does (DeepSeek-V2/V3); else plain RoPE only."""
+    source = "rope_scaling" if hf.get("rope_scaling") else "rope_parameters"
+    params = dict(hf.get(source) or {})
+    rope_type = params.get("rope_type") or params.get("type") or "default"
+    field = f"{source}.{'rope_type' if params.get('rope_type') else 'type'}"
+    theta = float(params.get("rope_theta") or hf.get("rope_theta") or 10000.0)
+    if rope_type == "default":
+        return dict(rope_theta=theta)
+    if rope_type != "yarn" or not yarn:
+        raise _fail(path, field, rope_type, "only plain RoPE ('default')" + (" and 'yarn'" if yarn else "") +
+                    " is implemented for this family; use a checkpoint without this RoPE scaling.")
+    for key in params:
+        if key not in _YARN_KEYS:
+            raise _fail(path, f"{source}.{key}", params[key], "is not a YaRN parameter moe_jax implements "
+                                                              f"({', '.join(_YARN_KEYS)}).")
+    # transformers: a top-level original_max_position_embeddings wins, else the dict's, else max_position_embeddings
+    original = hf.get("original_max_position_embeddings") or params.get("original_max_position_embeddings") \
+        or hf.get("max_position_embeddings")
+    if original is None:
+        raise _fail(path, f"{source}.original_max_position_embeddings", None, "is required for YaRN.")
+    factor = params.get("factor")
+    if factor is None:  # transformers: the ratio of the context lengths
+        factor = float(_need(hf, path, "max_position_embeddings")) / float(original)
+    attention_factor = params.get("attention_factor")
+    return dict(rope_theta=theta, rope_scaling="yarn", yarn_factor=float(factor), yarn_original_max_len=int(original),
+                yarn_beta_fast=float(params.get("beta_fast") or 32), yarn_beta_slow=float(params.get("beta_slow") or 1),
+                yarn_mscale=float(params.get("mscale") or 0.0),
+                yarn_mscale_all_dim=float(params.get("mscale_all_dim") or 0.0),
+                yarn_attention_factor=None if attention_factor is None else float(attention_factor),
+                yarn_truncate=bool(params.get("truncate", True)))
+
+
+def _rope_out(cfg: ModelConfig) -> dict:
+    """config.json's RoPE fields for `cfg` (the inverse of `_rope`)."""
+    params: dict[str, Any] = {"rope_type": cfg.rope_scaling or "default", "rope_theta": cfg.rope_theta}
+    if cfg.rope_scaling == "yarn":
+        params.update(factor=cfg.yarn_factor, original_max_position_embeddings=cfg.yarn_original_max_len,
+                      beta_fast=cfg.yarn_beta_fast, beta_slow=cfg.yarn_beta_slow)
+        for key, value in (("mscale", cfg.yarn_mscale), ("mscale_all_dim", cfg.yarn_mscale_all_dim)):
+            if value:
+                params[key] = value
+        if cfg.yarn_attention_factor is not None:
+            params["attention_factor"] = cfg.yarn_attention_factor
+        if not cfg.yarn_truncate:
+            params["truncate"] = False
+    return {"rope_parameters": params, "rope_theta": cfg.rope_theta}
 
 
 def _need(hf: dict, path: str, field: str):
@@ -82,12 +130,58 @@ def _deepseek_v3(hf: dict, path: str, common: dict, moe_common: dict) -> ModelCo
                n_expert_groups=int(hf.get("n_group") or 1), topk_groups=int(hf.get("topk_group") or 1),
                group_score="top2_sum", num_shared_experts=int(hf.get("n_shared_experts") or 0),
                shared_d_ff=int(hf["moe_intermediate_size"]), balance_loss_coef=0.0)
+    return _mla_config(hf, common, moe, int(hf.get("first_k_dense_replace") or 0))
+
+
+def _deepseek_v2(hf: dict, path: str, common: dict, moe_common: dict) -> ModelConfig:
+    """DeepSeek-V2 (transformers' DeepseekV2ForCausalLM): MLA (a plain query projection when q_lora_rank is null,
+    as in V2-Lite), softmax scores, top-k over all experts (`topk_method='greedy'`) or over the experts of the
+    `topk_group` groups with the highest best-expert score ('group_limited_greedy'), no renormalisation, weights
+    scaled by routed_scaling_factor, shared experts, the first `first_k_dense_replace` layers dense.
+
+    moe_layer_freq P (DeepSeek's own code: layer i >= first_k_dense_replace is MoE iff i % P == 0) maps onto
+    moe_every when first_k_dense_replace is a multiple of P; transformers 5.23.0 ignores the field and builds an
+    MoE layer everywhere after the dense prefix, so only P = 1 checkpoints load there (and only those export)."""
+    for field, want in (("attention_bias", False), ("mlp_bias", False), ("scoring_func", "softmax"),
+                        ("norm_topk_prob", False), ("rms_norm_eps", 1e-6)):
+        if hf.get(field) is not None and hf[field] != want:
+            why = {"rms_norm_eps": "the latent norms use transformers' default 1e-6 while the block norms use "
+                                   "rms_norm_eps; ModelConfig has one norm_eps",
+                   "norm_topk_prob": "transformers 5.23.0's DeepSeek-V2 router never renormalises the top-k "
+                                     "weights, while DeepSeek's own code does: the checkpoint is ambiguous"
+                   }.get(field, f"only {want!r} is implemented")
+            raise _fail(path, field, hf[field], why + ".")
+    H = common["num_heads"]
+    if hf.get("num_key_value_heads") not in (None, H):
+        raise _fail(path, "num_key_value_heads", hf["num_key_value_heads"],
+                    f"MLA expands keys and values for every head; it must equal num_attention_heads={H}.")
+    method = hf.get("topk_method", "greedy")
+    if method not in ("greedy", "group_limited_greedy"):
+        raise _fail(path, "topk_method", method, "DeepSeek-V2 routes with 'greedy' or 'group_limited_greedy'.")
+    groups = (1, 1)
+    if method == "group_limited_greedy":
+        groups = (int(_need(hf, path, "n_group")), int(_need(hf, path, "topk_group")))
+    first_dense = int(hf.get("first_k_dense_replace") or 0)
+    every = int(hf.get("moe_layer_freq") or 1)
+    if first_dense % every:
+        raise _fail(path, "moe_layer_freq", every, f"MoE layers at i % {every} == 0 after first_k_dense_replace="
+                                                   f"{first_dense} do not map onto ModelConfig.moe_every "
+                                                   "(first_k_dense_replace must be a multiple of moe_layer_freq).")
+    F = int(_need(hf, path, "moe_intermediate_size"))
+    moe = dict(moe_common, d_ff=F, num_experts=int(_need(hf, path, "n_routed_experts")), score_fn="softmax",
+               normalize_topk=False, routed_scaling_factor=float(hf.get("routed_scaling_factor", 1.0)),
+               n_expert_groups=groups[0], topk_groups=groups[1], group_score="max",
+               num_shared_experts=int(hf.get("n_shared_experts", 2)), shared_d_ff=F, balance_loss_coef=0.0)
+    return _mla_config(hf, common, moe, first_dense, every)
+
+
+def _mla_config(hf: dict, common: dict, moe: dict, first_dense: int, every: int = 1) -> ModelConfig:
     D, H = common["d_model"], common["num_heads"]
     return ModelConfig(**dict(common, head_dim=None if D % H == 0 else int(hf["v_head_dim"]), num_kv_heads=None),
                        attention="mla", q_lora_rank=hf.get("q_lora_rank"), kv_lora_rank=int(hf["kv_lora_rank"]),
                        qk_nope_head_dim=int(hf["qk_nope_head_dim"]), qk_rope_head_dim=int(hf["qk_rope_head_dim"]),
-                       v_head_dim=int(hf["v_head_dim"]), moe=MoEConfig(**moe),
-                       first_dense_layers=int(hf.get("first_k_dense_replace") or 0))
+                       v_head_dim=int(hf["v_head_dim"]), moe=MoEConfig(**moe), first_dense_layers=first_dense,
+                       moe_every=every)
 
 
 def model_config_from_hf(hf: dict, *, path: str = "config.json", expert_backend: str = "ragged_dot",
@@ -95,8 +189,8 @@ def model_config_from_hf(hf: dict, *, path: str = "config.json", expert_backend:
                          dtype: str = "float32") -> ModelConfig:
     """The `ModelConfig` of a Hugging Face config.json dict (raises `HFConfigError` naming the field)."""
     family = family_of(hf, path)
-    if family == "deepseek_v3":
-        if hf.get("rope_interleave") is False:
+    if family in ("deepseek_v2", "deepseek_v3"):
+        if family == "deepseek_v3" and hf.get("rope_interleave") is False:
             raise _fail(path, "rope_interleave", False, "only DeepSeek's interleaved RoPE layout is mapped.")
         D, H = int(_need(hf, path, "hidden_size")), int(_need(hf, path, "num_attention_heads"))
         K = int(_need(hf, path, "num_experts_per_tok"))
@@ -104,14 +198,14 @@ def model_config_from_hf(hf: dict, *, path: str = "config.json", expert_backend:
         common = dict(vocab_size=int(_need(hf, path, "vocab_size")), d_model=D, num_layers=int(_need(
             hf, path, "num_hidden_layers")), num_heads=H, d_ff=int(_need(hf, path, "intermediate_size")),
             activation="swiglu", norm="rmsnorm", norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
-            rope_theta=_rope(hf, path), max_seq_len=seq if max_seq_len is None else min(seq, max_seq_len),
+            **_rope(hf, path, yarn=True), max_seq_len=seq if max_seq_len is None else min(seq, max_seq_len),
             tie_embeddings=bool(hf.get("tie_word_embeddings", False)), dtype=dtype, param_dtype=param_dtype)
         if hf.get("hidden_act", "silu") != "silu":
             raise _fail(path, "hidden_act", hf["hidden_act"], "only SiLU-gated (SwiGLU) FFNs are implemented.")
         moe_common = dict(d_model=D, num_experts_per_token=K, router="top_k", capacity_factor=None,
                           eval_capacity_factor=None, expert_backend=expert_backend, activation="swiglu",
                           balance_loss_scope="batch", z_loss_coef=0.0)
-        return _deepseek_v3(hf, path, common, moe_common)
+        return (_deepseek_v3 if family == "deepseek_v3" else _deepseek_v2)(hf, path, common, moe_common)
     act = hf.get("hidden_act", "silu")
     if act != "silu":
         raise _fail(path, "hidden_act", act, "only SiLU-gated (SwiGLU) FFNs are implemented ('silu').")
@@ -182,7 +276,7 @@ def model_config_from_hf(hf: dict, *, path: str = "config.json", expert_backend:
         vocab_size=int(_need(hf, path, "vocab_size")), d_model=D, num_layers=L, num_heads=H,
         d_ff=int(hf.get("intermediate_size") or expert_width), num_kv_heads=kv, head_dim=head_dim,
         activation="swiglu", norm="rmsnorm", norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
-        rope_theta=_rope(hf, path), max_seq_len=seq, attention="mha", attention_bias=bias, qk_norm=qk_norm,
+        **_rope(hf, path), max_seq_len=seq, attention="mha", attention_bias=bias, qk_norm=qk_norm,
         moe=MoEConfig(**moe), moe_every=every, first_dense_layers=first_dense,
         tie_embeddings=bool(hf.get("tie_word_embeddings", False)), dtype=dtype, param_dtype=param_dtype)
 
@@ -197,9 +291,10 @@ def hf_config_from_model(cfg: ModelConfig, family: str, *, extra: Optional[dict]
     where = f"ModelConfig (export to {family})"
     if m is None:
         raise _fail(where, "moe", None, "a dense model has no MoE family to export to.")
-    if family == "deepseek_v3":
-        return _deepseek_v3_config(cfg, where, extra)
-    checks = [("attention", cfg.attention, "mha"), ("norm", cfg.norm, "rmsnorm"), ("activation", m.activation, "swiglu"),
+    if family in ("deepseek_v2", "deepseek_v3"):
+        return _deepseek_config(cfg, family, where, extra)
+    checks = [("rope_scaling", cfg.rope_scaling, None),
+              ("attention", cfg.attention, "mha"), ("norm", cfg.norm, "rmsnorm"), ("activation", m.activation, "swiglu"),
               ("router", m.router, "top_k"), ("score_fn", m.score_fn, "softmax"), ("granularity", m.granularity, 1),
               ("topk_order", m.topk_order, "softmax_topk"), ("n_expert_groups", m.n_expert_groups, 1),
               ("routed_scaling_factor", m.routed_scaling_factor, 1.0), ("expert_bias", m.expert_bias, False),
@@ -250,19 +345,26 @@ def hf_config_from_model(cfg: ModelConfig, family: str, *, extra: Optional[dict]
     return hf
 
 
-def _deepseek_v3_config(cfg: ModelConfig, where: str, extra: Optional[dict]) -> dict[str, Any]:
+def _deepseek_config(cfg: ModelConfig, family: str, where: str, extra: Optional[dict]) -> dict[str, Any]:
     m = cfg.moe
+    v3 = family == "deepseek_v3"
     checks = [("attention", cfg.attention, "mla"), ("norm", cfg.norm, "rmsnorm"), ("norm_eps", cfg.norm_eps, 1e-6),
-              ("activation", m.activation, "swiglu"), ("router", m.router, "top_k"), ("score_fn", m.score_fn, "sigmoid"),
-              ("granularity", m.granularity, 1), ("use_correction_bias", m.use_correction_bias, True),
-              ("group_score", m.group_score, "top2_sum"), ("moe_every", cfg.moe_every, 1),
-              ("moe_output_norm", cfg.moe_output_norm, False), ("shared_expert_gate", m.shared_expert_gate, False),
-              ("shared_d_ff", m.shared_d_ff or m.d_ff, m.d_ff), ("expert_bias", m.expert_bias, False)]
+              ("activation", m.activation, "swiglu"), ("router", m.router, "top_k"),
+              ("score_fn", m.score_fn, "sigmoid" if v3 else "softmax"), ("topk_order", m.topk_order, "softmax_topk"),
+              ("granularity", m.granularity, 1), ("use_correction_bias", m.use_correction_bias, v3),
+              ("moe_every", cfg.moe_every, 1), ("moe_output_norm", cfg.moe_output_norm, False),
+              ("shared_expert_gate", m.shared_expert_gate, False), ("shared_d_ff", m.shared_d_ff or m.d_ff, m.d_ff),
+              ("expert_bias", m.expert_bias, False)]
+    if v3 or m.n_expert_groups > 1:
+        checks.append(("group_score", m.group_score, "top2_sum" if v3 else "max"))
+    if not v3:
+        checks += [("normalize_topk", m.normalize_topk, False),
+                   ("num_shared_experts", m.num_shared_experts > 0, True)]
     for field, value, want in checks:
         if value != want:
-            raise _fail(where, field, value, f"deepseek_v3 needs {want!r}.")
+            raise _fail(where, field, value, f"{family} needs {want!r}.")
     hf: dict[str, Any] = {
-        "model_type": "deepseek_v3", "architectures": [FAMILIES["deepseek_v3"]], "vocab_size": cfg.vocab_size,
+        "model_type": family, "architectures": [FAMILIES[family]], "vocab_size": cfg.vocab_size,
         "hidden_size": cfg.d_model, "intermediate_size": cfg.d_ff, "moe_intermediate_size": m.d_ff,
         "num_hidden_layers": cfg.num_layers, "num_attention_heads": cfg.num_heads,
         "num_key_value_heads": cfg.num_heads, "n_shared_experts": m.num_shared_experts,
@@ -272,11 +374,13 @@ def _deepseek_v3_config(cfg: ModelConfig, where: str, extra: Optional[dict]) -> 
         "topk_group": m.topk_groups, "num_experts_per_tok": m.num_experts_per_token,
         "first_k_dense_replace": cfg.first_dense_layers, "norm_topk_prob": m.normalize_topk, "hidden_act": "silu",
         "max_position_embeddings": cfg.max_seq_len, "rms_norm_eps": cfg.norm_eps,
-        "tie_word_embeddings": cfg.tie_embeddings, "rope_interleave": True, "attention_bias": False,
-        "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta}, "rope_theta": cfg.rope_theta,
-        "torch_dtype": cfg.param_dtype, "dtype": cfg.param_dtype, "num_mtp_layers": 0,
+        "tie_word_embeddings": cfg.tie_embeddings, "attention_bias": False, **_rope_out(cfg),
+        "torch_dtype": cfg.param_dtype, "dtype": cfg.param_dtype,
     }
+    if v3:
+        hf.update(rope_interleave=True, num_mtp_layers=0)
+    else:
+        hf.update(topk_method="group_limited_greedy" if m.n_expert_groups > 1 else "greedy", mlp_bias=False)
     for key, value in (extra or {}).items():
         hf.setdefault(key, value)
     return hf
-

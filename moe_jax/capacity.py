@@ -2,7 +2,10 @@
 
 Each expert has C slots per group. Choices claim slots in priority order, k-major: every token's
 first choice before any token's second choice (GShard, Switch), and within one k either position
-order or batch-priority order (tokens sorted by their top router weight, Riquelme et al. 2021).
+order or batch-priority order: tokens sorted by the router's top probability, i.e. the score of the
+token's first choice BEFORE any renormalisation of the k weights (Riquelme et al. 2021; NLLB-MoE's
+`batch_prioritized_routing`). Ranking by the combine weight after `normalize_topk` would make every
+top-1 key 1.0 and batch priority silently position order.
 
 Overflow policies, for a choice that finds its expert full:
   drop            the choice is dropped: weight 0; a token with every choice dropped gets 0 from the
@@ -16,6 +19,14 @@ Overflow policies, for a choice that finds its expert full:
                   it does not already use and that still has room; this repeats in rounds (in priority
                   order within a round) until no choice can move or `max_rounds` is reached. A rerouted
                   choice keeps its combine weight, so a token's weights still sum as the router set them.
+  renormalize     as drop, then the kept choices of a token share its whole weight: each is scaled by
+                  (sum of the token's k weights) / (sum of its kept weights), so a token that loses its
+                  second expert of two normalised ones weighs 1 on its first (NLLB-MoE with
+                  normalize_router_prob_before_dropping=False). A token with every choice dropped stays
+                  at 0. With k = 1 it is drop.
+
+Masked tokens (`token_mask_GS` False: padding) claim no slot: they are neither kept nor dropped, weigh
+0, and do not move any other token's position.
 """
 from __future__ import annotations
 
@@ -28,14 +39,15 @@ from moe_jax.routing import Routing
 from moe_jax.types import Array
 
 
-def priority_order_GS(weight_GSK: Array, priority: str) -> Array:
-    """<int32>[G, S]: token indices in the order they claim slots (within one k)."""
-    G, S, _ = weight_GSK.shape
+def priority_order_GS(key_GS: Array, priority: str) -> Array:
+    """<int32>[G, S]: token indices in the order they claim slots (within one k); key_GS <float32>[G, S]
+    is what priority='top_prob' sorts by, descending."""
+    G, S = key_GS.shape
     if priority == "position":
         return jnp.broadcast_to(jnp.arange(S, dtype=jnp.int32), (G, S))
     if priority == "top_prob":
-        # Stable sort on -top weight: equal weights keep position order.
-        return jnp.argsort(-jax.lax.stop_gradient(weight_GSK[..., 0]), axis=1, stable=True).astype(jnp.int32)
+        # Stable sort on -key: equal keys keep position order.
+        return jnp.argsort(-jax.lax.stop_gradient(key_GS), axis=1, stable=True).astype(jnp.int32)
     raise ValueError(f"priority={priority!r} is not 'position' or 'top_prob'.")
 
 
@@ -75,25 +87,38 @@ def assign_capacity(
     nominal_capacity: Optional[int] = None,
     selection_GSE: Optional[Array] = None,
     max_rounds: Optional[int] = None,
+    priority_key_GS: Optional[Array] = None,
+    token_mask_GS: Optional[Array] = None,
 ) -> Routing:
     """Places token choices into E experts x `capacity` slots per group; see the module docstring.
 
     expert_GSK: <int32>[G, S, K] the router's choices, best first; weight_GSK their combine weights.
     nominal_capacity: the C that `reduced_weight` scales by (its buffer is `capacity`).
     selection_GSE: <float32>[G, S, E] scores that rank fallback experts for `reroute` (-inf = never).
+    priority_key_GS: <float32>[G, S] what priority='top_prob' ranks tokens by: the router's top probability
+        before renormalisation (`Router.route` passes it). Default weight_GSK[..., 0], the combine weight,
+        which is the same key only when the weights are unnormalised probabilities.
+    token_mask_GS: <bool>[G, S] False for tokens that take no part (padding); default all True.
     """
     G, S, K = expert_GSK.shape
     E, C = num_experts, capacity
     if C < 1:
         raise ValueError(f"assign_capacity: capacity={C} must be >= 1.")
     expert_GSK = expert_GSK.astype(jnp.int32)
-    order_GS = priority_order_GS(weight_GSK, priority)
+    order_GS = priority_order_GS(weight_GSK[..., 0] if priority_key_GS is None else priority_key_GS, priority)
     routed_GSK = jnp.ones((G, S, K), jnp.bool_)
+    if token_mask_GS is not None:
+        routed_GSK = routed_GSK & token_mask_GS.astype(jnp.bool_)[..., None]
     pos_GSK = _positions(expert_GSK, routed_GSK, order_GS, jnp.zeros((G, E), jnp.int32), E)
-    kept_GSK = pos_GSK < C
+    kept_GSK = routed_GSK & (pos_GSK < C)
 
     if overflow == "drop":
         pass
+    elif overflow == "renormalize":
+        total_GS1 = jnp.where(routed_GSK, weight_GSK, 0.0).sum(-1, keepdims=True)
+        kept_GS1 = jnp.where(kept_GSK, weight_GSK, 0.0).sum(-1, keepdims=True)
+        # Where nothing is kept the weights become 0 below; the guarded denominator only avoids 0 / 0.
+        weight_GSK = weight_GSK * (total_GS1 / jnp.where(kept_GS1 > 0, kept_GS1, 1.0))
     elif overflow == "reduced_weight":
         if nominal_capacity is None:
             raise ValueError("assign_capacity: overflow='reduced_weight' needs nominal_capacity.")
@@ -104,10 +129,10 @@ def assign_capacity(
         if selection_GSE is None:
             raise ValueError("assign_capacity: overflow='reroute' needs selection_GSE to rank fallback experts.")
         expert_GSK, pos_GSK, kept_GSK = _reroute(
-            expert_GSK, pos_GSK, kept_GSK, order_GS, jax.lax.stop_gradient(selection_GSE), C,
+            expert_GSK, pos_GSK, kept_GSK, routed_GSK, order_GS, jax.lax.stop_gradient(selection_GSE), C,
             max_rounds if max_rounds is not None else max(E - K, 0))
     else:
-        raise ValueError(f"overflow={overflow!r} is not one of drop, reduced_weight, reroute.")
+        raise ValueError(f"overflow={overflow!r} is not one of drop, reduced_weight, reroute, renormalize.")
 
     slot_GSK = jnp.where(kept_GSK, expert_GSK * C + pos_GSK, E * C).astype(jnp.int32)
     weight_GSK = jnp.where(kept_GSK, weight_GSK, 0.0)
@@ -117,11 +142,11 @@ def assign_capacity(
         jnp.arange(G)[:, None, None], slot_GSK].set(jnp.broadcast_to(sk_GSK, (G, S, K)))  # [G, E * C + 1]
     return Routing(
         slot_GSK=slot_GSK, weight_GSK=weight_GSK, expert_GSK=expert_GSK,
-        src_GEC=src[:, : E * C].reshape(G, E, C), dropped_GSK=~kept_GSK,
+        src_GEC=src[:, : E * C].reshape(G, E, C), dropped_GSK=routed_GSK & ~kept_GSK,
         num_experts=E, capacity=C)
 
 
-def _reroute(expert_GSK, pos_GSK, kept_GSK, order_GS, selection_GSE, C, max_rounds):
+def _reroute(expert_GSK, pos_GSK, kept_GSK, routed_GSK, order_GS, selection_GSE, C, max_rounds):
     """Rounds of moving overflowed choices to the next-best expert with room (see module docstring)."""
     G, S, K = expert_GSK.shape
     E = selection_GSE.shape[-1]
@@ -130,7 +155,7 @@ def _reroute(expert_GSK, pos_GSK, kept_GSK, order_GS, selection_GSE, C, max_roun
 
     def round_(_, carry):
         expert_GSK, pos_GSK, kept_GSK, fill_GE, tried_GSE = carry
-        waiting_GSK = ~kept_GSK
+        waiting_GSK = routed_GSK & ~kept_GSK
         room_GE = fill_GE < C
         candidate_GSE = jnp.where(tried_GSE | ~room_GE[:, None, :], -jnp.inf, selection_GSE)
         # A token with several waiting choices sends them to its best, second best, ... candidates.

@@ -15,7 +15,7 @@ from typing import Optional
 ROUTERS = ("top_k", "expert_choice", "hash", "soft")
 SCORE_FNS = ("softmax", "sigmoid")
 TOPK_ORDERS = ("softmax_topk", "topk_softmax")
-OVERFLOW_POLICIES = ("drop", "reduced_weight", "reroute")
+OVERFLOW_POLICIES = ("drop", "reduced_weight", "reroute", "renormalize")
 PRIORITIES = ("position", "top_prob")
 DISPATCHES = ("gather", "einsum")
 EXPERT_BACKENDS = ("einsum", "ragged_dot", "blocked", "pallas")
@@ -84,8 +84,8 @@ class MoEConfig:
     min_capacity: int = 4
     group_size: Optional[int] = None  # tokens per routing group; None = one sequence (tokens) / batch (position)
     grouping: str = "tokens"  # tokens: consecutive tokens of the flattened batch | position: same position across sequences
-    priority: str = "position"  # position order | top_prob (batch-priority routing, Riquelme et al. 2021)
-    overflow: str = "drop"  # drop | reduced_weight | reroute
+    priority: str = "position"  # position order | top_prob: by the router's top probability (Riquelme et al. 2021)
+    overflow: str = "drop"  # drop | reduced_weight | reroute | renormalize (drop, then kept weights share the total)
     overflow_buffer_factor: float = 2.0  # reduced_weight: buffer of ceil(factor * C) slots per expert
     max_reroute_rounds: Optional[int] = None  # reroute: None = E - k rounds (every expert can be tried)
     dispatch: str = "gather"  # gather (index) | einsum (Switch/GShard one-hot tensors)
@@ -165,6 +165,10 @@ class MoEConfig:
             raise ValueError(
                 "MoEConfig.overflow='reroute' moves overflowed choices to the next-best expert by router score, "
                 "but router='hash' has no scores; use overflow='drop' or 'reduced_weight'.")
+        if self.overflow == "renormalize" and self.router not in ("top_k", "hash"):
+            raise ValueError(
+                f"MoEConfig.overflow='renormalize' rescales the kept choices of each token, but router="
+                f"{self.router!r} makes no token choices; use router='top_k' (or 'hash'), or overflow='drop'.")
         if self.use_correction_bias and self.router != "top_k":
             raise ValueError("MoEConfig.use_correction_bias needs router='top_k'.")
         if self.topk_order == "topk_softmax" and self.score_fn != "softmax":

@@ -16,6 +16,13 @@ Tokens are routed within groups (`MoEConfig.grouping`, `group_size`):
   position  groups of the tokens at one position across sequences (Krajewski et al. 2024): nothing a
             token's routing depends on comes from a later position of any sequence, so expert
             choice and capacity drops are causal.
+
+A token mask (`token_mask_BL`, False = padding) leaves tokens out of the layer: they claim no capacity
+(no other token's routing changes), their output is exactly 0 (routed and shared experts alike; the
+residual carries them), and they count in no statistic: neither f_i nor P_i of the balance loss (as
+Hugging Face's `load_balancing_loss_func` with an attention mask), nor the z-loss, nor any metric (load
+per expert, dropped fractions, entropy). Token choice only (router 'top_k' or 'hash'); on the capacity
+paths (gather, einsum) and the dropless path of one device. The expert-parallel wrapper refuses it.
 """
 from __future__ import annotations
 
@@ -59,6 +66,7 @@ class RoutingStats:
     choices before capacity (None for expert choice and Soft MoE).  served_E: <float32>[E] choices each
     expert served.  dropped_GSK: <bool>[G, S, K].  unserved_GS: <bool>[G, S].  weight_GSK: <float32>[G, S, K]
     the combine weights of the token choices before capacity (None where expert_GSK is None, or not kept).
+    token_mask_GS: <bool>[G, S] the layer's token mask, grouped (None: every token counts).
     """
 
     logits_GSE: Array
@@ -67,6 +75,7 @@ class RoutingStats:
     dropped_GSK: Array
     unserved_GS: Array
     weight_GSK: Optional[Array] = None
+    token_mask_GS: Optional[Array] = None
 
 
 def group_tokens(x: Array, cfg: MoEConfig) -> Array:
@@ -119,16 +128,19 @@ class MoELayer(nnx.Module):
 
     def __call__(self, x_BLD: Array, *, train: bool = False, rng: Optional[Array] = None,
                  token_ids_BL: Optional[Array] = None, replay: Optional[tuple] = None,
-                 balance_load: Optional[Array] = None) -> tuple[Array, MoEAux]:
+                 balance_load: Optional[Array] = None,
+                 token_mask_BL: Optional[Array] = None) -> tuple[Array, MoEAux]:
         """x_BLD <dtype>[B, L, D] -> (y_BLD, MoEAux). `rng` turns on router noise (training only);
-        `replay`: see `forward`; `balance_load`: see `aux`."""
+        `replay`, `token_mask_BL`: see `forward`; `balance_load`: see `aux`."""
         B, L, _ = x_BLD.shape
-        y_BLD, stats = self.forward(x_BLD, train=train, rng=rng, token_ids_BL=token_ids_BL, replay=replay)
+        y_BLD, stats = self.forward(x_BLD, train=train, rng=rng, token_ids_BL=token_ids_BL, replay=replay,
+                                    token_mask_BL=token_mask_BL)
         return y_BLD, self.aux(stats, B, L, train, balance_load=balance_load)
 
     def forward(self, x_BLD: Array, *, train: bool, rng: Optional[Array] = None,
                 token_ids_BL: Optional[Array] = None, run_experts=None,
-                replay: Optional[tuple] = None, run_dropless=None) -> tuple[Array, RoutingStats]:
+                replay: Optional[tuple] = None, run_dropless=None,
+                token_mask_BL: Optional[Array] = None) -> tuple[Array, RoutingStats]:
         """The layer without its losses and metrics: x_BLD <dtype>[B, L, D] -> (y_BLD, RoutingStats).
 
         run_experts: capacity buffers `[E, X, D] -> [E, X, D]` through the experts; default `self.experts`
@@ -140,6 +152,8 @@ class MoELayer(nnx.Module):
         `(x_TD, expert_TK, weight_TK) -> y_TD` (the weighted sum over the K choices); default: sorted by
         expert on this device (the expert-parallel path exchanges the sorted rows with the devices holding
         the experts, moe_jax.sharding.dropless).
+        token_mask_BL: <bool>[B, L] False for tokens left out of the layer (padding): no capacity, output 0, no
+        statistics (see the module docstring). Token choice only.
         """
         cfg = self.cfg
         B, L, D = x_BLD.shape
@@ -148,6 +162,15 @@ class MoELayer(nnx.Module):
         x_GSD = group_tokens(x_BLD, cfg).astype(self.dtype)
         G, S, _ = x_GSD.shape
         token_ids_GS = None if token_ids_BL is None else group_tokens(token_ids_BL, cfg)
+        mask_GS = None
+        if token_mask_BL is not None:
+            if token_mask_BL.shape != (B, L):
+                raise ValueError(f"MoELayer: token_mask of shape {token_mask_BL.shape} does not match the "
+                                 f"[{B}, {L}] batch; give one bool per token (False = padding).")
+            if cfg.router in ("soft", "expert_choice"):
+                raise ValueError(f"MoEConfig.router={cfg.router!r} has no per-token choices to mask: a token mask "
+                                 "(padding) is supported for router='top_k' and 'hash'; pass token_mask=None.")
+            mask_GS = group_tokens(token_mask_BL.astype(jnp.bool_), cfg)
         logits_GSE = self.router.logits(x_GSD, rng if train else None)
         replay_GSK = None
         if replay is not None:
@@ -161,12 +184,13 @@ class MoELayer(nnx.Module):
         weight_GSK = None
         if cfg.capacity_factor_for(train) is None:
             y_GSD, expert_GSK, weight_GSK = self._dropless(x_GSD, logits_GSE, token_ids_GS, replay_GSK,
-                                                            run_dropless)
-            served_E = jax.nn.one_hot(expert_GSK, cfg.num_routed_experts, dtype=jnp.float32).sum(axis=(0, 1, 2))
+                                                            run_dropless, mask_GS)
+            served_E = losses_lib.expert_load(expert_GSK, cfg.num_routed_experts, mask_GS).sum(axis=0)
             dropped_GSK = jnp.zeros(expert_GSK.shape, jnp.bool_)
             unserved_GS = jnp.zeros((G, S), jnp.bool_)
         else:
-            routed = self.router.route(logits_GSE, train=train, token_ids_GS=token_ids_GS, replay=replay_GSK)
+            routed = self.router.route(logits_GSE, train=train, token_ids_GS=token_ids_GS, replay=replay_GSK,
+                                       token_mask_GS=mask_GS)
             routing, expert_GSK, weight_GSK = routed.routing, routed.expert_GSK, routed.weight_GSK
             dispatcher = dispatch_lib.make_dispatcher(cfg.dispatch)
             buffer_EXD = dispatcher.dispatch(x_GSD, routing)
@@ -180,24 +204,31 @@ class MoELayer(nnx.Module):
                 gate_T1 = jax.nn.sigmoid(x_GSD.reshape(G * S, D) @ self.shared_gate_D1[...].astype(self.dtype))
                 shared_TD = gate_T1 * shared_TD
             y_GSD = y_GSD + shared_TD.reshape(G, S, D)
+        if mask_GS is not None:
+            y_GSD = jnp.where(mask_GS[..., None], y_GSD, jnp.zeros((), y_GSD.dtype))
+            unserved_GS = unserved_GS & mask_GS
 
         stats = RoutingStats(logits_GSE=logits_GSE, expert_GSK=expert_GSK, served_E=served_E,
-                             dropped_GSK=dropped_GSK, unserved_GS=unserved_GS, weight_GSK=weight_GSK)
+                             dropped_GSK=dropped_GSK, unserved_GS=unserved_GS, weight_GSK=weight_GSK,
+                             token_mask_GS=mask_GS)
         return ungroup_tokens(y_GSD, cfg, B, L).astype(x_BLD.dtype), stats
 
-    def _dropless(self, x_GSD, logits_GSE, token_ids_GS, replay_GSK=None, run_dropless=None):
+    def _dropless(self, x_GSD, logits_GSE, token_ids_GS, replay_GSK=None, run_dropless=None, mask_GS=None):
         cfg = self.cfg
         G, S, D = x_GSD.shape
         if replay_GSK is not None and cfg.router in ("soft", "expert_choice"):
             self.router._replayed(logits_GSE, *replay_GSK)  # raises: nothing to replay
         expert_GSK, weight_GSK, _ = self.router.choices(logits_GSE, token_ids_GS, replay_GSK)
         K = expert_GSK.shape[-1]
+        # Masked tokens still occupy rows of the sorted buffer (its size is static) but weigh 0.
+        run_weight_GSK = weight_GSK if mask_GS is None else jnp.where(mask_GS[..., None], weight_GSK, 0.0)
         if run_dropless is not None:
-            y_TD = run_dropless(x_GSD.reshape(G * S, D), expert_GSK.reshape(G * S, K), weight_GSK.reshape(G * S, K))
+            y_TD = run_dropless(x_GSD.reshape(G * S, D), expert_GSK.reshape(G * S, K),
+                                run_weight_GSK.reshape(G * S, K))
             return y_TD.reshape(G, S, D), expert_GSK, weight_GSK
         block = cfg.dropless_block_size if cfg.expert_backend == "blocked" else 1
         sorted_routing = dispatch_lib.sort_choices(
-            expert_GSK.reshape(G * S, K), weight_GSK.reshape(G * S, K), cfg.num_routed_experts, block)
+            expert_GSK.reshape(G * S, K), run_weight_GSK.reshape(G * S, K), cfg.num_routed_experts, block)
         dispatcher = dispatch_lib.SortedDispatcher()
         rows_MD = dispatcher.dispatch(x_GSD.reshape(G * S, D), sorted_routing)
         out_MD = self.experts.grouped(rows_MD, sorted_routing.group_sizes_E, backend=cfg.expert_backend,
@@ -222,7 +253,7 @@ class MoELayer(nnx.Module):
         """
         cfg = self.cfg
         logits_GSE, expert_GSK, served_E = stats.logits_GSE, stats.expert_GSK, stats.served_E
-        dropped_GSK, unserved_GS = stats.dropped_GSK, stats.unserved_GS
+        dropped_GSK, unserved_GS, mask_GS = stats.dropped_GSK, stats.unserved_GS, stats.token_mask_GS
         G, S, _ = logits_GSE.shape
         E, T = cfg.num_routed_experts, G * S
         zero = jnp.zeros((), jnp.float32)
@@ -232,35 +263,37 @@ class MoELayer(nnx.Module):
             expert_logits_GSE = logits_GSE
         probs_GSE = balance_probs(expert_logits_GSE, cfg.score_fn)
         has_router = cfg.router != "hash"
-        z_loss = losses_lib.router_z_loss(logits_GSE.reshape(T, -1)) if has_router else zero
+        mask_T = None if mask_GS is None else mask_GS.reshape(T)
+        z_loss = losses_lib.router_z_loss(logits_GSE.reshape(T, -1), mask_T) if has_router else zero
         balance, own_load = zero, None
         if expert_GSK is not None and has_router:
-            K = expert_GSK.shape[-1]
-            if cfg.balance_loss_scope == "group":
-                p, e = probs_GSE, expert_GSK
-            elif cfg.balance_loss_scope == "sequence":
-                p, e = ungroup_tokens(probs_GSE, cfg, B, L), ungroup_tokens(expert_GSK, cfg, B, L)
-            elif balance_shards == 1:
-                p, e = probs_GSE.reshape(1, T, E), expert_GSK.reshape(1, T, K)
-            else:  # shard-major token order: ungrouped [B, L], sharded over B
-                n = balance_shards
-                p = ungroup_tokens(probs_GSE, cfg, B, L).reshape(n, T // n, E)
-                e = ungroup_tokens(expert_GSK, cfg, B, L).reshape(n, T // n, K)
+
+            def scoped(a_GS):
+                """[G, S, ...] -> [scopes, tokens per scope, ...] for the balance loss's scope."""
+                if a_GS is None or cfg.balance_loss_scope == "group":
+                    return a_GS
+                if cfg.balance_loss_scope == "sequence":
+                    return ungroup_tokens(a_GS, cfg, B, L)
+                if balance_shards == 1:
+                    return a_GS.reshape((1, T) + a_GS.shape[2:])
+                n = balance_shards  # shard-major token order: ungrouped [B, L], sharded over B
+                return ungroup_tokens(a_GS, cfg, B, L).reshape((n, T // n) + a_GS.shape[2:])
+
+            p, e, m = scoped(probs_GSE), scoped(expert_GSK), scoped(mask_GS)
             load = None
             if cfg.balance_loss_scope == "batch":
-                own_load = losses_lib.expert_load(e, E)
+                own_load = losses_lib.expert_load(e, E, m)
                 load = balance_load
-            balance = losses_lib.load_balancing_loss(p, e, E, load_GE=load)
+            balance = losses_lib.load_balancing_loss(p, e, E, load_GE=load, token_mask_GS=m)
         losses = {
             "balance_loss": balance,
             "z_loss": z_loss,
             "aux_loss": cfg.balance_loss_coef * balance + cfg.z_loss_coef * z_loss,
         }
-        routed_E = served_E if expert_GSK is None else (
-            jax.nn.one_hot(expert_GSK, E, dtype=jnp.float32).sum(axis=(0, 1, 2)))
+        routed_E = served_E if expert_GSK is None else losses_lib.expert_load(expert_GSK, E, mask_GS).sum(axis=0)
         metrics = losses_lib.routing_metrics(
             probs_TE=probs_GSE.reshape(T, E), routed_E=routed_E, served_E=served_E,
-            dropped_TK=dropped_GSK.reshape(T, -1), unserved_T=unserved_GS.reshape(T))
+            dropped_TK=dropped_GSK.reshape(T, -1), unserved_T=unserved_GS.reshape(T), token_mask_T=mask_T)
         for name, value in layer_flops(cfg, num_tokens=T, group_size=S, train=train).items():
             metrics[name] = jnp.asarray(value, jnp.float32)
         return MoEAux(losses=losses, metrics=metrics, choices=self._choices(stats, B, L),

@@ -123,9 +123,15 @@ class Router(nnx.Module):
         return expert_GSK, weight_GSK.astype(jnp.float32), self._selection(logits_GSE)
 
     def route(self, logits_GSE: Array, *, train: bool, token_ids_GS: Optional[Array] = None,
-              replay: Optional[tuple] = None) -> RouterOutput:
-        """Capacity routing for the fixed-buffer paths (Soft MoE: logits_GSE are its slot logits)."""
+              replay: Optional[tuple] = None, token_mask_GS: Optional[Array] = None) -> RouterOutput:
+        """Capacity routing for the fixed-buffer paths (Soft MoE: logits_GSE are its slot logits).
+
+        token_mask_GS: <bool>[G, S] False for tokens that claim no capacity (padding); token choice only.
+        """
         cfg = self.cfg
+        if token_mask_GS is not None and cfg.router in ("soft", "expert_choice"):
+            raise ValueError(f"MoEConfig.router={cfg.router!r} has no per-token choices to mask: a token mask "
+                             "(padding) is supported for router='top_k' and 'hash'; pass token_mask=None.")
         S = logits_GSE.shape[1]
         C = cfg.capacity(S, train)
         if replay is not None and cfg.router in ("soft", "expert_choice"):
@@ -138,5 +144,16 @@ class Router(nnx.Module):
         routing = capacity_lib.assign_capacity(
             expert_GSK, weight_GSK, num_experts=cfg.num_routed_experts, capacity=C, priority=cfg.priority,
             overflow=cfg.overflow, nominal_capacity=cfg.nominal_capacity(S, train),
-            selection_GSE=selection_GSE, max_rounds=cfg.max_reroute_rounds)
+            selection_GSE=selection_GSE, max_rounds=cfg.max_reroute_rounds,
+            priority_key_GS=self.priority_key(logits_GSE, expert_GSK) if cfg.priority == "top_prob" else None,
+            token_mask_GS=token_mask_GS)
         return RouterOutput(routing, expert_GSK, weight_GSK)
+
+    def priority_key(self, logits_GSE: Array, expert_GSK: Array) -> Array:
+        """<float32>[G, S]: what batch-priority routing ranks tokens by: the router's score (softmax probability,
+        or sigmoid) of the token's first choice, before normalize_topk, routed_scaling_factor or a correction
+        bias (Riquelme et al. 2021; NLLB-MoE ranks by the top softmax probability). Not the combine weight:
+        after normalisation every top-1 weight is 1 and the ranking would collapse to position order.
+        Hash routing has no scores (uniform): position order."""
+        scores_GSE = routing_lib.scores_from_logits(logits_GSE, self.cfg.score_fn)
+        return jnp.take_along_axis(scores_GSE, expert_GSK[..., :1], axis=-1)[..., 0]

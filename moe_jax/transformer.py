@@ -99,7 +99,8 @@ class Block(nnx.Module):
         self.moe_norm = nnx.data(moe_norm)
 
     def __call__(self, x_BLD: Array, positions_BL: Array, tokens_BL: Array, *, train: bool,
-                 rng: Optional[Array], cache=None, index=None, replay=None, balance_load: Optional[Array] = None):
+                 rng: Optional[Array], cache=None, index=None, replay=None, balance_load: Optional[Array] = None,
+                 token_mask_BL: Optional[Array] = None):
         h_BLD, cache = self.attn(self.attn_norm(x_BLD), positions_BL, cache, index)
         x_BLD = x_BLD + h_BLD.astype(x_BLD.dtype)
         y_BLD = self.ffn_norm(x_BLD)
@@ -107,6 +108,8 @@ class Block(nnx.Module):
         if self.is_moe:
             # (only when given: the expert-parallel wrapper of moe_jax.sharding takes no replay)
             extra = {} if replay is None else {"replay": replay}
+            if token_mask_BL is not None:
+                extra["token_mask_BL"] = token_mask_BL
             y_BLD, aux = self.ffn(y_BLD, train=train, rng=rng, token_ids_BL=tokens_BL, balance_load=balance_load,
                                   **extra)
             if self.moe_norm is not None:
@@ -156,7 +159,7 @@ class Transformer(nnx.Module):
 
     def __call__(self, tokens_BL: Array, *, train: bool = False, rng: Optional[Array] = None,
                  replay: Optional[tuple] = None, balance_load: Optional[dict] = None,
-                 mtp: bool = False) -> tuple[Array, ModelAux]:
+                 mtp: bool = False, token_mask: Optional[Array] = None) -> tuple[Array, ModelAux]:
         """tokens_BL <int>[B, L] -> (logits <float32>[B, L, V], ModelAux). `rng` drives router noise (train).
 
         replay: one (expert_BLK, weight_BLK or None) per MoE layer in depth order, routing used instead of the
@@ -165,6 +168,9 @@ class Transformer(nnx.Module):
         balance_loss_scope='batch' loss uses for f_i (`MoELayer.aux`): a microbatched train step passes the
         whole batch's (the sum over its microbatches of `ModelAux.layers[i]["balance_load"]`).
         mtp: also run the multi-token-prediction modules (if any): `ModelAux.mtp_logits`.
+        token_mask: <bool>[B, L] False for padding: every MoE layer leaves those tokens out (no capacity, output
+        0, no balance statistics or metrics; `MoELayer.forward`). Attention is not masked: pad at the end of a
+        sequence (right padding), which causal attention keeps out of every real token.
         """
         self._check_tokens(tokens_BL, self.cfg.max_seq_len, "ModelConfig.max_seq_len")
         B, L = tokens_BL.shape
@@ -173,12 +179,19 @@ class Transformer(nnx.Module):
                              "(depth k predicts token i + k + 1 at positions i < L - k); use sequences longer than "
                              "ModelConfig.mtp_depth + 1 tokens (inputs plus targets).")
         positions_BL = jnp.broadcast_to(jnp.arange(L, dtype=jnp.int32), (B, L))
+        if token_mask is not None:
+            if token_mask.shape != (B, L):
+                raise ValueError(f"Transformer: token_mask of shape {token_mask.shape} does not match the tokens' "
+                                 f"[{B}, {L}]; give one bool per token (False = padding).")
+            if mtp and self.mtp is not None:
+                raise ValueError("Transformer: token_mask is not supported with mtp=True (the MTP modules see "
+                                 "shifted windows of the sequence); call with mtp=False or token_mask=None.")
         moe_count = sum(b.is_moe for b in self.blocks)
         if replay is not None and len(replay) != moe_count:
             raise ValueError(f"Transformer: replay has {len(replay)} entries for {moe_count} MoE layers; give one "
                              "(expert ids, weights or None) per MoE layer in depth order.")
         logits_BLV, aux, _ = self._forward(tokens_BL, positions_BL, train=train, rng=rng, replay=replay,
-                                           balance_load=balance_load, mtp=mtp)
+                                           balance_load=balance_load, mtp=mtp, token_mask_BL=token_mask)
         return logits_BLV, aux
 
     def init_cache(self, batch_size: int, max_len: Optional[int] = None) -> DecodeCache:
@@ -214,7 +227,7 @@ class Transformer(nnx.Module):
         return logits_BLV.astype(jnp.float32)
 
     def _forward(self, tokens_BL, positions_BL, *, train, rng, cache: Optional[DecodeCache] = None, replay=None,
-                 balance_load: Optional[dict] = None, mtp: bool = False):
+                 balance_load: Optional[dict] = None, mtp: bool = False, token_mask_BL: Optional[Array] = None):
         x_BLD = self._embed(tokens_BL)
         layer_aux, new_layers = [], []
         for i, block in enumerate(self.blocks):
@@ -224,7 +237,8 @@ class Transformer(nnx.Module):
             layer_replay = replay[len(layer_aux)] if replay is not None and block.is_moe else None
             load = None if balance_load is None else balance_load.get(i)
             x_BLD, aux, layer_cache = block(x_BLD, positions_BL, tokens_BL, train=train, rng=layer_rng,
-                                            cache=layer_cache, index=index, replay=layer_replay, balance_load=load)
+                                            cache=layer_cache, index=index, replay=layer_replay, balance_load=load,
+                                            token_mask_BL=token_mask_BL)
             new_layers.append(layer_cache)
             if aux is not None:
                 entry = {"layer": i, "losses": aux.losses, "metrics": aux.metrics, "choices": aux.choices}

@@ -14,7 +14,11 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 
+from flax import nnx
+
+from moe_jax import MoEConfig
 from moe_jax.capacity import assign_capacity
+from moe_jax.routers import Router
 
 assign = jax.jit(assign_capacity, static_argnames=(
     "num_experts", "capacity", "priority", "overflow", "nominal_capacity", "max_rounds"))
@@ -152,6 +156,143 @@ def test_unknown_policy_and_bad_capacity():
                         priority="random")
     with pytest.raises(ValueError, match="capacity"):
         assign_capacity(_arr([[0]], np.int32), _arr([[1.0]], np.float32), num_experts=1, capacity=0)
+
+
+# ---- batch priority ranks by the router's top probability, not the normalised weight ----
+
+def _route(logits, k, E, C, **kw):
+    """Router.route on one group of given logits: C = ceil(cf * S * k / E) with cf chosen to hit C."""
+    S = len(logits)
+    cfg = MoEConfig(d_model=4, d_ff=8, num_experts=E, num_experts_per_token=k, priority="top_prob",
+                    capacity_factor=C * E / (S * k), min_capacity=1, **kw)
+    router = Router(cfg, rngs=nnx.Rngs(0))
+    out = router.route(jnp.asarray(logits, jnp.float32)[None], train=True)
+    assert out.routing.capacity == C
+    return out
+
+
+def test_top_prob_top1_normalized_ranks_by_probability():
+    # One group of 4 tokens, E = 2, k = 1, C = 1; every token picks e0 (logit > 0).
+    # p(e0) = sigmoid(logit gap) = sigmoid(.1), sigmoid(.2), sigmoid(.3), sigmoid(2) = .525, .550, .574, .881.
+    # normalize_topk renormalises the one weight to 1.0 for all four: ranking by it ties everywhere and
+    # keeps token 0 (position order). Batch priority must keep token 3, the most confident.
+    logits = [[.1, 0], [.2, 0], [.3, 0], [2, 0]]
+    out = _route(logits, k=1, E=2, C=1, normalize_topk=True)
+    np.testing.assert_array_equal(np.asarray(out.weight_GSK)[0, :, 0], [1.0, 1.0, 1.0, 1.0])
+    np.testing.assert_array_equal(np.asarray(out.routing.dropped_GSK)[0, :, 0], [1, 1, 1, 0])
+    np.testing.assert_array_equal(np.asarray(out.routing.src_GEC)[0], [[3], [4]])  # 4 = S * K: empty
+    # The old key (the combine weight after normalisation) kept token 0 instead.
+    old = assign(out.expert_GSK, out.weight_GSK, num_experts=2, capacity=1, priority="top_prob")
+    np.testing.assert_array_equal(np.asarray(old.dropped_GSK)[0, :, 0], [0, 1, 1, 1])
+    # Unnormalised weights are the probabilities themselves: the same decision.
+    raw = _route(logits, k=1, E=2, C=1, normalize_topk=False)
+    np.testing.assert_array_equal(raw.routing.dropped_GSK, out.routing.dropped_GSK)
+
+
+def test_top_prob_top2_normalized_ranks_by_probability():
+    # S = 2, E = 3, k = 2, C = 1; logits = log p.
+    # t0: p = [.5, .45, .05] -> choices e0, e1; top p .5, normalised top weight .5 / .95 = .526.
+    # t1: p = [.4, .32, .28] -> choices e0, e1; top p .4, normalised top weight .4 / .72 = .556.
+    # By probability t0 claims first: k = 0: t0 -> e0 (c0), t1 -> e0 full; k = 1: t0 -> e1 (c0), t1 -> e1 full.
+    # By the normalised weight (the old key) t1 would claim first and keep both, t0 nothing.
+    logits = np.log([[.5, .45, .05], [.4, .32, .28]])
+    out = _route(logits, k=2, E=3, C=1, normalize_topk=True)
+    np.testing.assert_array_equal(np.asarray(out.expert_GSK)[0], [[0, 1], [0, 1]])
+    np.testing.assert_array_equal(np.asarray(out.routing.dropped_GSK)[0], [[0, 0], [1, 1]])
+    np.testing.assert_allclose(np.asarray(out.routing.weight_GSK)[0], [[.5 / .95, .45 / .95], [0, 0]], rtol=1e-6)
+    old = assign(out.expert_GSK, out.weight_GSK, num_experts=3, capacity=1, priority="top_prob")
+    np.testing.assert_array_equal(np.asarray(old.dropped_GSK)[0], [[1, 1], [0, 0]])
+
+
+def test_top_prob_key_ignores_routed_scaling_and_correction_bias():
+    # DeepSeek-style sigmoid scores with a bias: the key is the unbiased score of the first choice.
+    # t0: sigmoid(0) = .5 on e0; t1: sigmoid(1) = .731 on e0, so t1 claims first with C = 1.
+    logits = [[0., -5.], [1., -5.]]
+    out = _route(logits, k=1, E=2, C=1, score_fn="sigmoid", routed_scaling_factor=2.5, use_correction_bias=True)
+    np.testing.assert_array_equal(np.asarray(out.routing.dropped_GSK)[0, :, 0], [1, 0])
+
+
+# ---- overflow='renormalize': kept weights share the token's whole weight (NLLB-MoE) ----
+
+def test_renormalize_golden():
+    # S = 4, K = 2, E = 2, C = 2, position order: the k-major golden above keeps
+    # t0: both; t1: first only; t2: nothing; t3: first only.
+    # Weights (unnormalised here, to show the total is preserved): t0 [.5, .1] both kept: unchanged.
+    # t1 [.6, .2]: total .8 on the kept first -> [.8, 0]. t2: all dropped -> [0, 0]. t3 [.7, .3] -> [1.0, 0].
+    r = _np(assign(_arr(EXPERT_4x2, np.int32), _arr(WEIGHT_4x2, np.float32), num_experts=2, capacity=2,
+                   overflow="renormalize"))
+    np.testing.assert_array_equal(r["dropped_GSK"], [[0, 0], [0, 1], [1, 1], [0, 1]])
+    np.testing.assert_allclose(r["weight_GSK"], [[.5, .1], [.8, 0], [0, 0], [1.0, 0]], rtol=1e-6)
+    # Normalised weights (sum 1): a token that loses its second expert weighs exactly 1 on its first.
+    w = np.asarray(WEIGHT_4x2, np.float32)
+    w = w / w.sum(-1, keepdims=True)
+    r = _np(assign(_arr(EXPERT_4x2, np.int32), _arr(w, np.float32), num_experts=2, capacity=2,
+                   overflow="renormalize"))
+    np.testing.assert_allclose(r["weight_GSK"], [[.5 / .6, .1 / .6], [1, 0], [0, 0], [1, 0]], rtol=1e-6)
+
+
+def test_renormalize_keeps_a_lone_second_choice():
+    # S = 2, K = 2, E = 3, C = 1. t0 -> [e0, e1], t1 -> [e0, e2].
+    # k = 0: t0 -> e0 (c0), t1 -> e0 full.  k = 1: t0 -> e1 (c0), t1 -> e2 (c0).
+    # t1 loses its first choice and keeps its second, which then carries t1's whole weight .7 + .3 = 1.
+    e = [[0, 1], [0, 2]]
+    w = [[.6, .4], [.7, .3]]
+    r = _np(assign(_arr(e, np.int32), _arr(w, np.float32), num_experts=3, capacity=1, overflow="renormalize"))
+    np.testing.assert_array_equal(r["dropped_GSK"], [[0, 0], [1, 0]])
+    np.testing.assert_allclose(r["weight_GSK"], [[.6, .4], [0, 1]], rtol=1e-6)
+
+
+def test_renormalize_config_needs_token_choice():
+    with pytest.raises(ValueError, match="renormalize"):
+        MoEConfig(d_model=4, d_ff=8, router="expert_choice", overflow="renormalize")
+    MoEConfig(d_model=4, d_ff=8, overflow="renormalize")
+
+
+# ---- token mask: masked tokens claim no slot ----
+
+def test_masked_tokens_claim_no_capacity():
+    # The k-major golden (S = 4, K = 2, E = 2, C = 2) with t0 masked: t0's choices claim nothing, so
+    # k = 0: t1 -> e0 (c0), t2 -> e0 (c1), t3 -> e1 (c0); k = 1: t1 -> e1 (c1), t2 -> e1 full, t3 -> e0 full.
+    mask = _arr([False, True, True, True], np.bool_)
+    r = _np(assign(_arr(EXPERT_4x2, np.int32), _arr(WEIGHT_4x2, np.float32), num_experts=2, capacity=2,
+                   token_mask_GS=mask))
+    np.testing.assert_array_equal(r["slot_GSK"], [[4, 4], [0, 3], [1, 4], [2, 4]])
+    np.testing.assert_array_equal(r["dropped_GSK"], [[0, 0], [0, 0], [0, 1], [0, 1]])  # masked: not "dropped"
+    np.testing.assert_array_equal(r["src_GEC"], [[2, 4], [6, 3]])
+    np.testing.assert_array_equal(r["weight_GSK"][0], [0, 0])
+    # The same as routing the three real tokens alone.
+    alone = _np(assign(_arr(EXPERT_4x2[1:], np.int32), _arr(WEIGHT_4x2[1:], np.float32), num_experts=2,
+                       capacity=2))
+    np.testing.assert_array_equal(r["dropped_GSK"][1:], alone["dropped_GSK"])
+    np.testing.assert_array_equal(r["slot_GSK"][1:], alone["slot_GSK"])
+
+
+@pytest.mark.parametrize("overflow", ("drop", "reduced_weight", "reroute", "renormalize"))
+def test_masked_tokens_never_move_others(overflow):
+    # Random choices with half the tokens masked, under every policy and both priorities: the real tokens
+    # get exactly what they get routed alone (the masked ones removed from the group).
+    rng = np.random.default_rng(0)
+    S, K, E, C = 8, 2, 4, 2
+    scores = rng.random((1, S, E)).astype(np.float32)
+    expert = np.argsort(-scores, -1)[..., :K].astype(np.int32)
+    weight = np.take_along_axis(scores, expert, -1)
+    mask = np.array([[1, 0, 1, 1, 0, 0, 1, 1]], bool)
+    kw = dict(num_experts=E, capacity=C, overflow=overflow, nominal_capacity=1 if overflow == "reduced_weight" else None)
+    for priority in ("position", "top_prob"):
+        sel = jnp.asarray(scores) if overflow == "reroute" else None
+        r = assign_capacity(jnp.asarray(expert), jnp.asarray(weight), priority=priority, selection_GSE=sel,
+                            token_mask_GS=jnp.asarray(mask), **kw)
+        keep = mask[0]
+        sel_alone = None if sel is None else sel[:, keep]
+        a = assign_capacity(jnp.asarray(expert[:, keep]), jnp.asarray(weight[:, keep]), priority=priority,
+                            selection_GSE=sel_alone, **kw)
+        np.testing.assert_array_equal(np.asarray(r.dropped_GSK)[:, keep], a.dropped_GSK)
+        np.testing.assert_array_equal(np.asarray(r.expert_GSK)[:, keep], a.expert_GSK)
+        np.testing.assert_allclose(np.asarray(r.weight_GSK)[:, keep], a.weight_GSK, rtol=1e-6)
+        assert not np.asarray(r.dropped_GSK)[:, ~keep].any()
+        assert np.all(np.asarray(r.weight_GSK)[:, ~keep] == 0)
+        assert np.all(np.asarray(r.slot_GSK)[:, ~keep] == E * C)
+        np.testing.assert_array_equal(r.tokens_per_expert_E(), a.tokens_per_expert_E())
 
 
 # ---- numpy oracle (drop and reduced_weight) and invariants, by hypothesis ----

@@ -106,3 +106,19 @@ def test_balance_loss_bounds_random(E):
     expert = jnp.argmax(probs, -1)[..., None]
     loss = float(L.load_balancing_loss(probs, expert, E))
     assert 0.0 <= loss <= E
+
+
+def test_balance_loss_with_token_mask():
+    # G = 2 scopes, S = 2, E = 2, K = 1. Scope 0: t0 p = [.8, .2] -> e0 (real), t1 p = [.1, .9] -> e1 (masked):
+    # f = [1, 0], P = [.8, .2] over the one real token: loss 2 * (1 * .8) = 1.6. Scope 1 is all padding and
+    # drops out of the mean (not a 0 that halves it).
+    probs = jnp.asarray([[[.8, .2], [.1, .9]], [[.5, .5], [.5, .5]]])
+    expert = jnp.asarray([[[0], [1]], [[0], [1]]])
+    mask = jnp.asarray([[True, False], [False, False]])
+    np.testing.assert_allclose(L.load_balancing_loss(probs, expert, 2, token_mask_GS=mask), 1.6, rtol=1e-6)
+    np.testing.assert_array_equal(L.expert_load(expert, 2, mask), [[1, 0], [0, 0]])
+    # z-loss and entropy: means over the real tokens.
+    logits = jnp.asarray([[0.0, 0.0], [5.0, -5.0]])
+    np.testing.assert_allclose(L.router_z_loss(logits, jnp.asarray([True, False])), np.log(2) ** 2, rtol=1e-6)
+    np.testing.assert_allclose(L.router_entropy(jnp.asarray([[.5, .5], [1.0, 0.0]]), jnp.asarray([True, False])),
+                               np.log(2), rtol=1e-6)

@@ -14,6 +14,7 @@ from hypothesis import given, settings
 from scipy.special import erf
 
 from moe_jax import MoEConfig, MoELayer
+from moe_jax import losses as losses_lib
 from moe_jax import routing as routing_lib
 
 D, F = 8, 16
@@ -329,3 +330,91 @@ def test_metrics_hand_case():
     assert float(m["executed_flops"]) == 1856
     # Dropped tokens (t2, t6, t7) give exactly 0.
     assert np.all(np.asarray(y)[0, [2, 6, 7]] == 0.0)
+
+
+# ---- token mask (padding) ----
+
+masked_apply = nnx.jit(lambda layer, x, mask: layer(x, train=True, token_mask_BL=mask))
+
+
+def test_token_mask_hand_case_equals_routing_the_real_tokens_alone():
+    # The hand case above (E = 4, k = 1, picks e = [0, 0, 0, 1, 1, 2, 0, 0], C = 2) with t0, t1 masked.
+    # Masked tokens claim nothing: e0 keeps t2, t6 and drops t7 (unmasked, t0 and t1 kept e0 and t2, t6, t7
+    # dropped). Everything equals routing the six real tokens alone (L = 6: C = ceil(6 / 4) = 2 again).
+    c = MoEConfig(d_model=4, d_ff=8, num_experts=4, num_experts_per_token=1, capacity_factor=1.0,
+                  eval_capacity_factor=1.0, min_capacity=1)
+    layer = MoELayer(c, rngs=nnx.Rngs(0))
+    layer.router.w_DE[...] = 10.0 * jnp.eye(4)
+    e = np.array([0, 0, 0, 1, 1, 2, 0, 0])
+    x = jnp.asarray(np.eye(4, dtype=np.float32)[e])[None]
+    mask = jnp.asarray([[False, False, True, True, True, True, True, True]])
+    y, aux = masked_apply(layer, x, mask)
+    y_alone, aux_alone = masked_apply(layer, x[:, 2:], None)
+    m = aux.metrics
+    np.testing.assert_array_equal(m["tokens_per_expert"], [2, 2, 1, 0])
+    np.testing.assert_array_equal(m["routed_per_expert"], [3, 2, 1, 0])
+    np.testing.assert_allclose(m["dropped_fraction"], 1 / 6)  # t7 of the six real tokens
+    np.testing.assert_allclose(m["unserved_token_fraction"], 1 / 6)
+    assert np.all(np.asarray(y)[0, :2] == 0.0)  # masked: exactly 0
+    assert np.all(np.asarray(y)[0, 7] == 0.0)  # dropped
+    assert np.any(np.asarray(y)[0, 2] != 0.0)  # t2 now holds e0's first slot
+    np.testing.assert_allclose(np.asarray(y)[0, 2:], y_alone[0], atol=1e-6)
+    for name in ("balance_loss", "z_loss", "aux_loss"):
+        np.testing.assert_allclose(aux.losses[name], aux_alone.losses[name], rtol=1e-6)
+    for name, value in aux_alone.metrics.items():
+        if not name.endswith("flops"):  # FLOPs count the buffers, which padding still occupies
+            np.testing.assert_allclose(m[name], value, rtol=1e-6, err_msg=name)
+    # And the balance loss by hand: f = [3, 2, 1, 0] / 6, P over the six real tokens.
+    p, q = math.exp(10) / (math.exp(10) + 3), 1 / (math.exp(10) + 3)
+    f = np.array([3, 2, 1, 0]) / 6
+    P = (np.array([3, 2, 1, 0]) * p + (6 - np.array([3, 2, 1, 0])) * q) / 6
+    np.testing.assert_allclose(aux.losses["balance_loss"], 4 * np.sum(f * P), rtol=1e-5)
+
+
+@pytest.mark.parametrize("kw", [
+    dict(dispatch="einsum", capacity_factor=0.5, priority="top_prob"),
+    dict(dispatch="gather", capacity_factor=0.5, overflow="renormalize"),
+    dict(capacity_factor=None, eval_capacity_factor=None, expert_backend="blocked", dropless_block_size=4),
+])
+def test_token_mask_padding_changes_nothing_for_real_tokens(kw):
+    # B = 2, L = 8; the last 3 tokens of sequence 1 are padding. Two paddings: random, and copies of the real
+    # tokens of that sequence (they compete for the same experts). Unmasked, the copies change real tokens'
+    # drops (capacity paths); masked, real tokens get the same output, routing and statistics either way, and
+    # the batch balance loss is the one of the 13 real tokens alone (HF's load_balancing_loss_func with an
+    # attention mask, divided by its factor K).
+    c = cfg(balance_loss_scope="batch", group_size=8, **kw)
+    layer = MoELayer(c, rngs=nnx.Rngs(3))
+    x = jax.random.normal(jax.random.key(0), (2, 8, D))
+    mask = jnp.ones((2, 8), bool).at[1, 5:].set(False)
+    x_copy = x.at[1, 5:].set(x[1, :3])
+    y_a, aux_a = masked_apply(layer, x, mask)
+    y_b, aux_b = masked_apply(layer, x_copy, mask)
+    real = np.asarray(mask)
+    np.testing.assert_allclose(np.asarray(y_a)[real], np.asarray(y_b)[real], atol=1e-6)
+    assert np.all(np.asarray(y_a)[~real] == 0.0) and np.all(np.asarray(y_b)[~real] == 0.0)
+    for name in ("balance_loss", "z_loss"):
+        np.testing.assert_allclose(aux_a.losses[name], aux_b.losses[name], rtol=1e-6)
+    for name in ("tokens_per_expert", "routed_per_expert", "dropped_fraction", "router_entropy"):
+        np.testing.assert_allclose(aux_a.metrics[name], aux_b.metrics[name], rtol=1e-6)
+    assert float(aux_a.metrics["routed_per_expert"].sum()) == 13 * c.top_k
+    # The balance loss of the real tokens alone.
+    logits_TE = layer.router.logits(x.reshape(1, 16, D))[0][real.reshape(16)]
+    expert_TK, _ = routing_lib.top_k_choices(logits_TE[None], c.top_k)
+    want = losses_lib.load_balancing_loss(jax.nn.softmax(logits_TE)[None], expert_TK, c.num_routed_experts)
+    np.testing.assert_allclose(aux_a.losses["balance_loss"], want, rtol=1e-6)
+    # Without the mask the loss (and, with capacity, some real token's routing) differs.
+    y_c, aux_c = masked_apply(layer, x_copy, None)
+    assert not np.isclose(aux_c.losses["balance_loss"], want, rtol=1e-4)
+    if kw.get("capacity_factor") is not None:
+        assert np.abs(np.asarray(y_c)[real] - np.asarray(y_b)[real]).max() > 1e-4
+
+
+def test_token_mask_refused_where_unsupported():
+    x = jnp.zeros((1, 4, D))
+    mask = jnp.ones((1, 4), bool)
+    layer = MoELayer(cfg(router="expert_choice"), rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match="token_mask"):
+        layer(x, token_mask_BL=mask)
+    layer = MoELayer(cfg(), rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match="token_mask"):
+        layer(x, token_mask_BL=mask[:, :3])

@@ -321,6 +321,8 @@ def test_bad_meshes_fail_before_compile_naming_the_field(eight_devices):
     layer = sh.apply_expert_parallel(MoELayer(moe(), rngs=nnx.Rngs(params=0)), sh.ExpertParallel(mesh_of(expert=8)))
     with pytest.raises(ValueError, match="batch_size=6"):
         layer(jnp.zeros((6, 4, 16)), train=True)
+    with pytest.raises(ValueError, match="token mask"):  # padding masks: single-device paths only
+        layer(jnp.zeros((8, 4, 16)), train=True, token_mask_BL=jnp.ones((8, 4), bool))
 
 
 def test_train_loop_refuses_a_mesh_that_does_not_divide_the_batch(eight_devices, tmp_path):

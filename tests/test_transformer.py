@@ -237,3 +237,25 @@ def test_input_errors():
     cfg = ModelConfig.from_dict(dict(vocab_size=8, d_model=8, num_layers=1, num_heads=2, d_ff=8,
                                      moe=dict(d_model=8, d_ff=8)))
     assert cfg.moe == MoEConfig(d_model=8, d_ff=8)
+
+
+def test_token_mask_keeps_padding_out_of_every_moe_layer():
+    # Right padding (the last 3 tokens of sequence 1) under batch-priority routing with drops (eval C =
+    # ceil(0.5 * 8 * 2 / 4) = 2), where a pad could take a real token's slot: with the mask, real tokens'
+    # logits and every MoE layer's statistics are the same whatever the pad ids are.
+    cfg = model_cfg(moe=moe_cfg(priority="top_prob", eval_capacity_factor=0.5))
+    model = Transformer(cfg, rngs=rngs(2))
+    masked_forward = nnx.jit(lambda m, t, k: m(t, train=False, token_mask=k))
+    tokens = jax.random.randint(jax.random.key(0), (2, 8), 0, V)
+    mask = jnp.ones((2, 8), bool).at[1, 5:].set(False)
+    logits_a, aux_a = masked_forward(model, tokens, mask)
+    logits_b, aux_b = masked_forward(model, tokens.at[1, 5:].set(tokens[1, :3]), mask)
+    real = np.asarray(mask)
+    np.testing.assert_allclose(np.asarray(logits_a)[real], np.asarray(logits_b)[real], atol=1e-5)
+    assert len(aux_a.layers) == 2
+    for la, lb in zip(aux_a.layers, aux_b.layers):
+        np.testing.assert_allclose(la["losses"]["balance_loss"], lb["losses"]["balance_loss"], rtol=1e-5)
+        np.testing.assert_array_equal(la["metrics"]["tokens_per_expert"], lb["metrics"]["tokens_per_expert"])
+        assert float(la["metrics"]["routed_per_expert"].sum()) == 13 * 2
+    with pytest.raises(ValueError, match="token_mask"):
+        model(tokens, token_mask=mask[:, :4])

@@ -141,9 +141,13 @@ class ExpertParallelMoE(nnx.Module):
         self.layer = layer
         self.plan = plan
 
-    def __call__(self, x_BLD: jax.Array, *, train: bool = False, rng=None, token_ids_BL=None, balance_load=None):
+    def __call__(self, x_BLD: jax.Array, *, train: bool = False, rng=None, token_ids_BL=None, balance_load=None,
+                 token_mask_BL=None):
         layer, plan = self.layer, self.plan
         cfg = layer.cfg
+        if token_mask_BL is not None:
+            raise ValueError("ExpertParallelMoE: a token mask (padding) is not supported on the expert-parallel "
+                             "path; run the model without an expert-parallel plan, or pass token_mask=None.")
         B, L, _ = x_BLD.shape
         mesh_shape = plan.mesh_shape
         check_moe_layout(cfg, B, L, mesh_shape)

@@ -105,10 +105,8 @@ class Block(nnx.Module):
         y_BLD = self.ffn_norm(x_BLD)
         aux = None
         if self.is_moe:
-            # (only when given: the expert-parallel wrapper of moe_jax.sharding takes no replay)
-            extra = {} if replay is None else {"replay": replay}
-            y_BLD, aux = self.ffn(y_BLD, train=train, rng=rng, token_ids_BL=tokens_BL, balance_load=balance_load,
-                                  **extra)
+            y_BLD, aux = self.ffn(y_BLD, train=train, rng=rng, token_ids_BL=tokens_BL, replay=replay,
+                                  balance_load=balance_load)
             if self.moe_norm is not None:
                 y_BLD = self.moe_norm(y_BLD)
         else:

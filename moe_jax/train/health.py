@@ -138,7 +138,7 @@ class RoutingWatch:
     pass may be sharded); process 0 writes the files."""
 
     def __init__(self, cfg: HealthConfig, model_cfg, graphdef, workdir: str, *, log: Callable[[str], Any] = print,
-                 start_step: int = 0, write: bool = True):
+                 start_step: int = 0, write: bool = True, placement=None):
         self.cfg, self.workdir, self.log, self.write = cfg, workdir, log, write
         moe = model_cfg.moe
         self.layers = list(model_cfg.moe_layer_indices) if moe is not None else []
@@ -148,7 +148,7 @@ class RoutingWatch:
         self.recorder, self.previous = None, None
         why_not = ledger_lib.check_recordable(model_cfg)
         if cfg.ledger_batches and why_not is None:
-            self.recorder = ledger_lib.Recorder(graphdef)
+            self.recorder = ledger_lib.Recorder(graphdef, placement=placement)
             earlier = [(s, p) for s, p in ledger_lib.list_ledgers(workdir) if s <= start_step]
             if earlier:  # a resumed run compares its next ledger with the last one before the restart
                 self.previous = ledger_lib.Ledger.load(earlier[-1][1])

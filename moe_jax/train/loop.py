@@ -32,6 +32,7 @@ from moe_jax.train.health import RoutingWatch, format_alarms
 from moe_jax.train.metrics import MetricWriter, read_jsonl, rows_from_json, rows_to_json
 from moe_jax.train.plots import plot_run
 from moe_jax.train.preemption import Preemption
+from moe_jax.train.replay import load_replay_ledger, replay_batch
 from moe_jax.train.run_config import RunConfig, check_machine, run_record
 from moe_jax.train.state import init_state, learning_rate_schedule, make_optimizer
 from moe_jax.train.step import make_eval_step, make_train_step
@@ -100,12 +101,18 @@ def train(run: RunConfig, workdir: str, *, log=print) -> dict:
         elif run.upcycle is not None:  # a new upcycled run: dense parameters, fresh router and optimizer
             state = upcycled_state(run, state, log=log)
         start = int(state.step)
-        train_step = make_train_step(graphdef, tx, schedule, placement=placement, microbatches=tcfg.microbatches)
+        replayed = None  # config.train.replay_ledger: train on the ledger's tokens with its routing
+        if tcfg.replay_ledger is not None:
+            replayed = load_replay_ledger(run)
+            log(f"[moe_jax] training on the routing ledger {tcfg.replay_ledger} ({replayed.tokens.shape[0]} "
+                f"sequences, step {replayed.step}) with its recorded routing")
+        train_step = make_train_step(graphdef, tx, schedule, placement=placement, microbatches=tcfg.microbatches,
+                                     replay=replayed is not None)
         eval_step = make_eval_step(graphdef, placement=placement)
         key = jax.random.PRNGKey(tcfg.seed)
         writer = MetricWriter(workdir, resume_step=start)
         watch = RoutingWatch(run.health, cfg, graphdef, workdir, log=log, start_step=start,
-                             write=jax.process_index() == 0)
+                             write=jax.process_index() == 0, placement=placement)
         tokens_per_step = run.data.batch_size * run.data.seq_len
 
         def save(step):
@@ -123,8 +130,13 @@ def train(run: RunConfig, workdir: str, *, log=print) -> dict:
         step = start
         with Preemption(log) as preemption:
             while step < tcfg.steps:
-                batch = distributed.train_batch(data, step, placement)
-                state, metrics = train_step(state, batch, key)
+                if replayed is None:
+                    batch = distributed.train_batch(data, step, placement)
+                    state, metrics = train_step(state, batch, key)
+                else:
+                    batch, experts = replay_batch(replayed, step, run.data.batch_size)
+                    state, metrics = train_step(state, distributed.to_device(batch, placement), key,
+                                                tuple(distributed.to_device(e, placement) for e in experts))
                 step += 1
                 window.append(metrics)
                 if window_start is None:  # the first step includes compilation: keep it out of throughput

@@ -120,5 +120,5 @@ def test_recorded_defaults_are_kept():
     assert dataclasses.asdict(HealthConfig()) == dict(
         ledger_batches=1, alarms=True, start_step=0, max_dead_fraction=0.25, max_dropped_fraction=0.25,
         max_load_cv=2.0, min_entropy_fraction=0.05, min_saturation=None, min_sigmoid_score=1e-3,
-        max_bias_drift=None, train_window=50, train_start_step=200, max_train_dropped_fraction=0.25,
-        max_train_load_cv=2.0, stop_on_alarm=False)
+        max_bias_drift=None, train_window=50, train_start_step=200, max_train_dropped_fraction=0.3,
+        max_train_load_cv=1.5, stop_on_alarm=False)

@@ -123,7 +123,7 @@ def test_bad_ledgers_fail_naming_the_field(recorded, tmp_path):
         build(model=dict(num_experts_per_token=1))
     with pytest.raises(ValueError, match="it routes to 4 experts, the model to 8"):
         build(model=dict(num_experts=8))
-    with pytest.raises(ValueError, match="sequences of 8 tokens, but config.data.seq_len=12: set config.data.seq_len=8"):
+    with pytest.raises(ValueError, match="of 8 tokens, but config.data.seq_len=12: set config.data.seq_len=8"):
         build(data=dict(seq_len=12))
     with pytest.raises(ValueError, match="holds 8 sequences, which config.data.batch_size=3 does not divide"):
         build(data=dict(batch_size=3))
@@ -135,6 +135,10 @@ def test_bad_ledgers_fail_naming_the_field(recorded, tmp_path):
     dataclasses.replace(recorded["ledger"], next_token=None).save(old)
     with pytest.raises(ValueError, match="no next_token.*record it again"):
         build(train=dict(replay_ledger=old))
+    wide = str(tmp_path / "wide.npz")
+    dataclasses.replace(recorded["ledger"], tokens=recorded["ledger"].tokens + 256).save(wide)  # ids 256..511
+    with pytest.raises(ValueError, match="token ids >= config.model.vocab_size=256"):
+        build(train=dict(replay_ledger=wide))
     with pytest.raises(ValueError, match="config.train.replay_ledger='' must be the path"):
         build(train=dict(replay_ledger=""))
 

@@ -70,7 +70,7 @@ def check_replay_ledger(run, ledger: ledger_lib.Ledger, path: str = "") -> None:
     if ledger.next_token is None:
         raise ValueError(f"{where} has no next_token (it was written before ledgers recorded it), so its batches "
                          "cannot be rebuilt: record it again (`python -m experiments.ledger record`).")
-    if int(ledger.tokens.max(initial=0)) >= model.vocab_size or int(ledger.next_token.max(initial=0)) >= model.vocab_size:
+    if max(int(ledger.tokens.max(initial=0)), int(ledger.next_token.max(initial=0))) >= model.vocab_size:
         raise ValueError(f"{where} holds token ids >= config.model.vocab_size={model.vocab_size}: record it with "
                          "this run's tokenizer and vocabulary.")
     if train.microbatches != 1:

@@ -1,6 +1,7 @@
 """The routing ledger: every MoE layer's decisions on a fixed set of tokens, recorded, stored and replayed.
 
     recorder = Recorder(graphdef)                            # one jitted eval-mode forward pass
+                                                             # (placement=: on a mesh, MoE layers expert-parallel)
     ledger = recorder(params, rest, batches, step=step)     # batches: [B, L + 1] eval batches (inputs = [:, :-1])
     ledger.save(ledger_path(workdir, step))                 # compressed .npz, np.load opens it
     logits, aux = model(tokens_BL, replay=replay_choices(ledger, rows=slice(0, B)))   # replay it

@@ -232,18 +232,19 @@ def test_ledger_and_replay_on_an_expert_parallel_mesh(eight_devices):
     """On 8 devices (data 2 x expert 4, one expert per device, one sequence per device) the ledger recorded
     through the expert-parallel path equals the single-device one, drops included, and replaying it on the
     mesh reproduces the single-device logits; another routing replayed there changes them."""
-    import optax
+    from jax.sharding import NamedSharding
 
     from moe_jax import sharding as sh
-    from moe_jax.train.distributed import init_sharded_state
+    from moe_jax.sharding.placement import Placement
 
-    cfg = tiny_cfg(eval_capacity_factor=0.5)  # C = 2 of 8 tokens' 16 choices per expert: drops
+    single = tiny_model(eval_capacity_factor=0.5)  # C = 2 of 8 tokens' 16 choices per expert: drops
     bs = [np.random.default_rng(3).integers(0, V, (8, L + 1)).astype(np.int32)]
     mesh = sh.make_mesh(sh.ShardingConfig(data=2, expert=4))
-    make = lambda: Transformer(cfg, rngs=nnx.Rngs(params=0))
-    graphdef, state, placement = init_sharded_state(make, optax.sgd(0.1), mesh, sh.ExpertParallel(mesh))
-    on_mesh = ledger_lib.Recorder(graphdef, placement=placement)(state.params, state.rest, bs)
-    single = make()
+    # the parameters go onto the mesh inside the jitted calls (the layers' shard_map splits the experts)
+    placement = Placement(mesh=mesh, state=None, batch=NamedSharding(mesh, sh.batch_spec(2)),
+                          plan=sh.ExpertParallel(mesh))
+    graphdef, params, rest = nnx.split(single, nnx.Param, ...)
+    on_mesh = ledger_lib.Recorder(graphdef, placement=placement)(params, rest, bs)
     one = ledger_lib.record(single, bs)
     assert one.dropped.any() and not one.dropped.all()
     for name in ("tokens", "next_token", "layers", "expert", "dropped"):
@@ -259,8 +260,8 @@ def test_ledger_and_replay_on_an_expert_parallel_mesh(eight_devices):
     ref, _ = forward(single, tokens, None)
     put = placement.put_batch(bs[0][:, :-1])
     for use_weights in (False, True):
-        got = mesh_logits(state.params, state.rest, put, ledger_lib.replay_choices(on_mesh, weights=use_weights))
+        got = mesh_logits(params, rest, put, ledger_lib.replay_choices(on_mesh, weights=use_weights))
         np.testing.assert_allclose(np.asarray(got), np.asarray(ref), rtol=1e-5, atol=1e-5)
     shifted = tuple(((e + 1) % 4, None) for e, _ in ledger_lib.replay_choices(on_mesh))
-    moved = mesh_logits(state.params, state.rest, put, shifted)
+    moved = mesh_logits(params, rest, put, shifted)
     assert not np.allclose(np.asarray(moved), np.asarray(ref), atol=1e-3)

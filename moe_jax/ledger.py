@@ -1,6 +1,7 @@
 """The routing ledger: every MoE layer's decisions on a fixed set of tokens, recorded, stored and replayed.
 
     recorder = Recorder(graphdef)                            # one jitted eval-mode forward pass
+                                                             # (placement=: on a mesh, MoE layers expert-parallel)
     ledger = recorder(params, rest, batches, step=step)     # batches: [B, L + 1] eval batches (inputs = [:, :-1])
     ledger.save(ledger_path(workdir, step))                 # compressed .npz, np.load opens it
     logits, aux = model(tokens_BL, replay=replay_choices(ledger, rows=slice(0, B)))   # replay it
@@ -14,13 +15,17 @@ A ledger holds, for N sequences of L tokens (T = N * L, row-major) and the M MoE
     score        <float32>[M, T, K]  the router's raw score of each chosen expert (softmax probability or
                                      sigmoid, before normalisation, scaling and correction bias)
     correction_bias <float32>[M, E]  the routers' DeepSeek-V3 correction biases (zeros without one)
+    next_token   <int32>[N]          the token after each sequence (its eval batch's last target), so that
+                                     [tokens | next_token] is the `[N, L + 1]` batch again (None in ledgers
+                                     written before it was recorded)
     num_experts, batch_size (sequences per forward pass), step (-1: unknown)
 The choices are the router's decisions; capacity is a deterministic function of them (and, for
 overflow='reroute', of the logits), so replaying them reproduces the layer's output exactly. Only token-choice
 routers (top_k, hash) make choices: expert choice and Soft MoE have no ledger.
 
 Stored with `np.savez_compressed`: expert ids in the smallest unsigned type that holds E (uint8 up to 256
-experts), the rest as listed. The analyses are in moe_jax.ledger_analysis.
+experts), the rest as listed. The analyses are in moe_jax.ledger_analysis. Training on a ledger's tokens with
+its routing (`config.train.replay_ledger`) is moe_jax.train.replay.
 """
 from __future__ import annotations
 
@@ -51,11 +56,14 @@ class Ledger:
     num_experts: int
     batch_size: int
     step: int = -1
+    next_token: Optional[np.ndarray] = None
 
     def __post_init__(self):
         M, T, K = self.expert.shape
         if self.tokens.size != T:
             raise ValueError(f"Ledger: {self.tokens.size} tokens but decisions for {T}.")
+        if self.next_token is not None and self.next_token.shape != self.tokens.shape[:1]:
+            raise ValueError(f"Ledger.next_token has shape {self.next_token.shape}, expected {self.tokens.shape[:1]}.")
         for name in ("weight", "dropped", "score"):
             if getattr(self, name).shape != (M, T, K):
                 raise ValueError(f"Ledger.{name} has shape {getattr(self, name).shape}, expected {(M, T, K)}.")
@@ -89,6 +97,8 @@ class Ledger:
         arrays = {name: np.asarray(getattr(self, name)) for name in _FIELDS}
         arrays["expert"] = arrays["expert"].astype(id_dtype)
         arrays["tokens"] = arrays["tokens"].astype(np.int32)
+        if self.next_token is not None:
+            arrays["next_token"] = np.asarray(self.next_token, np.int32)
         meta = {"num_experts": self.num_experts, "batch_size": self.batch_size, "step": self.step}
         tmp = path + ".tmp.npz"
         np.savez_compressed(tmp, **arrays, **{k: np.asarray(v, np.int64) for k, v in meta.items()})
@@ -106,7 +116,9 @@ class Ledger:
                 raise ValueError(f"{path} is not a routing ledger (missing {missing}).")
             arrays = {k: f[k] for k in _FIELDS}
             meta = {k: int(f[k]) for k in ("num_experts", "batch_size", "step")}
+            next_token = f["next_token"] if "next_token" in f else None
         arrays["expert"] = arrays["expert"].astype(np.int32)
+        arrays["next_token"] = next_token
         return cls(**arrays, **meta)
 
 
@@ -138,25 +150,37 @@ class Recorder:
     """Eval-mode (train=False) forward passes that return every MoE layer's choices: one jitted function,
     compiled once per batch shape, separate from the train and eval steps (which do not change)."""
 
-    def __init__(self, graphdef):
+    def __init__(self, graphdef, *, placement=None):
+        """placement: a `moe_jax.sharding.placement.Placement` to record on its mesh, the MoE layers run
+        expert-parallel as the train and eval steps run them (None: one device)."""
         def record(params, rest, tokens_BL):
             model = nnx.merge(graphdef, params, rest)
-            _, aux = model(tokens_BL, train=False)
             biases = []
             for _, layer in model.moe_layers(mtp=False):  # the ledger records the model's own layers
                 bias = layer.router.correction_bias_E
                 biases.append(jnp.zeros((layer.cfg.num_routed_experts,), jnp.float32) if bias is None else bias[...])
+            if placement is not None:
+                model = placement.expert_parallel(model)
+            _, aux = model(tokens_BL, train=False)
             return tuple(entry["choices"] for entry in aux.layers), tuple(biases)
 
-        self._record = jax.jit(record)
+        # on a mesh the choices come back replicated, so that every process can read them whole
+        self._record = jax.jit(record) if placement is None else jax.jit(record, out_shardings=placement.replicated)
         self._graphdef = graphdef
+        self._placement = placement
 
     def __call__(self, params, rest, batches: Iterable[np.ndarray], *, step: int = -1) -> Ledger:
         """batches: `[B, L + 1]` eval batches (the inputs, [:, :-1], are recorded), all of one shape."""
-        tokens, per_layer, bias = [], None, None
+        tokens, next_token, per_layer, bias = [], [], None, None
         for batch in batches:
             inputs_BL = np.asarray(batch)[:, :-1]
-            choices, biases = jax.device_get(self._record(params, rest, jnp.asarray(inputs_BL)))
+            next_token.append(np.asarray(batch)[:, -1])
+            if self._placement is None:
+                tokens_BL = jnp.asarray(inputs_BL)
+            else:  # every host holds the whole eval batch; each puts the rows of its own devices
+                tokens_BL = self._placement.put_batch(inputs_BL[self._placement.rows_of(inputs_BL.shape)],
+                                                      inputs_BL.shape[0])
+            choices, biases = jax.device_get(self._record(params, rest, tokens_BL))
             if any(c is None for c in choices):
                 raise ValueError("Recorder: an MoE layer returned no token choices (router 'soft' or "
                                  "'expert_choice'); only token-choice routers have a ledger.")
@@ -177,7 +201,7 @@ class Recorder:
                       dropped=stack("dropped", bool), score=stack("score", np.float32),
                       correction_bias=np.stack([np.asarray(b, np.float32) for b in bias]),
                       num_experts=layers[0][1].cfg.num_routed_experts, batch_size=int(tokens[0].shape[0]),
-                      step=int(step))
+                      step=int(step), next_token=np.concatenate(next_token).astype(np.int32))
 
 
 def record(model, batches: Iterable[np.ndarray], *, step: int = -1) -> Ledger:
@@ -195,3 +219,12 @@ def replay_choices(ledger: Ledger, rows: slice = slice(None), *, weights: bool =
     expert = ledger.expert.reshape(M, N, L, K)[:, rows]
     weight = ledger.weight.reshape(M, N, L, K)[:, rows]
     return tuple((jnp.asarray(expert[m], jnp.int32), jnp.asarray(weight[m]) if weights else None) for m in range(M))
+
+
+def ledger_batch(ledger: Ledger, rows: slice = slice(None)) -> np.ndarray:
+    """<int32>[n, L + 1]: the ledger's sequences `rows` with the token after each, i.e. the eval batch it was
+    recorded on (inputs `[:, :-1]`, targets `[:, 1:]`)."""
+    if ledger.next_token is None:
+        raise ValueError("this ledger has no next_token (written before it was recorded), so its batches cannot be "
+                         "rebuilt: record it again (`python -m experiments.ledger record --workdir=...`).")
+    return np.concatenate([ledger.tokens[rows], ledger.next_token[rows, None]], axis=1).astype(np.int32)

@@ -106,12 +106,8 @@ class Block(nnx.Module):
         y_BLD = self.ffn_norm(x_BLD)
         aux = None
         if self.is_moe:
-            # (only when given: the expert-parallel wrapper of moe_jax.sharding takes no replay)
-            extra = {} if replay is None else {"replay": replay}
-            if token_mask_BL is not None:
-                extra["token_mask_BL"] = token_mask_BL
-            y_BLD, aux = self.ffn(y_BLD, train=train, rng=rng, token_ids_BL=tokens_BL, balance_load=balance_load,
-                                  **extra)
+            y_BLD, aux = self.ffn(y_BLD, train=train, rng=rng, token_ids_BL=tokens_BL, replay=replay,
+                                  balance_load=balance_load, token_mask_BL=token_mask_BL)
             if self.moe_norm is not None:
                 y_BLD = self.moe_norm(y_BLD)
         else:

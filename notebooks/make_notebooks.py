@@ -238,7 +238,8 @@ A byte-level Mixtral-style model (8 experts, top-2, in every layer) trained on S
 The full settings (13.8M parameters, 4.3M active per token, 300 steps of 32 x 128 bytes) take about 5
 minutes on 2 quiet CPU cores (less on a Colab GPU or TPU runtime) and reached an eval loss of 1.70
 nats/byte here (from 5.5 at init); under CI or the tests the model and run are tiny.
-Then: expert load over training, text sampled from the model, and the model with int8 / int4 experts.
+Then: expert load over training, the routing ledgers' pictures (load heatmap, router saturation,
+co-activation, token specialisation), text sampled from the model, and the model with int8 / int4 experts.
 """),
     code(install_cell(clone=False)),
     code("""
@@ -287,7 +288,7 @@ train_fields = dict(steps=300, learning_rate=3e-3, warmup_steps=30, schedule="co
 if SMALL:
     model.update(d_model=32, num_layers=2, num_heads=2, d_ff=64, moe_d_ff=32, num_experts=4, max_seq_len=64)
     data.update(seq_len=32, batch_size=4)
-    train_fields.update(steps=30, warmup_steps=3, log_every=3, eval_every=15, eval_batches=1,
+    train_fields.update(steps=30, warmup_steps=3, log_every=3, eval_every=10, eval_batches=1,
                         checkpoint_every=30, progress=False)
 run = build_run_config(make_config_dict("notebook_tiny_moe", model, data, train_fields))
 workdir = tempfile.mkdtemp(prefix="moe_jax_tiny_") if SMALL else os.path.expanduser("~/moe_jax_runs/notebook_tiny_moe")
@@ -338,6 +339,84 @@ for ax in axes:
 fig.tight_layout()
 print(json.dumps({k: summary[k] for k in ("steps", "final_train_ce", "final_eval_ce", "tokens_per_s_median")},
                  indent=1))
+"""),
+    md("""
+## Routing pictures from the ledgers
+
+At every evaluation the loop recorded a **routing ledger** (`<workdir>/ledgers/step_<step>.npz`,
+`moe_jax.ledger`): every MoE layer's token choices on the same evaluation tokens. The functions of
+`moe_jax.ledger_analysis` turn them into pictures:
+
+* the load heatmap: each (layer, expert)'s share of its layer's served choices over training (from the
+  train metrics, `moe_jax.train.routing_plots.load_matrix`);
+* router saturation (OLMoE, Muennighoff et al. 2024): the fraction of tokens whose top-k expert set at
+  an evaluation is already the one of the final ledger; it rises to 1 as routing settles;
+* the co-activation matrix of the last MoE layer: tokens sent to both experts i and j (k = 2);
+* token specialisation: the entropy of the token ids each expert takes (an expert below the entropy of
+  all the ledger's tokens takes a narrower set of bytes; NaN: an expert no token chose), and each
+  expert's most frequent bytes.
+"""),
+    code("""
+from moe_jax import ledger_analysis
+from moe_jax.ledger import Ledger, list_ledgers
+from moe_jax.train.routing_plots import load_matrix
+
+ledgers = [Ledger.load(path) for _, path in list_ledgers(workdir)]
+final = ledgers[-1]
+print(ledger_analysis.format_summary(final))
+
+moe_layers, load_steps, share = load_matrix(records)
+E = final.num_experts
+fig, axes = plt.subplots(1, 2, figsize=(12, 3.6))
+im = axes[0].imshow(share, aspect="auto", origin="lower", cmap="viridis", interpolation="nearest",
+                    extent=[load_steps[0], load_steps[-1], -0.5, share.shape[0] - 0.5])
+for i in range(1, len(moe_layers)):
+    axes[0].axhline(i * E - 0.5, color="white", lw=1)
+axes[0].set_yticks([i * E + (E - 1) / 2 for i in range(len(moe_layers))], [f"layer {l}" for l in moe_layers])
+axes[0].set_xlabel("step")
+axes[0].set_title("load over training (layers x experts)")
+fig.colorbar(im, ax=axes[0], label="share of the layer's served choices")
+saturation = np.array([ledger_analysis.saturation(ledger, final) for ledger in ledgers])  # [evaluations, M]
+for m, layer in enumerate(final.layers):
+    axes[1].plot([ledger.step for ledger in ledgers], saturation[:, m], "o-", label=f"layer {layer}")
+axes[1].set_ylim(0, 1.02)
+axes[1].set_xlabel("step")
+axes[1].set_ylabel("tokens with the final top-k set")
+axes[1].set_title("router saturation vs the final ledger")
+axes[1].legend(fontsize=8)
+fig.tight_layout()
+print("router saturation vs the final ledger (rows: evaluations, columns: MoE layers):")
+for ledger, row in zip(ledgers, saturation):
+    print(f"  step {ledger.step:4d}: " + " ".join(f"{x:.2f}" for x in row))
+"""),
+    code("""
+m = final.num_layers - 1  # the last MoE layer
+co = ledger_analysis.coactivation(final, m)
+spec = ledger_analysis.specialisation(final, m, run.model.vocab_size)
+counts_all = np.bincount(final.tokens.ravel(), minlength=run.model.vocab_size)
+p_all = counts_all[counts_all > 0] / counts_all.sum()
+entropy_all = float(-(p_all * np.log(p_all)).sum())
+
+fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
+im = axes[0].imshow(co / final.num_tokens, cmap="magma")
+fig.colorbar(im, ax=axes[0], label="fraction of tokens")
+axes[0].set_xticks(np.arange(E))
+axes[0].set_yticks(np.arange(E))
+axes[0].set_xlabel("expert")
+axes[0].set_ylabel("expert")
+axes[0].set_title(f"co-activation, layer {final.layers[m]} (step {final.step})")
+axes[1].bar(np.arange(E), spec["entropy"], color="tab:green")
+axes[1].axhline(entropy_all, color="black", ls="--", lw=1, label="all ledger tokens")
+axes[1].set_xticks(np.arange(E))
+axes[1].set_xlabel("expert")
+axes[1].set_ylabel("entropy of its token ids (nats)")
+axes[1].set_title("token specialisation")
+axes[1].legend(fontsize=8)
+fig.tight_layout()
+print(f"token specialisation, layer {final.layers[m]}: entropy of all ledger tokens {entropy_all:.2f} nats")
+for e, top in enumerate(spec["top"]):
+    shown = ", ".join(f"{bytes([v]).decode('latin-1')!r} {share:.0%}" for v, share in top[:4])
+    print(f"  expert {e}: entropy {spec['entropy'][e]:.2f}, top bytes {shown}")
 """),
     md("""
 ## Sample text

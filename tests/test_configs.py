@@ -115,9 +115,10 @@ def test_recorded_defaults_are_kept():
         steps=300, learning_rate=3e-3, warmup_steps=30, schedule="cosine", end_lr_fraction=0.1, decay_fraction=0.2,
         weight_decay=0.1, b1=0.9, b2=0.95, grad_clip=1.0, seed=0, log_every=10, eval_every=100, eval_batches=4,
         checkpoint_every=100, keep_checkpoints=3, sample_tokens=200, sample_prompt="ROMEO:", sample_temperature=0.8,
-        progress=True, async_checkpointing=True, microbatches=1)
-    # The routing ledger and alarms run at evaluations only (no effect on training numerics).
+        progress=True, async_checkpointing=True, microbatches=1, replay_ledger=None)
+    # The routing ledger and alarms read what evaluations and train steps compute (no effect on training numerics).
     assert dataclasses.asdict(HealthConfig()) == dict(
-        ledger_batches=1, alarms=True, start_step=0, max_dead_fraction=0.25, max_dropped_fraction=0.25,
+        ledger_batches=1, pictures=True, alarms=True, start_step=0, max_dead_fraction=0.25, max_dropped_fraction=0.25,
         max_load_cv=2.0, min_entropy_fraction=0.05, min_saturation=None, min_sigmoid_score=1e-3,
-        max_bias_drift=None, stop_on_alarm=False)
+        max_bias_drift=None, train_window=50, train_start_step=200, max_train_dropped_fraction=0.3,
+        max_train_load_cv=1.5, stop_on_alarm=False)

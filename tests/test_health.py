@@ -26,7 +26,9 @@ def test_health_defaults_and_validation():
     config = base.make("t", base.tiny_model())
     assert config.health.to_dict() == dataclasses.asdict(HealthConfig())
     assert build_run_config(config).health == HealthConfig()
-    for field, value in (("max_dead_fraction", 1.5), ("ledger_batches", -1), ("max_load_cv", -1.0)):
+    for field, value in (("max_dead_fraction", 1.5), ("ledger_batches", -1), ("max_load_cv", -1.0),
+                         ("train_window", -1), ("train_start_step", -5), ("max_train_dropped_fraction", 1.2),
+                         ("max_train_load_cv", -0.5)):
         with pytest.raises(ValueError, match=f"config.health.{field}="):
             build_run_config(base.make("t", base.tiny_model(), health={field: value}))
     with pytest.raises(ValueError, match="ledger_batches"):
@@ -77,6 +79,54 @@ def test_dropped_fraction_alarm():
     assert [a.metric for a in check({"moe/3/dropped_fraction": 0.3})] == ["dropped_fraction"]
     assert check({"moe/3/dropped_fraction": 0.2}) == []
     assert check({"moe/3/dropped_fraction": 0.3}, HealthConfig(max_dropped_fraction=None)) == []
+
+
+def train_metrics(collapsed: bool, E=8):
+    """The train-step metrics of a real top-1 layer at training capacity factor 1.25 on 2 groups of 64 tokens
+    (C = ceil(1.25 * 64 / 8) = 10 slots per expert per group): healthy = its random router; collapsed = every
+    token sent to expert 0 (as in `layer_metrics`)."""
+    cfg = MoEConfig(d_model=4, d_ff=8, num_experts=E, num_experts_per_token=1, capacity_factor=1.25,
+                    expert_backend="blocked")
+    layer = MoELayer(cfg, rngs=nnx.Rngs(params=0))
+    x = jnp.asarray(np.random.default_rng(1).normal(size=(2, 64, 4)), jnp.float32)
+    if collapsed:
+        layer.router.w_DE[...] = jnp.zeros((4, E)).at[:, 0].set(10.0)
+        x = jnp.abs(x) + 0.1
+    _, aux = train_forward(layer, x)
+    return {f"moe/3/{k}": np.asarray(v) for k, v in aux.metrics.items()}
+
+
+train_forward = nnx.jit(lambda layer, x: layer(x, train=True))  # one compilation for both routers
+
+
+def test_training_window_alarms_trip_on_a_forced_collapse_after_warmup(tmp_path):
+    cfg = HealthConfig(train_window=4, train_start_step=10, ledger_batches=0)
+    healthy, collapsed = train_metrics(False), train_metrics(True)
+    assert health_lib.check_train(cfg, layers=[3], window=[healthy] * 4) == []
+    alarms = health_lib.check_train(cfg, layers=[3], window=[collapsed] * 4)
+    # expert 0 is chosen by all 128 tokens and serves 10 per group: 108 of 128 dropped = 0.84375 > 0.3;
+    # load CV of the routed load (128, 0 x 7) = sqrt(7) = 2.65 > 1.5
+    by = {a.metric: a for a in alarms}
+    assert set(by) == {"train_dropped_fraction", "train_load_cv"}
+    assert by["train_dropped_fraction"].value == pytest.approx(108 / 128)
+    assert by["train_load_cv"].value == pytest.approx(math.sqrt(7), rel=1e-5)
+    assert "mean of 4 steps" in by["train_dropped_fraction"].message
+    # the window's mean: 2 collapsed and 2 healthy steps average (0.84375 + 0.84375 + 2 d) / 4
+    mixed = [collapsed, collapsed, healthy, healthy]
+    d = float(healthy["moe/3/dropped_fraction"])
+    (row,) = [a for a in health_lib.check_train(cfg, layers=[3], window=mixed) if a.metric == "train_dropped_fraction"]
+    assert row.value == pytest.approx((2 * 108 / 128 + 2 * d) / 4)
+
+    # the watch: nothing before the window is full, nothing before train_start_step, then every log step
+    model_cfg = build_run_config(base.make("t", base.tiny_model())).model  # MoE layers 0-3; metrics of 3 only
+    watch = health_lib.RoutingWatch(cfg, model_cfg, None, str(tmp_path), log=lambda *_: None, write=False)
+    assert watch.at_train(3, [collapsed] * 3) == []  # 3 of 4 steps
+    assert watch.at_train(6, [collapsed] * 3) == []  # full, but step 6 < 10
+    assert {a.metric for a in watch.at_train(12, [collapsed] * 6)} == {"train_dropped_fraction", "train_load_cv"}
+    assert watch.at_train(16, [healthy] * 4) == []  # the window holds the last 4 steps only
+    off = health_lib.RoutingWatch(dataclasses.replace(cfg, train_window=0), model_cfg, None, str(tmp_path),
+                                  log=lambda *_: None, write=False)
+    assert off.at_train(100, [collapsed] * 10) == []
 
 
 def ledger(expert, score=0.5, bias=0.0, step=0):
@@ -151,3 +201,20 @@ def test_loop_records_ledgers_and_stops_on_alarm(tmp_path):
     assert ledger_cmd.main(["summary", last_path, "--vocab=256"]) == 0
     assert ledger_cmd.main(["plot", f"--workdir={workdir}", f"--out={tmp_path / 'r.png'}"]) == 0
     assert os.path.getsize(tmp_path / "r.png") > 0
+
+
+def test_loop_training_window_alarm_stops_the_run(tmp_path):
+    model = base.tiny_model(d_model=32, num_layers=2, num_heads=2, d_ff=64, moe_d_ff=32, num_experts=4,
+                            max_seq_len=64)
+    config = base.make("w", model, data=dict(corpus="synthetic", seq_len=16, batch_size=2, data_dir=str(tmp_path / "d")),
+                       train=dict(steps=8, warmup_steps=1, log_every=2, eval_batches=0, checkpoint_every=100,
+                                  sample_tokens=0, progress=False),
+                       health=dict(train_window=3, train_start_step=4, max_train_load_cv=0.0, stop_on_alarm=True))
+    workdir = str(tmp_path / "w")
+    summary = loop_lib.train(build_run_config(config), workdir, log=lambda *_: None)
+    # log step 2: 2 of 3 window steps; log step 4: full and >= train_start_step, the mean load CV (> 0) trips
+    assert summary["steps"] == 4 and all("train_load_cv" in m for m in summary["stopped"]["alarms"])
+    alarms = [r for r in read_jsonl(os.path.join(workdir, "metrics.jsonl")) if r["split"] == "alarm"]
+    assert {(r["step"], r["layer"], r["metric"]) for r in alarms} == {(4, 0, "train_load_cv"), (4, 1, "train_load_cv")}
+    assert "mean of 3 steps" in alarms[0]["message"]
+    assert "4" in os.listdir(os.path.join(workdir, "checkpoints"))

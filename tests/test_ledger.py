@@ -114,13 +114,16 @@ def test_list_ledgers(tmp_path):
 V, D, Bsz, L = 64, 16, 2, 8
 
 
-def tiny_model(**moe_kw):
+def tiny_cfg(**moe_kw) -> ModelConfig:
     moe = dict(d_model=D, d_ff=16, num_experts=4, num_experts_per_token=2, capacity_factor=1.0,
                eval_capacity_factor=2.0, min_capacity=1)  # eval cf 2.0 = E / k: C = S, nothing drops
     moe.update(moe_kw)
-    cfg = ModelConfig(vocab_size=V, d_model=D, num_layers=2, num_heads=2, d_ff=32, max_seq_len=L,
-                      moe=MoEConfig(**moe), moe_every=1)
-    return Transformer(cfg, rngs=nnx.Rngs(params=0))
+    return ModelConfig(vocab_size=V, d_model=D, num_layers=2, num_heads=2, d_ff=32, max_seq_len=L,
+                       moe=MoEConfig(**moe), moe_every=1)
+
+
+def tiny_model(**moe_kw):
+    return Transformer(tiny_cfg(**moe_kw), rngs=nnx.Rngs(params=0))
 
 
 def batches(n=2, seed=0):
@@ -138,6 +141,7 @@ def test_record_and_replay_own_ledger_is_exact(moe_kw):
     ledger = ledger_lib.record(model, bs, step=7)
     assert ledger.expert.shape == (2, 2 * Bsz * L, 2) and ledger.tokens.shape == (2 * Bsz, L)
     assert ledger.step == 7 and ledger.batch_size == Bsz
+    np.testing.assert_array_equal(ledger_lib.ledger_batch(ledger, slice(Bsz, 2 * Bsz)), bs[1])  # the batch again
     assert np.all(ledger.expert[:, :, 0] != ledger.expert[:, :, 1])  # k distinct experts
     assert ledger.dropped.any() == ("eval_capacity_factor" in moe_kw)
     tokens = jnp.asarray(bs[1][:, :-1])
@@ -222,3 +226,42 @@ def test_dispatch_paths_make_identical_decisions_where_nothing_drops():
         for row in la.diff(ledgers[0], other):
             assert row["changed_tokens"] == 0, row
             assert row["weight_max_abs"] < 1e-6
+
+
+def test_ledger_and_replay_on_an_expert_parallel_mesh(eight_devices):
+    """On 8 devices (data 2 x expert 4, one expert per device, one sequence per device) the ledger recorded
+    through the expert-parallel path equals the single-device one, drops included, and replaying it on the
+    mesh reproduces the single-device logits; another routing replayed there changes them."""
+    from jax.sharding import NamedSharding
+
+    from moe_jax import sharding as sh
+    from moe_jax.sharding.placement import Placement
+
+    single = tiny_model(eval_capacity_factor=0.5)  # C = 2 of 8 tokens' 16 choices per expert: drops
+    bs = [np.random.default_rng(3).integers(0, V, (8, L + 1)).astype(np.int32)]
+    mesh = sh.make_mesh(sh.ShardingConfig(data=2, expert=4))
+    # the parameters go onto the mesh inside the jitted calls (the layers' shard_map splits the experts)
+    placement = Placement(mesh=mesh, state=None, batch=NamedSharding(mesh, sh.batch_spec(2)),
+                          plan=sh.ExpertParallel(mesh))
+    graphdef, params, rest = nnx.split(single, nnx.Param, ...)
+    on_mesh = ledger_lib.Recorder(graphdef, placement=placement)(params, rest, bs)
+    one = ledger_lib.record(single, bs)
+    assert one.dropped.any() and not one.dropped.all()
+    for name in ("tokens", "next_token", "layers", "expert", "dropped"):
+        np.testing.assert_array_equal(getattr(on_mesh, name), getattr(one, name), err_msg=name)
+    np.testing.assert_allclose(on_mesh.weight, one.weight, rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(on_mesh.score, one.score, rtol=1e-5, atol=1e-7)
+
+    @jax.jit
+    def mesh_logits(params, rest, tokens_BL, replay):
+        return placement.expert_parallel(nnx.merge(graphdef, params, rest))(tokens_BL, train=False, replay=replay)[0]
+
+    tokens = jnp.asarray(bs[0][:, :-1])
+    ref, _ = forward(single, tokens, None)
+    put = placement.put_batch(bs[0][:, :-1])
+    for use_weights in (False, True):
+        got = mesh_logits(params, rest, put, ledger_lib.replay_choices(on_mesh, weights=use_weights))
+        np.testing.assert_allclose(np.asarray(got), np.asarray(ref), rtol=1e-5, atol=1e-5)
+    shifted = tuple(((e + 1) % 4, None) for e, _ in ledger_lib.replay_choices(on_mesh))
+    moved = mesh_logits(params, rest, put, shifted)
+    assert not np.allclose(np.asarray(moved), np.asarray(ref), atol=1e-3)

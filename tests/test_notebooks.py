@@ -54,5 +54,8 @@ def test_runs_top_to_bottom(name, tmp_path, monkeypatch):
     assert "small settings" in text
     if name == "train_tiny_lm":
         assert "int8" in text and "int4" in text and "eval ce" in text
+        # the routing pictures: three evaluations' ledgers (steps 10, 20, 30), the last one saturated against itself
+        assert "router saturation vs the final ledger" in text and "token specialisation" in text
+        assert "step   30: 1.00 1.00" in text
     if name == "scaling_laws":
         assert "finished runs" in text

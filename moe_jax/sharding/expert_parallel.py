@@ -141,8 +141,10 @@ class ExpertParallelMoE(nnx.Module):
         self.layer = layer
         self.plan = plan
 
-    def __call__(self, x_BLD: jax.Array, *, train: bool = False, rng=None, token_ids_BL=None, balance_load=None,
-                 token_mask_BL=None):
+    def __call__(self, x_BLD: jax.Array, *, train: bool = False, rng=None, token_ids_BL=None, replay=None,
+                 balance_load=None, token_mask_BL=None):
+        """replay: (expert_BLK, weight_BLK or None), as `MoELayer.forward` takes it; sharded like the tokens, so
+        each device replays the choices of its own tokens."""
         layer, plan = self.layer, self.plan
         cfg = layer.cfg
         if token_mask_BL is not None:
@@ -157,12 +159,16 @@ class ExpertParallelMoE(nnx.Module):
         batch_axes = plan.batch_axes
         tokens = P(batch_axes or None)
         with_rng, with_ids = rng is not None, token_ids_BL is not None
+        with_replay, with_weights = replay is not None, replay is not None and replay[1] is not None
         exchange = plan.dropless(cfg.num_routed_experts) if cfg.capacity_factor_for(train) is None else None
 
         def body(state, x_BLD, *extra):
             extra = list(extra)
             rng = extra.pop(0) if with_rng else None
             ids_BL = extra.pop(0) if with_ids else None
+            local_replay = None
+            if with_replay:
+                local_replay = (extra.pop(0), extra.pop(0) if with_weights else None)
             if rng is not None and batch_axes:  # independent router noise per shard (one device: one array)
                 rng = jax.random.fold_in(rng, jax.lax.axis_index(batch_axes))
             local = nnx.merge(graphdef, state)
@@ -170,7 +176,7 @@ class ExpertParallelMoE(nnx.Module):
             if exchange is not None:
                 block = cfg.dropless_block_size if cfg.expert_backend == "blocked" else 1
                 run_dropless = functools.partial(exchange, local.experts, cfg.expert_backend, block)
-            y_BLD, stats = local.forward(x_BLD, train=train, rng=rng, token_ids_BL=ids_BL,
+            y_BLD, stats = local.forward(x_BLD, train=train, rng=rng, token_ids_BL=ids_BL, replay=local_replay,
                                          run_experts=functools.partial(plan.run_experts, local.experts),
                                          run_dropless=run_dropless)
             b = x_BLD.shape[0]
@@ -186,6 +192,9 @@ class ExpertParallelMoE(nnx.Module):
         if with_ids:
             args.append(token_ids_BL)
             in_specs.append(tokens)
+        if with_replay:
+            args.extend(replay[:2] if with_weights else replay[:1])
+            in_specs.extend([tokens] * (2 if with_weights else 1))
         has_choices = cfg.router not in ("soft", "expert_choice")  # they have no token choices (expert_GSK None)
         out_specs = (tokens, {k: tokens for k in _PER_TOKEN if k not in ("expert_GSK", "weight_GSK") or has_choices},
                      P())

@@ -19,6 +19,10 @@ class TrainConfig:
     sequences, one at a time (activation memory of one microbatch), and applies one optimizer step with the
     mean of their gradients, which equals the whole batch's gradient, auxiliary losses included (see
     moe_jax/train/step.py). Routing groups must lie inside a microbatch (checked with the data section).
+
+    replay_ledger: the path of a routing ledger .npz: train on its recorded tokens with its recorded routing
+    (moe_jax/train/replay.py; checked against the model and data before anything is compiled); None = the data
+    section's training batches and the routers' own choices.
     """
 
     steps: int = 300
@@ -43,6 +47,7 @@ class TrainConfig:
     sample_temperature: float = 0.8
     progress: bool = True  # tqdm progress bar on the console
     microbatches: int = 1  # gradient accumulation: one optimizer step over this many equal slices of the batch
+    replay_ledger: Optional[str] = None  # a ledger .npz: train on its tokens with its routing (train/replay.py)
 
     def __post_init__(self):
         def bad(field, why):
@@ -75,3 +80,5 @@ class TrainConfig:
             bad("eval_batches" if self.eval_batches < 0 else "sample_tokens", "must be >= 0.")
         if not self.sample_temperature >= 0:
             bad("sample_temperature", "must be >= 0 (0 = greedy).")
+        if self.replay_ledger is not None and not (isinstance(self.replay_ledger, str) and self.replay_ledger):
+            bad("replay_ledger", "must be the path of a routing ledger .npz, or None.")

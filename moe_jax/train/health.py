@@ -1,6 +1,7 @@
 """Routing health during training: the routing ledger at each evaluation and alarms on the routers' metrics.
 
     watch = RoutingWatch(run.health, run.model, graphdef, workdir, log=log, start_step=start)
+    alarms = watch.at_train(step, rows)                       # at each log step: the training window
     alarms = watch.at_eval(step, state, data, eval_metrics)   # writes ledgers/step_<step>.npz, adds saturation
 
 At every evaluation (train.eval_every) the loop records the routing ledger (moe_jax.ledger) on the first
@@ -16,13 +17,22 @@ evaluation metrics (eval capacity factor) and the ledger:
   sigmoid score         score_fn='sigmoid': the smallest raw score of a chosen expert < min_sigmoid_score
   bias drift            routers with a correction bias: max |bias - bias at the previous evaluation|
                         > max_bias_drift
+The evaluation runs at the eval capacity factor, usually larger than the training one, so drops in training go
+unseen there. The training-window alarms watch the train steps' own metrics (training capacity factor, router
+noise on), per MoE layer, averaged over the last `train_window` steps; the loop checks them at each log step
+(train.log_every) once the window is full and from step `train_start_step` on (a fresh router is unbalanced:
+the CPU protocol's runs average load CV up to 1.9 and 20-50 % of choices dropped over their first 100 steps):
+  train dropped fraction   mean dropped_fraction > max_train_dropped_fraction
+  train load CV            mean load_cv > max_train_load_cv
+A resumed run refills the window from its restart (its checkpoint carries the steps of one log window only).
 A threshold of None turns its check off. Alarms are checked from step `start_step` on. Each tripped check
 is an `Alarm` naming the layer and the metric; the loop prints it, writes it to metrics.jsonl (split
 "alarm") and TensorBoard, and with `stop_on_alarm` checkpoints the step and stops the run (summary
-`stopped`: the alarms). All of this runs at evaluations only: the train step does not change.
+`stopped`: the alarms). All of this reads what the steps already return: the train step does not change.
 """
 from __future__ import annotations
 
+import collections
 import dataclasses
 import math
 import os
@@ -49,20 +59,28 @@ class HealthConfig:
     min_saturation: Optional[float] = None  # vs the previous evaluation's ledger; early training churns
     min_sigmoid_score: Optional[float] = 1e-3  # score_fn='sigmoid' only
     max_bias_drift: Optional[float] = None  # routers with a correction bias only
+    train_window: int = 50  # training steps the training-window alarms average (0 = no training-window alarms)
+    train_start_step: int = 200  # no training-window alarm before this step (fresh routers are unbalanced)
+    # The CPU protocol's runs (experiments/results/cpu, 32 with MoE metrics) stay at or below 0.28 dropped and load
+    # CV 1.08 over every 50-step window after step 200, except capacity factor 0.75 (0.36 dropped: top-1 at
+    # cf < 1 drops at least 1 - cf); a collapse onto k of E = 8 experts gives load CV sqrt(E / k - 1) >= 1.73.
+    max_train_dropped_fraction: Optional[float] = 0.3  # at the training capacity factor
+    max_train_load_cv: Optional[float] = 1.5
     stop_on_alarm: bool = False  # checkpoint and stop the run when an alarm trips
 
     def __post_init__(self):
         def bad(field, why):
             raise ValueError(f"config.health.{field}={getattr(self, field)!r} {why}")
 
-        for field in ("ledger_batches", "start_step"):
+        for field in ("ledger_batches", "start_step", "train_window", "train_start_step"):
             if getattr(self, field) < 0:
                 bad(field, "must be >= 0.")
-        for field in ("max_dead_fraction", "max_dropped_fraction", "min_entropy_fraction", "min_saturation"):
+        for field in ("max_dead_fraction", "max_dropped_fraction", "min_entropy_fraction", "min_saturation",
+                      "max_train_dropped_fraction"):
             value = getattr(self, field)
             if value is not None and not 0 <= value <= 1:
                 bad(field, "must be in [0, 1] (a fraction), or None to turn the check off.")
-        for field in ("max_load_cv", "min_sigmoid_score", "max_bias_drift"):
+        for field in ("max_load_cv", "min_sigmoid_score", "max_bias_drift", "max_train_load_cv"):
             value = getattr(self, field)
             if value is not None and not value >= 0:
                 bad(field, "must be >= 0, or None to turn the check off.")
@@ -134,12 +152,34 @@ def check(cfg: HealthConfig, *, layers, num_experts: int, score_fn: str, eval_me
     return out
 
 
+def check_train(cfg: HealthConfig, *, layers, window: list[dict]) -> list[Alarm]:
+    """The training-window alarms: `window`, the train steps' metrics (one dict per step, keyed
+    `moe/<layer>/<metric>`, as the train step returns them), averaged per layer."""
+    out = []
+    n = len(window)
+    for layer in layers:
+        def mean(name):
+            values = [float(np.asarray(row[f"moe/{layer}/{name}"])) for row in window
+                      if f"moe/{layer}/{name}" in row]
+            return float(np.mean(values)) if values else None
+
+        dropped, cv = mean("dropped_fraction"), mean("load_cv")
+        limit = cfg.max_train_dropped_fraction
+        if limit is not None and dropped is not None and dropped > limit:
+            out.append(_alarm(layer, "train_dropped_fraction", dropped, ">", limit,
+                              f"choices found no room at the training capacity factor, mean of {n} steps"))
+        if cfg.max_train_load_cv is not None and cv is not None and cv > cfg.max_train_load_cv:
+            out.append(_alarm(layer, "train_load_cv", cv, ">", cfg.max_train_load_cv,
+                              f"training load is concentrated, mean of {n} steps"))
+    return out
+
+
 class RoutingWatch:
     """The loop's routing ledger and alarms (see the module docstring). Every process records (the forward
     pass may be sharded); process 0 writes the files."""
 
     def __init__(self, cfg: HealthConfig, model_cfg, graphdef, workdir: str, *, log: Callable[[str], Any] = print,
-                 start_step: int = 0, write: bool = True):
+                 start_step: int = 0, write: bool = True, placement=None):
         self.cfg, self.workdir, self.log, self.write = cfg, workdir, log, write
         moe = model_cfg.moe
         self.layers = list(model_cfg.moe_layer_indices) if moe is not None else []
@@ -149,13 +189,25 @@ class RoutingWatch:
         self.recorder, self.previous = None, None
         why_not = ledger_lib.check_recordable(model_cfg)
         if cfg.ledger_batches and why_not is None:
-            self.recorder = ledger_lib.Recorder(graphdef)
+            self.recorder = ledger_lib.Recorder(graphdef, placement=placement)
             earlier = [(s, p) for s, p in ledger_lib.list_ledgers(workdir) if s <= start_step]
             if earlier:  # a resumed run compares its next ledger with the last one before the restart
                 self.previous = ledger_lib.Ledger.load(earlier[-1][1])
         elif cfg.ledger_batches and self.layers:
             log(f"[moe_jax] no routing ledger: {why_not}")
         self.ledger_bytes: list[int] = []
+        self.window: collections.deque = collections.deque(maxlen=max(cfg.train_window, 1))
+
+    def at_train(self, step: int, rows: list[dict]) -> list[Alarm]:
+        """At a log step: `rows`, the metrics of the train steps since the last one (ending at `step`), join the
+        training window; returns its alarms (none before the window is full or before train_start_step)."""
+        cfg = self.cfg
+        if not (cfg.alarms and self.layers and cfg.train_window):
+            return []
+        self.window.extend({k: v for k, v in row.items() if k.startswith("moe/")} for row in rows)
+        if len(self.window) < cfg.train_window or step < max(cfg.train_start_step, cfg.start_step):
+            return []
+        return check_train(cfg, layers=self.layers, window=list(self.window))
 
     def at_eval(self, step: int, state, data, eval_metrics: dict) -> list[Alarm]:
         """Records and writes the ledger, adds `moe/<layer>/saturation` (vs the previous ledger) to

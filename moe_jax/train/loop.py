@@ -4,9 +4,11 @@
 
 Files in `workdir`: config.json, checkpoints/ (orbax), metrics.jsonl, tensorboard/, summary.json,
 training.png, sample.txt, and for token-choice MoE models ledgers/step_<step>.npz (the routing ledger of each
-evaluation, moe_jax.ledger) and routing.png (moe_jax.train.health: routing alarms are checked at evaluations). Running the same command again on the same workdir resumes from the latest
-checkpoint (or returns at once if the run already finished) and reaches the same losses as an
-uninterrupted run: batches and RNG keys are pure functions of (seed, step). Its metrics too: rows past the
+evaluation, moe_jax.ledger) and routing.png (moe_jax.train.health: routing alarms are checked at evaluations and,
+on the training window's metrics, at log steps). With config.train.replay_ledger the steps train on a routing
+ledger's tokens with its routing (moe_jax.train.replay). Running the same command again on the same workdir
+resumes from the latest checkpoint (or returns at once if the run already finished) and reaches the same
+losses as an uninterrupted run: batches and RNG keys are pure functions of (seed, step). Its metrics too: rows past the
 checkpoint are dropped, log windows end at multiples of log_every, and a checkpoint carries the metrics of
 the window it interrupts. On SIGTERM the loop finishes the step, checkpoints it and returns a summary with
 `preempted: True` (moe_jax.train.preemption; experiments.train then exits with code 75).
@@ -32,6 +34,7 @@ from moe_jax.train.health import RoutingWatch, format_alarms
 from moe_jax.train.metrics import MetricWriter, read_jsonl, rows_from_json, rows_to_json
 from moe_jax.train.plots import plot_run
 from moe_jax.train.preemption import Preemption
+from moe_jax.train.replay import load_replay_ledger, replay_batch
 from moe_jax.train.run_config import RunConfig, check_machine, run_record
 from moe_jax.train.state import init_state, learning_rate_schedule, make_optimizer
 from moe_jax.train.step import make_eval_step, make_train_step
@@ -100,12 +103,18 @@ def train(run: RunConfig, workdir: str, *, log=print) -> dict:
         elif run.upcycle is not None:  # a new upcycled run: dense parameters, fresh router and optimizer
             state = upcycled_state(run, state, log=log)
         start = int(state.step)
-        train_step = make_train_step(graphdef, tx, schedule, placement=placement, microbatches=tcfg.microbatches)
+        replayed = None  # config.train.replay_ledger: train on the ledger's tokens with its routing
+        if tcfg.replay_ledger is not None:
+            replayed = load_replay_ledger(run)
+            log(f"[moe_jax] training on the routing ledger {tcfg.replay_ledger} ({replayed.tokens.shape[0]} "
+                f"sequences, step {replayed.step}) with its recorded routing")
+        train_step = make_train_step(graphdef, tx, schedule, placement=placement, microbatches=tcfg.microbatches,
+                                     replay=replayed is not None)
         eval_step = make_eval_step(graphdef, placement=placement)
         key = jax.random.PRNGKey(tcfg.seed)
         writer = MetricWriter(workdir, resume_step=start)
         watch = RoutingWatch(run.health, cfg, graphdef, workdir, log=log, start_step=start,
-                             write=jax.process_index() == 0)
+                             write=jax.process_index() == 0, placement=placement)
         tokens_per_step = run.data.batch_size * run.data.seq_len
 
         def save(step):
@@ -123,8 +132,13 @@ def train(run: RunConfig, workdir: str, *, log=print) -> dict:
         step = start
         with Preemption(log) as preemption:
             while step < tcfg.steps:
-                batch = distributed.train_batch(data, step, placement)
-                state, metrics = train_step(state, batch, key)
+                if replayed is None:
+                    batch = distributed.train_batch(data, step, placement)
+                    state, metrics = train_step(state, batch, key)
+                else:
+                    batch, experts = replay_batch(replayed, step, run.data.batch_size)
+                    state, metrics = train_step(state, distributed.to_device(batch, placement), key,
+                                                tuple(distributed.to_device(e, placement) for e in experts))
                 step += 1
                 window.append(metrics)
                 if window_start is None:  # the first step includes compilation: keep it out of throughput
@@ -132,6 +146,7 @@ def train(run: RunConfig, workdir: str, *, log=print) -> dict:
                     window_start = time.perf_counter()
                 else:
                     timed += 1
+                alarms = []  # routing alarms of this step: the training window's, then the evaluation's
                 if step % tcfg.log_every == 0 or step == tcfg.steps:
                     rows = jax.device_get(window)
                     now = time.perf_counter()
@@ -154,25 +169,31 @@ def train(run: RunConfig, workdir: str, *, log=print) -> dict:
                             f"in {ckpt.directory} is intact. Lower config.train.learning_rate or check the data.")
                     if bar is not None:
                         bar.set_postfix(loss=f"{float(m['ce']):.3f}", tok_s=f"{m.get('tokens_per_s', 0):.0f}")
+                    alarms = watch.at_train(step, rows)  # the last health.train_window steps' drops and load CV
+                    for alarm in alarms:
+                        writer.alarm(step, alarm.record())
+                    if alarms:
+                        log(format_alarms(step, alarms))
                     window, timed, window_start = [], 0, time.perf_counter()
                 if bar is not None:
                     bar.update(1)
                 if tcfg.eval_batches and (step % tcfg.eval_every == 0 or step == tcfg.steps):
                     last_eval = evaluate(eval_step, state, data, tcfg.eval_batches, placement)
-                    alarms = watch.at_eval(step, state, data, last_eval)  # ledger, saturation, alarms
+                    eval_alarms = watch.at_eval(step, state, data, last_eval)  # ledger, saturation, alarms
                     writer.write(step, "eval", last_eval)
-                    for alarm in alarms:
+                    for alarm in eval_alarms:
                         writer.alarm(step, alarm.record())
-                    if alarms:
-                        log(format_alarms(step, alarms))
+                    if eval_alarms:
+                        log(format_alarms(step, eval_alarms))
+                    alarms = alarms + eval_alarms
                     watch.picture(writer, step, title=run.name)
                     window_start = time.perf_counter()
-                    if alarms and run.health.stop_on_alarm and step < tcfg.steps:
-                        save(step)
-                        stopped = [a.message for a in alarms]
-                        log(f"[moe_jax] stopped by a routing alarm at step {step} (config.health.stop_on_alarm): "
-                            f"checkpoint written to {ckpt.directory}.")
-                        break
+                if alarms and run.health.stop_on_alarm and step < tcfg.steps:
+                    save(step)
+                    stopped = [a.message for a in alarms]
+                    log(f"[moe_jax] stopped by a routing alarm at step {step} (config.health.stop_on_alarm): "
+                        f"checkpoint written to {ckpt.directory}.")
+                    break
                 if step % tcfg.checkpoint_every == 0 or step == tcfg.steps:
                     save(step)
                     window_start = time.perf_counter()

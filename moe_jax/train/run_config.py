@@ -16,7 +16,8 @@ A run config has three sections, and an optional fourth:
 Every key must be a known field: a typo fails with the section, the key and the known names, before
 anything is built or compiled. Then the sections are checked against each other (`check_run`: the batch
 against the routing groups and the mesh, the sequence length and the tokenizer against the model), and, with `on_this_machine=True`, against what this machine must provide
-(`check_machine`: the devices of the mesh, a prepared TFDS dataset), all before any data is read.
+(`check_machine`: the devices of the mesh, a prepared TFDS dataset, the ledger of
+`train.replay_ledger`), all before any data is read.
 """
 from __future__ import annotations
 
@@ -289,8 +290,9 @@ def check_run(run: RunConfig) -> None:
 
 def check_machine(run: RunConfig) -> None:
     """What this machine must provide: as many devices as the mesh has (single-process runs; a multi-process
-    run is checked once `jax.distributed` is up), a backend for the dropless exchange asked for, and a
-    prepared dataset for a 'tfds:<name>' corpus."""
+    run is checked once `jax.distributed` is up), a backend for the dropless exchange asked for, a
+    prepared dataset for a 'tfds:<name>' corpus, and the routing ledger of `train.replay_ledger` (it exists and
+    fits the model and the data)."""
     import jax
 
     if run.mesh.dropless_exchange == "ragged" and jax.default_backend() == "cpu":
@@ -307,6 +309,10 @@ def check_machine(run: RunConfig) -> None:
         from moe_jax.data.tfds_source import check_prepared
 
         check_prepared(run.data)
+    if run.train.replay_ledger is not None:  # the file exists and fits the model and the data
+        from moe_jax.train.replay import load_replay_ledger
+
+        load_replay_ledger(run)
 
 
 def model_record(model_cfg: ModelConfig) -> dict:

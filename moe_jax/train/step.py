@@ -16,6 +16,10 @@ then uses it as f_i (`balance_load`), which makes the mean over microbatches the
 gradient (f_i is a constant, P_i a token mean). The correction-bias update sees the summed load; the metrics
 are those of the whole batch (`losses.combine_routing_metrics`). Router noise differs per microbatch (its key
 folds in the microbatch index), so with noise on, M > 1 draws other numbers than M = 1.
+
+Replayed routing (`replay=True`, `config.train.replay_ledger`, moe_jax/train/replay.py): the step takes one
+more argument, each MoE layer's recorded experts <int32>[B, L, K] for the batch, used instead of the routers'
+picks; the routers weigh them (and train through them) and compute their losses and metrics from them.
 """
 from __future__ import annotations
 
@@ -64,8 +68,9 @@ def _model(graphdef, placement, *states):
 
 
 def make_train_step(graphdef, tx: optax.GradientTransformation, schedule, *, placement=None, microbatches: int = 1,
-                    batch_load: Optional[bool] = None):
-    """Returns `step(state, batch_BL1, key) -> (state, metrics)`, jitted with the state donated.
+                    batch_load: Optional[bool] = None, replay: bool = False):
+    """Returns `step(state, batch_BL1, key) -> (state, metrics)`, jitted with the state donated; with
+    `replay=True`, `step(state, batch_BL1, key, experts) -> (state, metrics)`.
 
     placement: a `moe_jax.sharding.placement.Placement` for a run on a device mesh (the state keeps its
     sharding from step to step, metrics come back replicated, the MoE layers run through its plan);
@@ -74,17 +79,22 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, schedule, *, pla
     batch_load: with M > 1, whether a forward pass first counts the whole batch's expert load for the
     balance loss; None = exactly when it is needed (`MoEConfig.balance_needs_batch_load`). False gives the
     per-microbatch balance loss that other codebases compute (for tests and the benchmark only).
+    replay: the step's 4th argument is one <int32>[B, L, K] array of expert ids per MoE layer (depth order, not
+    the MTP modules'), the routing to train with (moe_jax/train/replay.py); whole batches only (M = 1).
     """
     if isinstance(microbatches, bool) or not isinstance(microbatches, int) or microbatches < 1:
         raise ValueError(f"config.train.microbatches={microbatches!r} must be an int >= 1.")
+    if replay and microbatches != 1:
+        raise ValueError(f"config.train.replay_ledger with config.train.microbatches={microbatches}: replayed "
+                         "training runs whole batches; set microbatches=1.")
     shards = 1 if placement is None else batch_shards(dict(placement.mesh.shape))
 
-    def train_step(state: TrainState, batch_BL1: jax.Array, key: jax.Array):
+    def train_step(state: TrainState, batch_BL1: jax.Array, key: jax.Array, experts=None):
         rng = jax.random.fold_in(key, state.step)
 
         if microbatches == 1:
             (loss, (ce, aux, mtp)), grads = jax.value_and_grad(objective, has_aux=True)(
-                state.params, state.rest, batch_BL1, rng, None)
+                state.params, state.rest, batch_BL1, rng, None, experts)
         else:
             loss, ce, aux, mtp, grads = _accumulate(state, batch_BL1, rng)
         grad_norm = optax.tree.norm(grads)
@@ -114,13 +124,16 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, schedule, *, pla
                            mtp_loss=model.cfg.mtp_loss_weight / len(mtp) * sum(mtp))
         return new_state, metrics
 
-    def objective(params, rest, tokens_BL1, rng, balance_load):
+    def objective(params, rest, tokens_BL1, rng, balance_load, experts=None):
         """loss, (ce, ModelAux, [CE of MTP depth k]) of one batch or microbatch: cross-entropy, the MoE layers'
-        weighted aux losses and, with MTP, lambda / D * sum_k L_MTP^k (absent, not 0 * ..., without MTP)."""
+        weighted aux losses and, with MTP, lambda / D * sum_k L_MTP^k (absent, not 0 * ..., without MTP).
+        experts: replayed routing (see `make_train_step`), weighed by the routers."""
         model = _model(graphdef, placement, params, rest)
         cfg = model.cfg
         inputs_BL, targets_BL = tokens_BL1[:, :-1], tokens_BL1[:, 1:]
-        logits_BLV, aux = model(inputs_BL, train=True, rng=rng, balance_load=balance_load, mtp=cfg.mtp_depth > 0)
+        routing = None if experts is None else tuple((e, None) for e in experts)
+        logits_BLV, aux = model(inputs_BL, train=True, rng=rng, replay=routing, balance_load=balance_load,
+                                mtp=cfg.mtp_depth > 0)
         ce = cross_entropy(logits_BLV, targets_BL)
         loss = ce + aux.aux_loss
         mtp = mtp_losses(aux.mtp_logits, targets_BL)
@@ -176,9 +189,11 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, schedule, *, pla
         aux = ModelAux(aux_loss=aux_M.mean(), layers=layers, layer_indices=tuple(indices))
         return loss_M.mean(), ce_M.mean(), aux, [v.mean() for v in mtp_M], grads
 
+    step_fn = train_step if replay else (lambda state, batch_BL1, key: train_step(state, batch_BL1, key))
     if placement is None:
-        return jax.jit(train_step, donate_argnums=0)
-    return jax.jit(train_step, donate_argnums=0, in_shardings=(placement.state, placement.batch, placement.replicated),
+        return jax.jit(step_fn, donate_argnums=0)
+    in_shardings = (placement.state, placement.batch, placement.replicated) + ((placement.batch,) if replay else ())
+    return jax.jit(step_fn, donate_argnums=0, in_shardings=in_shardings,
                    out_shardings=(placement.state, placement.replicated))
 
 

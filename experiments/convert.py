@@ -5,8 +5,9 @@ r"""Convert Hugging Face MoE checkpoints to moe_jax workdirs and back, and check
     python -m experiments.convert --to_hf=/tmp/out --workdir=runs/trained --family=qwen3_moe
 
 --from_hf reads config.json + safetensors (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, DeepSeek-V3; moe_jax.hf), and writes a
-workdir like the ones `experiments.train` writes: config.json (the run record), checkpoints/0 (a full train
-state at step 0: the imported parameters, a fresh optimizer state) and, beside them,
+workdir like the ones `experiments.train` writes: config.json (the run record), checkpoints/0 (the train state
+at step 0: the imported parameters, and no optimizer state: training starts from a fresh one, as
+moe_jax.train.checkpoint describes) and, beside them,
   hf_config.py     a config file for the imported model:
                    python -m experiments.train --config=<workdir>/hf_config.py --workdir=<workdir>
                    resumes from the imported weights (fine-tuning);
@@ -17,8 +18,8 @@ state at step 0: the imported parameters, a fresh optimizer state) and, beside t
   hf_tokenizer/    the source's tokenizer files (tokenizer.json, ...), copied; with --prompt the command
                    decodes a greedy continuation through them (Hugging Face `tokenizers`).
 The MoE layers come in dropless (capacity_factor=None), as Hugging Face runs them. After writing, the
-checkpoint is restored and compared with the imported parameters (bit-exact), and --to_hf re-imports what
-it wrote and compares it the same way. Errors (an unsupported architecture, a missing shard, a config field
+checkpoint is restored a few tensors at a time and compared with the imported parameters (bit-exact), and
+--to_hf re-imports what it wrote and compares it the same way. Errors (an unsupported architecture, a missing shard, a config field
 moe_jax cannot honour) are one line naming the file and field (exit code 2; --debug for the traceback).
 """
 from __future__ import annotations
@@ -48,6 +49,49 @@ TOKENIZER_DIR = "hf_tokenizer"
 SOURCE = "hf_source.json"
 
 
+def restored_differences(workdir: str, model, *, step: int = 0, chunk_bytes: int = 128 * 2 ** 20) -> list:
+    """Paths of `model`'s variables whose value in checkpoint `step` of `workdir` differs (bit for bit).
+
+    Restores a few tensors at a time (at most `chunk_bytes`, or one larger tensor), each onto the sharding of
+    the array it is compared with, and drops them once compared: the check adds one chunk, not a model."""
+    import jax
+    import numpy as np
+    from flax import nnx
+
+    from moe_jax.train.checkpoint import Checkpoints
+    from moe_jax.train.state import split_model
+
+    _, params, rest = split_model(model)
+    leaves = [(field, path, v) for field, tree in (("params", params), ("rest", rest))
+              for path, v in nnx.to_flat_state(tree)]
+    chunks, size = [[]], 0
+    for leaf in leaves:
+        if chunks[-1] and size + leaf[2].nbytes > chunk_bytes:
+            chunks, size = chunks + [[]], 0
+        chunks[-1].append(leaf)
+        size += leaf[2].nbytes
+
+    def abstract(x):
+        return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding)
+
+    differ = []
+    ckpt = Checkpoints(workdir, keep=1)
+    try:
+        for chunk in chunks:
+            mine = {field: {path: v for f, path, v in chunk if f == field} for field in ("params", "rest")}
+            targets = {field: jax.tree.map(abstract, nnx.from_flat_state(list(part.items())))
+                       for field, part in mine.items() if part}
+            restored = ckpt.restore_fields(step, targets)
+            for field, tree in restored.items():
+                for path, v in nnx.to_flat_state(tree):
+                    if not np.array_equal(np.asarray(v[...]), np.asarray(mine[field][path][...])):
+                        differ.append((field,) + tuple(path))
+            del restored
+    finally:
+        ckpt.close()
+    return differ
+
+
 def _params_equal(a, b) -> list:
     """Paths whose values differ between two models (bit for bit)."""
     import numpy as np
@@ -73,16 +117,16 @@ def model_section(cfg) -> dict:
 def from_hf(source: str, workdir: str, *, expert_backend: str = "ragged_dot", max_seq_len=None,
             param_dtype: str = "float32", log=print) -> dict:
     import jax
+    import jax.numpy as jnp
     from flax import nnx
 
     from moe_jax.hf import load_hf
     from moe_jax.hf.convert import TOKENIZER_FILES
-    from moe_jax.train.checkpoint import Checkpoints
-    from moe_jax.train.restore import load_run
     from moe_jax.data import DataConfig
+    from moe_jax.train.checkpoint import Checkpoints
     from moe_jax.train.config import TrainConfig
     from moe_jax.train.run_config import RunConfig, build_run_config, make_config_dict, run_record
-    from moe_jax.train.state import init_state, make_optimizer
+    from moe_jax.train.state import TrainState, split_model
 
     workdir = os.path.abspath(os.path.expanduser(workdir))
     if os.path.isdir(os.path.join(workdir, "checkpoints")) and os.listdir(os.path.join(workdir, "checkpoints")):
@@ -117,15 +161,19 @@ def from_hf(source: str, workdir: str, *, expert_backend: str = "ragged_dot", ma
         for n in copied:
             shutil.copyfile(os.path.join(source, n), os.path.join(tok_dir, n))
 
-    _, state = init_state(model, make_optimizer(run.train))
+    # No optimizer state is written: the training loop resumes step 0 with the fresh one it initialises (zero
+    # AdamW moments), so the checkpoint and this process hold the parameters once (Checkpoints.save).
+    _, params, rest = split_model(model)
+    zero = jnp.zeros((), jnp.int32)
+    state = TrainState(step=zero, params=params, opt_state=None, rest=rest, skipped=zero)
     ckpt = Checkpoints(workdir, keep=run.train.keep_checkpoints)
     try:
-        ckpt.save(0, state, {"step": 0, "model": record["model"], "window": [], "imported_from": os.path.abspath(source)})
+        meta = {"step": 0, "model": record["model"], "window": [], "imported_from": os.path.abspath(source)}
+        ckpt.save(0, state, meta, fresh_optimizer=True)
     finally:
         ckpt.close()
-    del state
-    restored = load_run(workdir)
-    differ = _params_equal(model, restored.model)
+    del state, params, rest
+    differ = restored_differences(workdir, model)
     if differ:
         raise RuntimeError(f"the checkpoint written in {workdir} does not restore the imported weights: {differ[:3]}")
     n = sum(x.size for x in jax.tree.leaves(nnx.state(model)))

@@ -7,7 +7,7 @@ Loading checks everything it can before reading a weight: the config (`configs.m
 every tensor the model needs is in the checkpoint with the right shape (the headers), and that the
 checkpoint holds no tensor the model would ignore (a bias the config does not announce, say). Then it reads
 one tensor at a time into the model's parameters (built abstractly, never randomly initialised), so the
-peak memory is the model plus one tensor.
+peak memory is the model plus one tensor; each shard file is unmapped once its last tensor is read.
 """
 from __future__ import annotations
 
@@ -114,7 +114,9 @@ def load_hf(directory: str, *, expert_backend: str = "ragged_dot", max_seq_len: 
     graphdef, flat = _flat_params(abstract_model(cfg))
     shapes = {path: v.shape for path, v in flat}
     values = {}
-    for entry in weight_entries(cfg, family):
+    entries = weight_entries(cfg, family)
+    reader.plan([name for entry in entries for name in entry.hf])  # each shard unmapped once read
+    for entry in entries:
         ours = entry.from_hf([reader.get(n) for n in entry.hf], [shapes[p] for p in entry.ours])
         for path, array in zip(entry.ours, ours):
             values[path] = jnp.asarray(np.asarray(array, np.float32), cfg.param_jnp_dtype)  # one tensor at a time

@@ -3,8 +3,10 @@ r"""Convert Hugging Face MoE checkpoints to moe_jax workdirs and back, and check
     python -m experiments.convert --from_hf=/models/Mixtral-8x7B --workdir=runs/mixtral
     python -m experiments.convert --to_hf=/tmp/mixtral_out --workdir=runs/mixtral      # back (same family)
     python -m experiments.convert --to_hf=/tmp/out --workdir=runs/trained --family=qwen3_moe
+    python -m experiments.convert --from_hf=/models/Mixtral-8x7B --workdir=runs/m8 --mesh=expert=4,fsdp=2
 
---from_hf reads config.json + safetensors (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, DeepSeek-V3; moe_jax.hf), and writes a
+--from_hf reads config.json + safetensors (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, DeepSeek-V2/V3; moe_jax.hf), each
+tensor straight onto the --mesh of this machine's devices if one is given, and writes a
 workdir like the ones `experiments.train` writes: config.json (the run record), checkpoints/0 (the train state
 at step 0: the imported parameters, and no optimizer state: training starts from a fresh one, as
 moe_jax.train.checkpoint describes) and, beside them,
@@ -44,6 +46,8 @@ _PARAM_DTYPE = flags.DEFINE_string("param_dtype", "float32", "float32 | bfloat16
 _DTYPE = flags.DEFINE_string("dtype", None, "--to_hf: tensor dtype on disk (default: the parameters').")
 _PROMPT = flags.DEFINE_string("prompt", None, "--from_hf: a prompt to continue greedily with the source tokenizer.")
 _TOKENS = flags.DEFINE_integer("tokens", 20, "Greedy tokens for --prompt.")
+_MESH = flags.DEFINE_string("mesh", "", "--from_hf: config.mesh axis sizes of the imported run, e.g. expert=4,fsdp=2: "
+                                        "each weight is read straight onto that mesh of this machine's devices.")
 
 TOKENIZER_DIR = "hf_tokenizer"
 SOURCE = "hf_source.json"
@@ -114,8 +118,23 @@ def model_section(cfg) -> dict:
     return dict(section, **moe, use_moe=True, moe_d_ff=cfg.moe.d_ff)
 
 
+def parse_mesh(text: str) -> dict:
+    """'expert=4,fsdp=2' -> {'expert': 4, 'fsdp': 2} (config.mesh axis sizes)."""
+    sizes = {}
+    for item in filter(None, (t.strip() for t in text.split(","))):
+        axis, _, value = item.partition("=")
+        try:
+            sizes[axis.strip()] = int(value)
+        except ValueError:
+            raise ValueError(f"--mesh={text!r}: {item!r} is not AXIS=SIZE; write e.g. --mesh=expert=4,fsdp=2 "
+                             "(axes data, fsdp, expert, model).") from None
+    return sizes
+
+
 def from_hf(source: str, workdir: str, *, expert_backend: str = "ragged_dot", max_seq_len=None,
-            param_dtype: str = "float32", log=print) -> dict:
+            param_dtype: str = "float32", mesh=None, log=print) -> dict:
+    """mesh: `config.mesh` fields ({'expert': 4, 'fsdp': 2}) of the imported run; the weights are read straight
+    onto that mesh (load_hf(mesh=...)) and the run record and hf_config.py carry it, so training resumes on it."""
     import jax
     import jax.numpy as jnp
     from flax import nnx
@@ -126,21 +145,32 @@ def from_hf(source: str, workdir: str, *, expert_backend: str = "ragged_dot", ma
     from moe_jax.train.checkpoint import Checkpoints
     from moe_jax.train.config import TrainConfig
     from moe_jax.train.run_config import RunConfig, build_run_config, make_config_dict, run_record
+    from moe_jax.sharding import ShardingConfig, batch_shards, check_layout, make_mesh
+    from moe_jax.train import distributed
     from moe_jax.train.state import TrainState, split_model
 
     workdir = os.path.abspath(os.path.expanduser(workdir))
     if os.path.isdir(os.path.join(workdir, "checkpoints")) and os.listdir(os.path.join(workdir, "checkpoints")):
         raise FileExistsError(f"{workdir}/checkpoints is not empty: give a new --workdir for the import.")
+    mesh = dict(mesh or {})
+    sharding = ShardingConfig(**mesh)
+    device_mesh = None
+    if sharding.is_sharded:
+        distributed.initialize(sharding)
+        device_mesh = make_mesh(sharding)
     model, info = load_hf(source, expert_backend=expert_backend, max_seq_len=max_seq_len, param_dtype=param_dtype,
-                          log=log)
+                          mesh=device_mesh, log=log)
     cfg = model.cfg
     name = f"hf_{info.family}"
     section = model_section(cfg)
     data = {"seq_len": min(128, cfg.max_seq_len)}
+    if sharding.is_sharded:  # a batch the mesh's data x fsdp x expert shards divide
+        data["batch_size"] = max(DataConfig().batch_size, batch_shards(dict(device_mesh.shape)))
+        check_layout(cfg, data["batch_size"], data["seq_len"], sharding, jax.device_count())
     # Built directly: check_run would refuse a vocabulary under the byte tokenizer's 256 (tiny test models).
-    run = RunConfig(model=cfg, data=DataConfig(**data), train=TrainConfig(), name=name)
+    run = RunConfig(model=cfg, data=DataConfig(**data), train=TrainConfig(), name=name, mesh=sharding)
     if cfg.vocab_size >= 256:
-        rebuilt = build_run_config(make_config_dict(name, section, data, {})).model
+        rebuilt = build_run_config(make_config_dict(name, section, data, {}, mesh=mesh)).model
         assert rebuilt == cfg, "the config section does not rebuild the imported ModelConfig"
     os.makedirs(workdir, exist_ok=True)
     record = run_record(run)
@@ -149,9 +179,9 @@ def from_hf(source: str, workdir: str, *, expert_backend: str = "ragged_dot", ma
     with open(os.path.join(workdir, "hf_config.py"), "w") as f:
         f.write(f'"""The model imported from {os.path.abspath(source)} by experiments.convert ({info.family}).\n\n'
                 f"    python -m experiments.train --config={workdir}/hf_config.py --workdir={workdir}\n"
-                '"""\nfrom configs import base\n\n'
-                f"MODEL = {section!r}\nDATA = {data!r}\n\n\n"
-                f"def get_config(arg=None):\n    return base.make({name!r}, MODEL, DATA)\n")
+                '"""\nfrom moe_jax.train.run_config import make_config_dict\n\n'
+                f"MODEL = {section!r}\nDATA = {data!r}\nMESH = {mesh!r}\n\n\n"
+                f"def get_config(arg=None):\n    return make_config_dict({name!r}, MODEL, DATA, {{}}, mesh=MESH)\n")
     with open(os.path.join(workdir, SOURCE), "w") as f:
         json.dump({"source": os.path.abspath(source), "family": info.family, "hf_config": info.hf_config}, f, indent=2)
     tok_dir = os.path.join(workdir, TOKENIZER_DIR)
@@ -236,7 +266,7 @@ def main(argv):
         cli.fail("give exactly one of --from_hf=DIR (import into --workdir) or --to_hf=DIR (export --workdir).")
     if _FROM.value:
         out = from_hf(_FROM.value, _WORKDIR.value, expert_backend=_BACKEND.value, max_seq_len=_MAX_LEN.value,
-                      param_dtype=_PARAM_DTYPE.value)
+                      param_dtype=_PARAM_DTYPE.value, mesh=parse_mesh(_MESH.value))
         if _PROMPT.value is not None:
             if out["tokenizer_dir"] is None:
                 cli.fail(f"--prompt needs {_FROM.value}/tokenizer.json, which is not there.")

@@ -354,6 +354,56 @@ def test_float8_weights_are_dequantised_per_block(tmp_path):
         hf_files.CheckpointReader(str(tmp_path)).get("w.weight")
 
 
+
+def test_load_onto_a_mesh_places_each_tensor_with_the_run_sharding(eight_devices):
+    """load_hf(mesh=...) on 8 CPU devices (expert 2 x fsdp 2 x model 2): every variable carries the NamedSharding
+    the training run's state gets (rule table over the abstract train state's paths, as init_sharded lays it
+    out), holds only its slice on each device, equals the unsharded load bit for bit, and the forward matches."""
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    from moe_jax import sharding as sh
+    from moe_jax.train.state import init_state, make_optimizer
+    from moe_jax.train.config import TrainConfig
+    from moe_jax.transformer import Transformer
+
+    mesh = sh.make_mesh(sh.ShardingConfig(expert=2, fsdp=2, model=2))
+    plain, _ = _load("mixtral")
+    placed, _ = _load("mixtral", mesh=mesh)
+    state = jax.eval_shape(lambda: init_state(Transformer(plain.cfg, rngs=nnx.Rngs(params=0)),
+                                              make_optimizer(TrainConfig()))[1])
+    shardings = sh.tree_shardings(state, mesh)  # what distributed.init_sharded_state gives a training run
+    want = {path: jax.tree.leaves(s)[0] for tree in (shardings.params, shardings.rest)
+            for path, s in nnx.to_flat_state(tree)}
+    got = list(nnx.to_flat_state(nnx.state(placed)))
+    assert len(got) == len(want) == len(list(nnx.to_flat_state(nnx.state(plain))))
+    for path, v in got:
+        assert v[...].sharding == want[path], path
+    ref = dict(nnx.to_flat_state(nnx.state(plain)))
+    for path, v in got:
+        np.testing.assert_array_equal(np.asarray(v[...]), np.asarray(ref[path][...]), err_msg=str(path))
+    w = placed.blocks[0].ffn.experts.w_in_EDF[...]  # [E 4, D 32, F 32] over expert x fsdp x model
+    assert w.sharding.spec == P("expert", "fsdp", "model")
+    assert {s.data.shape for s in w.addressable_shards} == {(2, 16, 16)}
+    assert placed.embed_VD[...].sharding.spec == P("model", "fsdp")
+    assert placed.final_norm.scale[...].sharding == NamedSharding(mesh, P())
+    tokens = jnp.asarray(reference("mixtral")["input_ids"])
+    np.testing.assert_allclose(np.asarray(placed(tokens, train=False)[0]), reference("mixtral")["logits"],
+                               atol=ATOL, rtol=0)
+
+
+def test_a_mesh_axis_that_does_not_divide_a_tensor_is_named(eight_devices, monkeypatch):
+    """Before any weight is read."""
+    from moe_jax import sharding as sh
+
+    def no_read(self, name):
+        raise AssertionError(f"{name} was read")
+
+    monkeypatch.setattr(hf_files.CheckpointReader, "get", no_read)
+    mesh = sh.make_mesh(sh.ShardingConfig(model=8))  # the Mixtral fixture has 2 kv heads
+    with pytest.raises(ValueError, match=r"w_k_DNQ: its 'kv_heads' dimension of size 2 does not divide.*config.mesh"):
+        _load("mixtral", mesh=mesh)
+
+
 # ---- live: only where torch and transformers import ----
 
 @pytest.mark.parametrize("family", FIXTURE_NAMES)
@@ -368,3 +418,4 @@ def test_live_transformers_loads_our_export(family, tmp_path):
     with torch.no_grad():
         logits = hf(torch.as_tensor(ref["input_ids"], dtype=torch.long)).logits.numpy()
     np.testing.assert_allclose(logits, ref["logits"], atol=ATOL, rtol=0)
+

@@ -79,3 +79,30 @@ def test_cli_unsupported_architecture_is_one_line(tmp_path):
     lines = [l for l in proc.stderr.strip().splitlines() if l.startswith("error:")]
     assert len(lines) == 1 and "model_type='llama'" in lines[0] and "config.json" in lines[0], proc.stderr
     assert not (tmp_path / "w").exists()  # nothing written before the check
+
+
+def test_from_hf_onto_a_mesh(tmp_path, eight_devices):
+    """--mesh: the weights are read straight onto 8 CPU devices (expert 2 x fsdp 2 x model 2), the sharded
+    checkpoint restores bit-exact (compared on the same shardings), the run record and hf_config.py carry the
+    mesh, and sampling's single-device restore reads the same weights."""
+    from jax.sharding import PartitionSpec as P
+
+    from moe_jax.train.run_config import load_config_file
+
+    workdir, logs = tmp_path / "run", []
+    result = convert.from_hf(str(MIXTRAL), str(workdir), mesh=convert.parse_mesh("expert=2, fsdp=2,model=2"),
+                             log=logs.append)
+    assert "bit-exact" in logs[-1]
+    model = result["model"]
+    w = model.blocks[1].ffn.experts.w_out_EFD[...]
+    assert w.sharding.spec == P("expert", "model", "fsdp") and len(w.sharding.device_set) == 8
+    record = json.loads((workdir / "config.json").read_text())
+    sizes = {k: record["mesh"][k] for k in ("data", "fsdp", "expert", "model")}
+    assert sizes == dict(data=1, fsdp=2, expert=2, model=2)
+    assert record["data"]["batch_size"] % 8 == 0
+    config = load_config_file(str(workdir / "hf_config.py"))
+    assert (config.mesh.expert, config.mesh.fsdp, config.mesh.model, config.mesh.data) == (2, 2, 2, 1)
+    loaded = load_run(str(workdir))
+    assert not convert._params_equal(model, loaded.model)
+    with pytest.raises(ValueError, match="is not AXIS=SIZE"):
+        convert.parse_mesh("expert:2")

@@ -1,5 +1,5 @@
 """Hugging Face checkpoints in and out: Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, DeepSeek-V2, DeepSeek-V3 (`load_hf`,
-`save_hf`).
+optionally straight onto a device mesh; `save_hf`).
 
 See configs.py for what each config.json field becomes, weights.py for the tensor layouts, files.py for the
 safetensors reading (lazy, sharded, float8) and writing.

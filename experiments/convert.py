@@ -5,8 +5,8 @@ r"""Convert Hugging Face MoE checkpoints to moe_jax workdirs and back, and check
     python -m experiments.convert --to_hf=/tmp/out --workdir=runs/trained --family=qwen3_moe
     python -m experiments.convert --from_hf=/models/Mixtral-8x7B --workdir=runs/m8 --mesh=expert=4,fsdp=2
 
---from_hf reads config.json + safetensors (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, DeepSeek-V2/V3; moe_jax.hf), each
-tensor straight onto the --mesh of this machine's devices if one is given, and writes a
+--from_hf reads config.json + safetensors (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, DeepSeek-V2/V3, dense Llama and
+Qwen2; moe_jax.hf), each tensor straight onto the --mesh of this machine's devices if one is given, and writes a
 workdir like the ones `experiments.train` writes: config.json (the run record), checkpoints/0 (the train state
 at step 0: the imported parameters, and no optimizer state: training starts from a fresh one, as
 moe_jax.train.checkpoint describes) and, beside them,
@@ -38,7 +38,8 @@ _FROM = flags.DEFINE_string("from_hf", None, "A Hugging Face model directory to 
 _TO = flags.DEFINE_string("to_hf", None, "A directory to write the workdir's model to, as Hugging Face files.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "The moe_jax workdir written (--from_hf) or read (--to_hf).")
 _FAMILY = flags.DEFINE_string("family", None, "--to_hf: mixtral | qwen2_moe | qwen3_moe | olmoe | deepseek_v2 | "
-                                              "deepseek_v3 (default: the family the workdir was imported from).")
+                                              "deepseek_v3 | llama | qwen2 (default: the family the workdir was "
+                                              "imported from).")
 _BACKEND = flags.DEFINE_string("expert_backend", "ragged_dot", "Dropless expert backend: ragged_dot (accelerators) "
                                                                "| blocked (fastest on CPU) | pallas.")
 _MAX_LEN = flags.DEFINE_integer("max_seq_len", None, "Cap ModelConfig.max_seq_len (the decode cache default).")
@@ -208,7 +209,8 @@ def from_hf(source: str, workdir: str, *, expert_backend: str = "ragged_dot", ma
         raise RuntimeError(f"the checkpoint written in {workdir} does not restore the imported weights: {differ[:3]}")
     n = sum(x.size for x in jax.tree.leaves(nnx.state(model)))
     log(f"[moe_jax] {info.family} from {source}: {n / 1e6:.2f}M parameters -> {workdir} (step 0, restored and "
-        f"compared bit-exact); MoE layers dropless; tokenizer files copied: {copied or 'none'}")
+        f"compared bit-exact); {'MoE layers dropless' if cfg.moe else 'dense'}; tokenizer files copied: "
+        f"{copied or 'none'}")
     return {"model": model, "family": info.family, "tokenizer_dir": tok_dir if copied else None}
 
 
@@ -241,12 +243,13 @@ def to_hf(workdir: str, target: str, *, family=None, dtype=None, log=print) -> l
         tokenizer_from = tok if os.path.isdir(tok) else None
     if family is None:
         raise ValueError(f"--family is required: {workdir} was not imported by experiments.convert (no {SOURCE}); "
-                         "give one of mixtral, qwen2_moe, qwen3_moe, olmoe, deepseek_v2, deepseek_v3.")
+                         "give one of mixtral, qwen2_moe, qwen3_moe, olmoe, deepseek_v2, deepseek_v3, llama, qwen2.")
     loaded = load_run(workdir)
     written = save_hf(loaded.model, target, family=family, dtype=dtype, extra_config=extra,
                       tokenizer_from=tokenizer_from)
     if dtype in (None, loaded.model.cfg.param_dtype):
-        again, _ = load_hf(target, expert_backend=loaded.model.cfg.moe.expert_backend,
+        moe = loaded.model.cfg.moe
+        again, _ = load_hf(target, expert_backend=moe.expert_backend if moe is not None else "ragged_dot",
                            param_dtype=loaded.model.cfg.param_dtype, log=log)
         differ = _params_equal(loaded.model, again)
         if differ:

@@ -25,6 +25,7 @@ from moe_jax.sampling import generate
 FIXTURES = Path(__file__).parent / "fixtures" / "hf_models"
 FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3", "deepseek_v2")
 FIXTURE_NAMES = FAMILIES + ("deepseek_v3_yarn",)  # a fixture's family is its config.json's model_type
+DENSE = ("llama", "qwen2")  # dense models (moe=None): the sources of sparse upcycling
 ATOL = 1e-4
 
 
@@ -83,6 +84,27 @@ def test_logits_routing_and_greedy_match_transformers(family):
     for layer_ours, layer_hf in zip(ours, ref["expert_ids"]):
         np.testing.assert_array_equal(np.asarray(layer_ours)[: layer_hf.shape[0]], layer_hf)
     np.testing.assert_array_equal(logits[2, P - 1:].argmax(-1), greedy[0, P:])
+
+
+@pytest.mark.parametrize("family", DENSE)
+def test_dense_logits_and_greedy_match_transformers(family):
+    """Llama and Qwen2 load as dense ModelConfigs: logits (atol 1e-4) and the 20 greedy tokens (exact), the
+    greedy sequence in the same batch as in the MoE test above."""
+    ref = reference(family)
+    model, info = _load(family)
+    assert info.family == family and model.cfg.moe is None and not model.cfg.moe_layer_indices
+    assert ref["expert_ids"].shape[0] == 0
+    P = ref["prompt"].shape[1]
+    tokens = np.concatenate([ref["input_ids"], ref["greedy"][:, :-1]])
+    logits = np.asarray(nnx.jit(lambda m, t: m(t, train=False)[0])(model, jnp.asarray(tokens)))
+    np.testing.assert_allclose(logits[:2], ref["logits"], atol=ATOL, rtol=0)
+    np.testing.assert_array_equal(logits[2, P - 1:].argmax(-1), ref["greedy"][0, P:])
+
+
+def test_dense_fixtures_exercise_each_family_feature():
+    llama, qwen2 = _load("llama")[0].cfg, _load("qwen2")[0].cfg
+    assert llama.head_dim == 16 and llama.kv_heads == 2 and not llama.attention_bias and not llama.tie_embeddings
+    assert qwen2.attention_bias and qwen2.tie_embeddings and qwen2.rope_theta == 1e6 and qwen2.d_ff == 48
 
 
 def test_kv_cache_decoding_matches_transformers_greedy():
@@ -235,7 +257,7 @@ def test_deepseek_v3_mtp_layers_are_skipped_with_a_note(tmp_path):
     assert len(notes) == 1 and "skipped 1 tensors" in notes[0] and "multi-token-prediction" in notes[0]
 
 
-@pytest.mark.parametrize("family", FIXTURE_NAMES)
+@pytest.mark.parametrize("family", FIXTURE_NAMES + DENSE)
 def test_export_import_round_trip_is_bit_exact(family, tmp_path):
     model, _ = _load(family)
     out = tmp_path / "export"
@@ -268,8 +290,8 @@ def _edit_config(d: Path, **changes):
 
 def test_unsupported_architecture_names_model_type(tmp_path):
     d = _copy("mixtral", tmp_path)
-    _edit_config(d, model_type="llama")
-    with pytest.raises(HFConfigError, match=r"config.json: model_type='llama'.*unsupported"):
+    _edit_config(d, model_type="gpt2")
+    with pytest.raises(HFConfigError, match=r"config.json: model_type='gpt2'.*unsupported"):
         load_hf(str(d))
 
 
@@ -406,7 +428,7 @@ def test_a_mesh_axis_that_does_not_divide_a_tensor_is_named(eight_devices, monke
 
 # ---- live: only where torch and transformers import ----
 
-@pytest.mark.parametrize("family", FIXTURE_NAMES)
+@pytest.mark.parametrize("family", FIXTURE_NAMES + DENSE)
 def test_live_transformers_loads_our_export(family, tmp_path):
     """transformers' from_pretrained reads what save_hf writes, and gives the fixture's logits."""
     torch = pytest.importorskip("torch")

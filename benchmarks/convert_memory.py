@@ -9,8 +9,9 @@ temporary directory. Then runs, each in a fresh subprocess whose own parent read
 
     baseline  python importing jax and moe_jax.hf (the interpreter's floor, no weights)
     load_hf   `moe_jax.hf.load_hf(dir)`: the model in memory, nothing written
-    convert   `python -m experiments.convert --from_hf=dir --workdir=tmp`: load_hf, then an AdamW state (two more
-              parameter-sized trees), the orbax checkpoint of step 0, its restore and the bit-exact comparison
+    convert   `python -m experiments.convert --from_hf=dir --workdir=tmp`: load_hf, then the orbax checkpoint of
+              step 0 (parameters only: no optimizer state is written) and its restore, a few tensors at a time,
+              for the bit-exact comparison
 
 and prints peak / checkpoint bytes and (peak - baseline) / checkpoint bytes for each, with the sampled peaks of
 the anonymous and the file-backed part of the RSS (the shards are memory-mapped: their pages count in the RSS

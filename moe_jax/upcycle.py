@@ -56,8 +56,10 @@ EXPERT_WEIGHTS = ("w_in_EDF", "w_gate_EDF", "w_out_EFD")
 class UpcycleConfig:
     """Where the dense parameters come from and how they become experts (config section `upcycle`).
 
-    from_workdir: a workdir of a dense run (`use_moe=False`) with at least one checkpoint.
-    step: its checkpoint to read; None = the latest.
+    from_workdir: a workdir of a dense run (`use_moe=False`) with at least one checkpoint; or
+    from_hf: a Hugging Face directory of a dense model (model_type llama or qwen2: config.json + safetensors,
+        read by moe_jax.hf.load_hf). Exactly one of the two.
+    step: the checkpoint of from_workdir to read; None = the latest.
     noise_std: each expert copy gets W + noise_std * std(W) * N(0, 1), per weight matrix W; 0 = exact copies.
     granular: split the dense FFN's hidden units into S = d_ff / expert width slices (experts narrower than
         the FFN); False requires experts as wide as the dense FFN.
@@ -69,11 +71,20 @@ class UpcycleConfig:
     noise_std: float = 0.0
     granular: bool = False
     seed: int = 0
+    from_hf: str = ""
 
     def __post_init__(self):
-        if not isinstance(self.from_workdir, str) or not self.from_workdir:
-            raise ValueError(f"UpcycleConfig.from_workdir={self.from_workdir!r}: give the workdir of a trained dense "
-                             "run (config.upcycle.from_workdir / --from_workdir).")
+        for name in ("from_workdir", "from_hf"):
+            if not isinstance(getattr(self, name), str):
+                raise ValueError(f"UpcycleConfig.{name}={getattr(self, name)!r} must be a directory path (a string).")
+        if bool(self.from_workdir) == bool(self.from_hf):
+            raise ValueError(f"UpcycleConfig.from_workdir={self.from_workdir!r}, from_hf={self.from_hf!r}: give "
+                             "exactly one: the workdir of a trained dense run (config.upcycle.from_workdir / "
+                             "--from_workdir) or a dense Hugging Face model directory (config.upcycle.from_hf / "
+                             "--from_hf).")
+        if self.from_hf and self.step is not None:
+            raise ValueError(f"UpcycleConfig.step={self.step!r} selects a checkpoint of from_workdir; a Hugging Face "
+                             "directory (from_hf) has none: leave step None.")
         if self.step is not None and (isinstance(self.step, bool) or not isinstance(self.step, int) or self.step < 0):
             raise ValueError(f"UpcycleConfig.step={self.step!r} must be an int >= 0, or None for the latest "
                              "checkpoint.")
@@ -108,10 +119,12 @@ def check_upcycle(dense_cfg: ModelConfig, target_cfg: ModelConfig, upcycle: Upcy
     """Raises ValueError naming the field and the fix if `target_cfg` cannot be upcycled from `dense_cfg`;
     returns S, the slices per dense FFN (1 = copies). A dense target (moe None) is a plain copy (continued
     dense training with a fresh optimizer)."""
-    src = f"the dense run in {upcycle.from_workdir}"
+    src = (f"the dense Hugging Face model in {upcycle.from_hf}" if upcycle.from_hf
+           else f"the dense run in {upcycle.from_workdir}")
     if dense_cfg.moe is not None:
-        raise ValueError(f"UpcycleConfig.from_workdir={upcycle.from_workdir!r} holds an MoE model; upcycling starts "
-                         "from a dense run (config.model.use_moe=False). Give a dense run's workdir.")
+        field = f"from_hf={upcycle.from_hf!r}" if upcycle.from_hf else f"from_workdir={upcycle.from_workdir!r}"
+        raise ValueError(f"UpcycleConfig.{field} holds an MoE model; upcycling starts from a dense model "
+                         "(config.model.use_moe=False, or a llama / qwen2 Hugging Face directory).")
     for f in dataclasses.fields(ModelConfig):
         if f.name in FREE_FIELDS:
             continue

@@ -25,6 +25,7 @@ from moe_jax.sampling import generate
 FIXTURES = Path(__file__).parent / "fixtures" / "hf_models"
 FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3", "deepseek_v2")
 FIXTURE_NAMES = FAMILIES + ("deepseek_v3_yarn",)  # a fixture's family is its config.json's model_type
+DENSE = ("llama", "qwen2")  # dense models (moe=None): the sources of sparse upcycling
 ATOL = 1e-4
 
 
@@ -83,6 +84,27 @@ def test_logits_routing_and_greedy_match_transformers(family):
     for layer_ours, layer_hf in zip(ours, ref["expert_ids"]):
         np.testing.assert_array_equal(np.asarray(layer_ours)[: layer_hf.shape[0]], layer_hf)
     np.testing.assert_array_equal(logits[2, P - 1:].argmax(-1), greedy[0, P:])
+
+
+@pytest.mark.parametrize("family", DENSE)
+def test_dense_logits_and_greedy_match_transformers(family):
+    """Llama and Qwen2 load as dense ModelConfigs: logits (atol 1e-4) and the 20 greedy tokens (exact), the
+    greedy sequence in the same batch as in the MoE test above."""
+    ref = reference(family)
+    model, info = _load(family)
+    assert info.family == family and model.cfg.moe is None and not model.cfg.moe_layer_indices
+    assert ref["expert_ids"].shape[0] == 0
+    P = ref["prompt"].shape[1]
+    tokens = np.concatenate([ref["input_ids"], ref["greedy"][:, :-1]])
+    logits = np.asarray(nnx.jit(lambda m, t: m(t, train=False)[0])(model, jnp.asarray(tokens)))
+    np.testing.assert_allclose(logits[:2], ref["logits"], atol=ATOL, rtol=0)
+    np.testing.assert_array_equal(logits[2, P - 1:].argmax(-1), ref["greedy"][0, P:])
+
+
+def test_dense_fixtures_exercise_each_family_feature():
+    llama, qwen2 = _load("llama")[0].cfg, _load("qwen2")[0].cfg
+    assert llama.head_dim == 16 and llama.kv_heads == 2 and not llama.attention_bias and not llama.tie_embeddings
+    assert qwen2.attention_bias and qwen2.tie_embeddings and qwen2.rope_theta == 1e6 and qwen2.d_ff == 48
 
 
 def test_kv_cache_decoding_matches_transformers_greedy():
@@ -235,7 +257,7 @@ def test_deepseek_v3_mtp_layers_are_skipped_with_a_note(tmp_path):
     assert len(notes) == 1 and "skipped 1 tensors" in notes[0] and "multi-token-prediction" in notes[0]
 
 
-@pytest.mark.parametrize("family", FIXTURE_NAMES)
+@pytest.mark.parametrize("family", FIXTURE_NAMES + DENSE)
 def test_export_import_round_trip_is_bit_exact(family, tmp_path):
     model, _ = _load(family)
     out = tmp_path / "export"
@@ -268,8 +290,8 @@ def _edit_config(d: Path, **changes):
 
 def test_unsupported_architecture_names_model_type(tmp_path):
     d = _copy("mixtral", tmp_path)
-    _edit_config(d, model_type="llama")
-    with pytest.raises(HFConfigError, match=r"config.json: model_type='llama'.*unsupported"):
+    _edit_config(d, model_type="gpt2")
+    with pytest.raises(HFConfigError, match=r"config.json: model_type='gpt2'.*unsupported"):
         load_hf(str(d))
 
 
@@ -354,9 +376,59 @@ def test_float8_weights_are_dequantised_per_block(tmp_path):
         hf_files.CheckpointReader(str(tmp_path)).get("w.weight")
 
 
+
+def test_load_onto_a_mesh_places_each_tensor_with_the_run_sharding(eight_devices):
+    """load_hf(mesh=...) on 8 CPU devices (expert 2 x fsdp 2 x model 2): every variable carries the NamedSharding
+    the training run's state gets (rule table over the abstract train state's paths, as init_sharded lays it
+    out), holds only its slice on each device, equals the unsharded load bit for bit, and the forward matches."""
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    from moe_jax import sharding as sh
+    from moe_jax.train.state import init_state, make_optimizer
+    from moe_jax.train.config import TrainConfig
+    from moe_jax.transformer import Transformer
+
+    mesh = sh.make_mesh(sh.ShardingConfig(expert=2, fsdp=2, model=2))
+    plain, _ = _load("mixtral")
+    placed, _ = _load("mixtral", mesh=mesh)
+    state = jax.eval_shape(lambda: init_state(Transformer(plain.cfg, rngs=nnx.Rngs(params=0)),
+                                              make_optimizer(TrainConfig()))[1])
+    shardings = sh.tree_shardings(state, mesh)  # what distributed.init_sharded_state gives a training run
+    want = {path: jax.tree.leaves(s)[0] for tree in (shardings.params, shardings.rest)
+            for path, s in nnx.to_flat_state(tree)}
+    got = list(nnx.to_flat_state(nnx.state(placed)))
+    assert len(got) == len(want) == len(list(nnx.to_flat_state(nnx.state(plain))))
+    for path, v in got:
+        assert v[...].sharding == want[path], path
+    ref = dict(nnx.to_flat_state(nnx.state(plain)))
+    for path, v in got:
+        np.testing.assert_array_equal(np.asarray(v[...]), np.asarray(ref[path][...]), err_msg=str(path))
+    w = placed.blocks[0].ffn.experts.w_in_EDF[...]  # [E 4, D 32, F 32] over expert x fsdp x model
+    assert w.sharding.spec == P("expert", "fsdp", "model")
+    assert {s.data.shape for s in w.addressable_shards} == {(2, 16, 16)}
+    assert placed.embed_VD[...].sharding.spec == P("model", "fsdp")
+    assert placed.final_norm.scale[...].sharding == NamedSharding(mesh, P())
+    tokens = jnp.asarray(reference("mixtral")["input_ids"])
+    np.testing.assert_allclose(np.asarray(placed(tokens, train=False)[0]), reference("mixtral")["logits"],
+                               atol=ATOL, rtol=0)
+
+
+def test_a_mesh_axis_that_does_not_divide_a_tensor_is_named(eight_devices, monkeypatch):
+    """Before any weight is read."""
+    from moe_jax import sharding as sh
+
+    def no_read(self, name):
+        raise AssertionError(f"{name} was read")
+
+    monkeypatch.setattr(hf_files.CheckpointReader, "get", no_read)
+    mesh = sh.make_mesh(sh.ShardingConfig(model=8))  # the Mixtral fixture has 2 kv heads
+    with pytest.raises(ValueError, match=r"w_k_DNQ: its 'kv_heads' dimension of size 2 does not divide.*config.mesh"):
+        _load("mixtral", mesh=mesh)
+
+
 # ---- live: only where torch and transformers import ----
 
-@pytest.mark.parametrize("family", FIXTURE_NAMES)
+@pytest.mark.parametrize("family", FIXTURE_NAMES + DENSE)
 def test_live_transformers_loads_our_export(family, tmp_path):
     """transformers' from_pretrained reads what save_hf writes, and gives the fixture's logits."""
     torch = pytest.importorskip("torch")
@@ -368,3 +440,4 @@ def test_live_transformers_loads_our_export(family, tmp_path):
     with torch.no_grad():
         logits = hf(torch.as_tensor(ref["input_ids"], dtype=torch.long)).logits.numpy()
     np.testing.assert_allclose(logits, ref["logits"], atol=ATOL, rtol=0)
+

@@ -68,14 +68,56 @@ def test_from_hf_workdir_resumes_samples_and_converts_back(tmp_path):
 
 
 def test_cli_unsupported_architecture_is_one_line(tmp_path):
-    d = tmp_path / "llama"
+    d = tmp_path / "gpt2"
     shutil.copytree(MIXTRAL, d)
     cfg = json.loads((d / "config.json").read_text())
-    (d / "config.json").write_text(json.dumps(dict(cfg, model_type="llama")))
+    (d / "config.json").write_text(json.dumps(dict(cfg, model_type="gpt2")))
     proc = subprocess.run([sys.executable, "-m", "experiments.convert", f"--from_hf={d}", f"--workdir={tmp_path / 'w'}"],
                           cwd=ROOT, capture_output=True, text=True, timeout=300,
                           env=dict(os.environ, JAX_PLATFORMS="cpu"))
     assert proc.returncode == 2, proc.stderr
     lines = [l for l in proc.stderr.strip().splitlines() if l.startswith("error:")]
-    assert len(lines) == 1 and "model_type='llama'" in lines[0] and "config.json" in lines[0], proc.stderr
+    assert len(lines) == 1 and "model_type='gpt2'" in lines[0] and "config.json" in lines[0], proc.stderr
     assert not (tmp_path / "w").exists()  # nothing written before the check
+
+
+def test_from_hf_onto_a_mesh(tmp_path, eight_devices):
+    """--mesh: the weights are read straight onto 8 CPU devices (expert 2 x fsdp 2 x model 2), the sharded
+    checkpoint restores bit-exact (compared on the same shardings), the run record and hf_config.py carry the
+    mesh, and sampling's single-device restore reads the same weights."""
+    from jax.sharding import PartitionSpec as P
+
+    from moe_jax.train.run_config import load_config_file
+
+    workdir, logs = tmp_path / "run", []
+    result = convert.from_hf(str(MIXTRAL), str(workdir), mesh=convert.parse_mesh("expert=2, fsdp=2,model=2"),
+                             log=logs.append)
+    assert "bit-exact" in logs[-1]
+    model = result["model"]
+    w = model.blocks[1].ffn.experts.w_out_EFD[...]
+    assert w.sharding.spec == P("expert", "model", "fsdp") and len(w.sharding.device_set) == 8
+    record = json.loads((workdir / "config.json").read_text())
+    sizes = {k: record["mesh"][k] for k in ("data", "fsdp", "expert", "model")}
+    assert sizes == dict(data=1, fsdp=2, expert=2, model=2)
+    assert record["data"]["batch_size"] % 8 == 0
+    config = load_config_file(str(workdir / "hf_config.py"))
+    assert (config.mesh.expert, config.mesh.fsdp, config.mesh.model, config.mesh.data) == (2, 2, 2, 1)
+    loaded = load_run(str(workdir))
+    assert not convert._params_equal(model, loaded.model)
+    with pytest.raises(ValueError, match="is not AXIS=SIZE"):
+        convert.parse_mesh("expert:2")
+
+
+def test_dense_llama_converts_and_back(tmp_path):
+    """A dense directory (no MoE layer) makes a workdir whose run record rebuilds it, and exports to the same
+    tensors."""
+    llama = ROOT / "tests" / "fixtures" / "hf_models" / "llama"
+    logs = []
+    model = convert.from_hf(str(llama), str(tmp_path / "run"), log=logs.append)["model"]
+    assert model.cfg.moe is None and "; dense;" in logs[-1]
+    assert load_run_config(str(tmp_path / "run")).model == model.cfg
+    convert.to_hf(str(tmp_path / "run"), str(tmp_path / "back"), log=logs.append)
+    src, dst = hf_files.CheckpointReader(str(llama)), hf_files.CheckpointReader(str(tmp_path / "back"))
+    assert src.names() == dst.names()
+    for name in src.names():
+        np.testing.assert_array_equal(src.get(name), dst.get(name), err_msg=name)

@@ -242,3 +242,28 @@ def test_deepseek_v3_tiny_trains_with_mtp_and_restores_it(tmp_path):
 
     fresh = Transformer(loaded.run.model, rngs=nnx.Rngs(params=loaded.run.train.seed))
     assert not np.array_equal(proj, np.asarray(fresh.mtp.modules[0].w_proj_2DD[...]))  # trained, restored
+
+
+def test_resumes_a_checkpoint_saved_without_optimizer_state(tmp_path):
+    """A step-0 checkpoint written with `fresh_optimizer=True` (experiments.convert --from_hf's) holds no AdamW
+    moments; the loop resumes it with the fresh optimizer state it initialised, so a run resumed from the
+    initial parameters saved that way has the losses of a run started from scratch."""
+    from flax import nnx
+
+    from moe_jax.train.checkpoint import Checkpoints
+    from moe_jax.train.state import TrainState, split_model
+    from moe_jax.transformer import Transformer
+
+    run = tiny_run(tmp_path, steps=3, eval_batches=0)
+    loop_lib.train(run, str(tmp_path / "a"), log=lambda *_: None)
+    _, params, rest = split_model(Transformer(run.model, rngs=nnx.Rngs(params=run.train.seed)))
+    zero = jax.numpy.zeros((), jax.numpy.int32)
+    ckpt = Checkpoints(str(tmp_path / "b"), keep=3)
+    ckpt.save(0, TrainState(step=zero, params=params, opt_state=None, rest=rest, skipped=zero),
+              {"step": 0, "model": run_record(run)["model"], "window": []}, fresh_optimizer=True)
+    ckpt.close()
+    assert not any("opt_state" in f for f in os.listdir(tmp_path / "b" / "checkpoints" / "0" / "state"))
+    logs = []
+    loop_lib.train(run, str(tmp_path / "b"), log=logs.append)
+    assert any("resumed from step 0" in line for line in logs), logs
+    assert losses_by_step(tmp_path / "b") == losses_by_step(tmp_path / "a")

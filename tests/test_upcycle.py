@@ -166,7 +166,8 @@ def test_source_must_be_dense_and_routed_experts_whole_copies():
 
 
 @pytest.mark.parametrize("fields,match", [
-    (dict(from_workdir=""), "from_workdir"), (dict(noise_std=-0.1), "noise_std"),
+    (dict(from_workdir=""), "from_workdir"), (dict(from_hf="/hf"), "from_workdir"),
+    (dict(from_workdir="", from_hf="/hf", step=3), "step"), (dict(noise_std=-0.1), "noise_std"),
     (dict(noise_std=float("nan")), "noise_std"), (dict(step=-1), "step"), (dict(granular=1), "granular"),
 ])
 def test_upcycle_config_validation(fields, match):
@@ -232,3 +233,65 @@ def test_command_reports_a_missing_source_on_one_line(tmp_path):
     assert proc.returncode == 2, proc.stderr[-2000:]
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("error: config.upcycle.from_workdir=") and "nowhere" in last, last
+
+
+HF_FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures", "hf_models")
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_upcycling_an_imported_hugging_face_model_reproduces_its_logits(family):
+    """config.upcycle.from_hf: a dense Llama / Qwen2 directory (tests/fixtures/hf_models) -> 4 dropless copies,
+    top-2 renormalised, no noise: the upcycled MoE gives the imported dense model's logits (and so
+    transformers'); noise on the copies moves them."""
+    import dataclasses
+
+    from moe_jax.data import DataConfig
+    from moe_jax.hf import load_hf
+    from moe_jax.train.config import TrainConfig
+    from moe_jax.train.run_config import RunConfig, run_record
+    from moe_jax.train.state import init_state, make_optimizer
+    from moe_jax.train.upcycle import upcycled_state
+
+    source = os.path.join(HF_FIXTURES, family)
+    dense_model, _ = load_hf(source, log=lambda *_: None)
+    c = dense_model.cfg
+    target = dataclasses.replace(c, moe=MoEConfig(d_model=c.d_model, d_ff=c.d_ff, num_experts=4,
+                                                  num_experts_per_token=2, normalize_topk=True, capacity_factor=None,
+                                                  eval_capacity_factor=None, expert_backend="ragged_dot"))
+    with np.load(os.path.join(source, "reference.npz")) as f:
+        tokens, hf_logits = jnp.asarray(f["input_ids"]), f["logits"]
+    dense_logits = np.asarray(dense_model(tokens, train=False)[0])
+    np.testing.assert_allclose(dense_logits, hf_logits, atol=1e-4, rtol=0)
+
+    def upcycled_logits(**ucfg):
+        run = RunConfig(model=target, data=DataConfig(seq_len=16), train=TrainConfig(),
+                        upcycle=up.UpcycleConfig(from_hf=source, **ucfg))
+        graphdef, state = init_state(Transformer(target, rngs=nnx.Rngs(params=3)), make_optimizer(run.train))
+        lines = []
+        state = upcycled_state(run, state, log=lines.append)
+        assert run_record(run)["upcycle"]["from_hf"].endswith(family) and "Hugging Face" in lines[0]
+        return np.asarray(nnx.merge(graphdef, state.params, state.rest)(tokens, train=False)[0]), lines[0]
+
+    logits, line = upcycled_logits()
+    assert "starts as the dense model" in line
+    np.testing.assert_allclose(logits, dense_logits, atol=1e-5, rtol=1e-5)
+    noisy, _ = upcycled_logits(noise_std=0.1)
+    assert np.abs(noisy - dense_logits).max() > 1e-3
+
+
+def test_hugging_face_source_is_checked_against_the_target():
+    from moe_jax.data import DataConfig
+    from moe_jax.train.config import TrainConfig
+    from moe_jax.train.run_config import RunConfig
+    from moe_jax.train.upcycle import check_source
+
+    def run(source, model):
+        return RunConfig(model=model, data=DataConfig(seq_len=8), train=TrainConfig(),
+                         upcycle=up.UpcycleConfig(from_hf=os.path.join(HF_FIXTURES, source)))
+
+    with pytest.raises(ValueError, match=r"config.model.vocab_size=64 differs from the dense Hugging Face model"):
+        check_source(run("llama", moe_cfg()))
+    with pytest.raises(ValueError, match=r"from_hf=.*mixtral.* holds an MoE model"):
+        check_source(run("mixtral", moe_cfg()))
+    with pytest.raises(FileNotFoundError, match="from_hf="):
+        check_source(run("nowhere", moe_cfg()))

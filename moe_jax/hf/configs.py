@@ -1,8 +1,8 @@
 """Hugging Face `config.json` <-> `ModelConfig`, per model family.
 
-Families (`model_type` in config.json): mixtral, qwen2_moe, qwen3_moe, olmoe, deepseek_v2, deepseek_v3. Every field
-that changes the
-forward pass is either mapped or refused with one error naming config.json and the field, before any
+Families (`model_type` in config.json): mixtral, qwen2_moe, qwen3_moe, olmoe, deepseek_v2, deepseek_v3, and the
+dense llama and qwen2 (a `ModelConfig` with moe=None: the sources of sparse upcycling). Every field that changes
+the forward pass is either mapped or refused with one error naming config.json and the field, before any
 weight is read. Fields that only matter for training in transformers (dropout, router jitter) or for its
 runtime (use_cache, initializer_range, token ids) are not model architecture and are ignored.
 
@@ -34,7 +34,12 @@ FAMILIES = {
     "olmoe": "OlmoeForCausalLM",
     "deepseek_v2": "DeepseekV2ForCausalLM",
     "deepseek_v3": "DeepseekV3ForCausalLM",
+    "llama": "LlamaForCausalLM",
+    "qwen2": "Qwen2ForCausalLM",
 }
+# Dense families (no MoE layer; the sources of sparse upcycling, moe_jax.upcycle): the attention and SwiGLU
+# MLP of the MoE families above, one FFN per layer.
+DENSE_FAMILIES = ("llama", "qwen2")
 
 
 class HFConfigError(ValueError):
@@ -220,7 +225,7 @@ def model_config_from_hf(hf: dict, *, path: str = "config.json", expert_backend:
     window = None
     if family == "mixtral":
         window = hf.get("sliding_window")
-    elif family in ("qwen2_moe", "qwen3_moe") and hf.get("use_sliding_window"):
+    elif family in ("qwen2_moe", "qwen3_moe", "qwen2") and hf.get("use_sliding_window"):
         window = hf.get("sliding_window")
         if hf.get("max_window_layers", 0) < hf["num_hidden_layers"]:
             raise _fail(path, "max_window_layers", hf.get("max_window_layers"),
@@ -246,6 +251,18 @@ def model_config_from_hf(hf: dict, *, path: str = "config.json", expert_backend:
             raise _fail(path, "clip_qkv", hf["clip_qkv"], "clipping q/k/v is not implemented; use null.")
     elif family == "mixtral" and hf.get("attention_bias"):
         raise _fail(path, "attention_bias", True, "Mixtral has no attention biases.")
+    elif family == "qwen2":
+        bias = True  # transformers' Qwen2Attention: q/k/v biases always, none on o_proj
+    elif family == "llama" and hf.get("attention_bias"):
+        raise _fail(path, "attention_bias", True, "Llama's attention biases (including o_proj's) are not implemented.")
+    if family in DENSE_FAMILIES:
+        return ModelConfig(
+            vocab_size=int(_need(hf, path, "vocab_size")), d_model=D,
+            num_layers=int(_need(hf, path, "num_hidden_layers")), num_heads=H,
+            d_ff=int(_need(hf, path, "intermediate_size")), num_kv_heads=kv, head_dim=head_dim,
+            activation="swiglu", norm="rmsnorm", norm_eps=float(hf.get("rms_norm_eps", 1e-6)), **_rope(hf, path),
+            max_seq_len=seq, attention="mha", attention_bias=bias, moe=None,
+            tie_embeddings=bool(hf.get("tie_word_embeddings", False)), dtype=dtype, param_dtype=param_dtype)
 
     L = int(_need(hf, path, "num_hidden_layers"))
     # transformers 5.x saves Qwen3-MoE's num_experts as num_local_experts (an attribute map); released files
@@ -289,8 +306,10 @@ def hf_config_from_model(cfg: ModelConfig, family: str, *, extra: Optional[dict]
         raise _fail("--family", "model_type", family, f"choose one of {sorted(FAMILIES)}.")
     m = cfg.moe
     where = f"ModelConfig (export to {family})"
+    if family in DENSE_FAMILIES:
+        return _dense_config(cfg, family, where, extra)
     if m is None:
-        raise _fail(where, "moe", None, "a dense model has no MoE family to export to.")
+        raise _fail(where, "moe", None, f"a dense model has no MoE family to export to; use {DENSE_FAMILIES}.")
     if family in ("deepseek_v2", "deepseek_v3"):
         return _deepseek_config(cfg, family, where, extra)
     checks = [("rope_scaling", cfg.rope_scaling, None),
@@ -381,6 +400,28 @@ def _deepseek_config(cfg: ModelConfig, family: str, where: str, extra: Optional[
         hf.update(rope_interleave=True, num_mtp_layers=0)
     else:
         hf.update(topk_method="group_limited_greedy" if m.n_expert_groups > 1 else "greedy", mlp_bias=False)
+    for key, value in (extra or {}).items():
+        hf.setdefault(key, value)
+    return hf
+
+
+def _dense_config(cfg: ModelConfig, family: str, where: str, extra: Optional[dict]) -> dict[str, Any]:
+    checks = [("moe", cfg.moe, None), ("rope_scaling", cfg.rope_scaling, None), ("attention", cfg.attention, "mha"),
+              ("norm", cfg.norm, "rmsnorm"), ("activation", cfg.activation, "swiglu"), ("qk_norm", cfg.qk_norm, None),
+              ("attention_bias", cfg.attention_bias, family == "qwen2")]
+    for field, value, want in checks:
+        if value != want:
+            raise _fail(where, field, value, f"{family} needs {want!r}.")
+    hf: dict[str, Any] = {
+        "model_type": family, "architectures": [FAMILIES[family]], "vocab_size": cfg.vocab_size,
+        "hidden_size": cfg.d_model, "intermediate_size": cfg.d_ff, "num_hidden_layers": cfg.num_layers,
+        "num_attention_heads": cfg.num_heads, "num_key_value_heads": cfg.kv_heads, "head_dim": cfg.base_head_dim,
+        "hidden_act": "silu", "rms_norm_eps": cfg.norm_eps, "max_position_embeddings": cfg.max_seq_len,
+        "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta}, "rope_theta": cfg.rope_theta,
+        "tie_word_embeddings": cfg.tie_embeddings, "torch_dtype": cfg.param_dtype, "dtype": cfg.param_dtype,
+        "attention_dropout": 0.0,
+    }
+    hf.update(dict(attention_bias=False, mlp_bias=False) if family == "llama" else dict(use_sliding_window=False))
     for key, value in (extra or {}).items():
         hf.setdefault(key, value)
     return hf

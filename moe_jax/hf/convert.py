@@ -7,7 +7,8 @@ Loading checks everything it can before reading a weight: the config (`configs.m
 every tensor the model needs is in the checkpoint with the right shape (the headers), and that the
 checkpoint holds no tensor the model would ignore (a bias the config does not announce, say). Then it reads
 one tensor at a time into the model's parameters (built abstractly, never randomly initialised), so the
-peak memory is the model plus one tensor.
+peak memory is the model plus one tensor; each shard file is unmapped once its last tensor is read. With
+`mesh=`, each tensor goes straight onto its devices with the run's sharding as it is read.
 """
 from __future__ import annotations
 
@@ -21,11 +22,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import Mesh, NamedSharding
 
 from moe_jax.hf import configs, files
 from moe_jax.hf.weights import weight_entries
 from moe_jax.model_config import ModelConfig
 from moe_jax.params import abstract_model
+from moe_jax.sharding.rules import partition_spec
 from moe_jax.transformer import Transformer
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json")
@@ -92,10 +95,31 @@ def check_checkpoint(reader: files.CheckpointReader, cfg: ModelConfig, family: s
     return notes
 
 
+def _path_str(path: tuple) -> str:
+    return "/".join(str(p) for p in path)  # ('blocks', 0, 'attn', 'w_q_DHQ') -> 'blocks/0/attn/w_q_DHQ'
+
+
+def _placed(array: np.ndarray, dtype, path: tuple, mesh: Optional[Mesh]) -> jax.Array:
+    """One parameter as a jax array: on the default device, or laid out on `mesh` with the NamedSharding the
+    logical-axis rules give its path (moe_jax.sharding.rules), each device receiving only its slice."""
+    if mesh is None:
+        return jnp.asarray(np.asarray(array, np.float32), dtype)
+    spec = partition_spec(_path_str(path), array.shape, dict(mesh.shape))
+    sharding = NamedSharding(mesh, spec)
+    return jax.make_array_from_callback(array.shape, sharding,
+                                        lambda index: np.asarray(np.asarray(array[index], np.float32), dtype))
+
+
 def load_hf(directory: str, *, expert_backend: str = "ragged_dot", max_seq_len: Optional[int] = None,
-            param_dtype: str = "float32", dtype: str = "float32",
+            param_dtype: str = "float32", dtype: str = "float32", mesh: Optional[Mesh] = None,
             log=print) -> tuple[Transformer, LoadInfo]:
-    """A Hugging Face directory (config.json + safetensors, one file or shards with an index) -> our model."""
+    """A Hugging Face directory (config.json + safetensors, one file or shards with an index) -> our model.
+
+    mesh: a device mesh (`moe_jax.sharding.make_mesh(run.mesh)`) to place every parameter on as it is read,
+    with the sharding the training run gives it (`tree_shardings`: experts over `expert`, d_model over `fsdp`,
+    heads, FFN widths and the vocabulary over `model`); each process puts only the slices its own devices
+    hold, so no device ever holds a whole sharded tensor. A dimension a mesh axis does not divide fails naming
+    the parameter, before any weight is read. None: the default device."""
     directory = os.path.abspath(os.path.expanduser(directory))
     if not os.path.isdir(directory):
         raise FileNotFoundError(f"{directory} is not a directory: give a Hugging Face model directory "
@@ -113,11 +137,16 @@ def load_hf(directory: str, *, expert_backend: str = "ragged_dot", max_seq_len: 
     notes = check_checkpoint(reader, cfg, family, skip)
     graphdef, flat = _flat_params(abstract_model(cfg))
     shapes = {path: v.shape for path, v in flat}
+    if mesh is not None:  # every parameter fits the mesh: checked before any weight is read
+        for path, shape in shapes.items():
+            partition_spec(_path_str(path), shape, dict(mesh.shape))
     values = {}
-    for entry in weight_entries(cfg, family):
+    entries = weight_entries(cfg, family)
+    reader.plan([name for entry in entries for name in entry.hf])  # each shard unmapped once read
+    for entry in entries:
         ours = entry.from_hf([reader.get(n) for n in entry.hf], [shapes[p] for p in entry.ours])
         for path, array in zip(entry.ours, ours):
-            values[path] = jnp.asarray(np.asarray(array, np.float32), cfg.param_jnp_dtype)  # one tensor at a time
+            values[path] = _placed(array, cfg.param_jnp_dtype, path, mesh)  # one tensor at a time
     reader.close()
     missing = [path for path, _ in flat if path not in values]
     if missing:  # a parameter no entry fills: a bug in the tables, never the user's checkpoint

@@ -86,6 +86,7 @@ class CheckpointReader:
             for tensor, info in header.items():
                 self._where[tensor] = (path, info, start)
         self._handles: dict[str, object] = {}
+        self._left: dict[str, int] = {}  # file -> announced tensors not yet read (see `plan`)
 
     def names(self) -> list[str]:
         return sorted(self._where)
@@ -106,6 +107,29 @@ class CheckpointReader:
         if name not in self._where:
             raise ValueError(f"Tensor {name!r} is not in the checkpoint at {self.directory} (its safetensors files "
                            "and index do not list it); the checkpoint is incomplete or of another layout.")
+
+    def plan(self, names) -> None:
+        """Announces the tensors about to be read, each once. A file's memory map is closed as soon as its last
+        announced tensor has been read, so the mapped pages of the shards already read leave the process
+        instead of adding up to the checkpoint's size."""
+        self._left = {}
+        for name in names:
+            self._require(name)
+            for n in (name, name + SCALE_SUFFIX) if self.dtype(name) in FP8_DTYPES else (name,):
+                if n in self._where:
+                    self._left[self.file_of(n)] = self._left.get(self.file_of(n), 0) + 1
+
+    def _read(self, path: str) -> None:
+        if path in self._left:
+            self._left[path] -= 1
+            if self._left[path] <= 0:
+                del self._left[path]
+                self._release(path)
+
+    def _release(self, path: str) -> None:
+        handle = self._handles.pop(path, None)
+        if handle is not None:
+            handle.__exit__(None, None, None)  # unmaps the file (safe_open has no close())
 
     def _handle(self, path: str):
         if path not in self._handles:
@@ -130,11 +154,15 @@ class CheckpointReader:
             if scale not in self._where:
                 raise ValueError(f"{self.file_of(name)}: {name} is {self.dtype(name)} but {scale} (its per-block "
                                  "inverse scales) is missing; float8 weights cannot be read without them.")
-            return dequantize_fp8(self._raw_fp8(name), self.get(scale), name=name)
-        return self._handle(self.file_of(name)).get_tensor(name)
+            out = dequantize_fp8(self._raw_fp8(name), self.get(scale), name=name)
+        else:
+            out = self._handle(self.file_of(name)).get_tensor(name)
+        self._read(self.file_of(name))
+        return out
 
     def close(self) -> None:
-        self._handles.clear()
+        for path in list(self._handles):
+            self._release(path)
 
 
 def dequantize_fp8(w_fp8: np.ndarray, scale_inv: np.ndarray, *, name: str = "weight") -> np.ndarray:

@@ -12,6 +12,11 @@ A finished step that cannot be read back (a truncated or missing file) is moved 
 exists only if `keep` (config.train.keep_checkpoints) is >= 2; when no step is readable, restoring fails
 rather than silently starting over.
 
+A checkpoint may leave the optimizer state out (`save(..., fresh_optimizer=True)`, marked in its meta):
+restoring it gives the target's own optimizer state, i.e. the fresh one the loop initialised. A step-0
+checkpoint of imported weights (experiments.convert --from_hf) so holds the parameters once, not beside two
+parameter-sized trees of zeros (AdamW's mu and nu).
+
 Asynchronous saves (`async_save=True`): the train step donates the state's buffers, which the next step
 overwrites while a background save could still be reading them. So the state is first copied on its devices
 (an extra state's worth of device memory while a save is in flight), and orbax writes the copy in a
@@ -19,6 +24,7 @@ background thread while training continues; `wait()` (and `close()`) block until
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import time
@@ -29,6 +35,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 _MISSING = object()
+FRESH_OPTIMIZER = "fresh_optimizer"  # meta key: the checkpoint holds no optimizer state
 
 
 def _flatten(d: dict, prefix: str = "") -> dict:
@@ -71,11 +78,17 @@ class Checkpoints:
     def latest_step(self) -> Optional[int]:
         return self.manager.latest_step()
 
-    def save(self, step: int, state: Any, meta: dict) -> None:
+    def save(self, step: int, state: Any, meta: dict, *, fresh_optimizer: bool = False) -> None:
         """Saves `state` as `step` (once: a step already saved is left as it is). Asynchronous saves return
-        once the state is copied; the step counts as saved (`latest_step`) when it is on disk."""
+        once the state is copied; the step counts as saved (`latest_step`) when it is on disk.
+
+        fresh_optimizer: `state` is a `TrainState` whose optimizer state is not written (it may be None);
+        restoring the step gives the restore target's optimizer state."""
         if step in self.manager.all_steps() or step == self._pending:
             return
+        if fresh_optimizer:
+            state = {f.name: getattr(state, f.name) for f in dataclasses.fields(state) if f.name != "opt_state"}
+            meta = dict(meta, **{FRESH_OPTIMIZER: True})
         if self.async_save:  # a copy the next (donating) train step cannot overwrite
             state = jax.device_put(state, jax.tree.map(lambda x: x.sharding, state), may_alias=False)  # new buffers
             self._pending = step
@@ -102,14 +115,21 @@ class Checkpoints:
                 f"The checkpoint at {self.directory} (step {step}) was written by a different model: "
                 f"config.model fields {diff} differ. Use a new --workdir, or restore the old config.")
 
-    def restore(self, step: int, target_state: Any, *, expect_model: Optional[dict] = None) -> Any:
+    def restore(self, step: int, target_state: Any, *, expect_model: Optional[dict] = None,
+                meta: Optional[dict] = None) -> Any:
         """Restores `step` onto the structure, shapes, dtypes and shardings of `target_state`.
 
         expect_model: the current run's model config (JSON-able); a checkpoint written by a different
-        model fails here with the differing fields named, before any array is read.
+        model fails here with the differing fields named, before any array is read. A checkpoint saved with
+        `fresh_optimizer` keeps `target_state.opt_state`. meta: the step's meta if already read.
         """
+        meta = self.read_meta(step) if meta is None else meta
         if expect_model is not None:
-            self.check_model(step, expect_model)
+            self.check_model(step, expect_model, meta)
+        if meta.get(FRESH_OPTIMIZER):
+            fields = {f.name: getattr(target_state, f.name) for f in dataclasses.fields(target_state)
+                      if f.name != "opt_state"}
+            return target_state.replace(**self.restore_fields(step, fields))
         abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target_state)
         restored = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))
         return restored["state"]
@@ -121,7 +141,14 @@ class Checkpoints:
         abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, targets)
         args = ocp.args.PyTreeRestore(item=abstract, restore_args=ocp.checkpoint_utils.construct_restore_args(abstract),
                                       partial_restore=True)
-        return self.manager.restore(step, args=ocp.args.Composite(state=args))["state"]
+        # Its own checkpointer on the step's folder: a manager that restored "state" through PyTreeRestore
+        # could not save it with StandardSave afterwards (orbax binds one handler per item name).
+        checkpointer = ocp.Checkpointer(ocp.PyTreeCheckpointHandler())
+        try:
+            return checkpointer.restore(os.path.join(self.directory, str(step), "state"), args=args)
+        finally:
+            checkpointer.close()
+
     def restore_latest(self, target_state: Any, *, expect_model: Optional[dict] = None):
         """-> (step, state, meta) of the latest readable checkpoint, or None when there is none.
 
@@ -139,7 +166,7 @@ class Checkpoints:
                 if expect_model is not None:
                     self.check_model(step, expect_model, meta)  # a real mismatch, not damage: never skipped
                 try:
-                    state = self.restore(step, target_state)
+                    state = self.restore(step, target_state, meta=meta)
                 except Exception as e:  # noqa: BLE001
                     error = e
             if _all_hosts(state is not None):

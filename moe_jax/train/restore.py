@@ -59,7 +59,8 @@ def load_run(workdir: str, step: Optional[int] = None) -> LoadedRun:
         step = max(available) if step is None else step
         if step not in available:
             raise ValueError(f"Checkpoint step {step} is not in {ckpt.directory}; available: {sorted(available)}.")
-        graphdef, params, rest = split_model(Transformer(run.model, rngs=nnx.Rngs(params=run.train.seed)))
+        # Shapes only (no random initialisation to overwrite): the process holds the restored weights once.
+        graphdef, params, rest = split_model(nnx.eval_shape(lambda: Transformer(run.model, rngs=nnx.Rngs(params=0))))
         restored = ckpt.restore_fields(step, {"params": params, "rest": rest})  # not the optimizer state
     finally:
         ckpt.close()

@@ -339,13 +339,15 @@ def run_record(run: RunConfig) -> dict:
     (moe_jax.train.restore) reads back and the experiment runner compares a new run with.
 
     {"name", "model": `model_record`, "data", "train", "mesh", "health"} and, for an upcycled run, "upcycle";
-    JSON-able. data.data_dir and upcycle.from_workdir are written with the home directory as `~` (`home_relative`).
+    JSON-able. data.data_dir and upcycle.from_workdir / from_hf are written with the home directory as `~`
+    (`home_relative`).
     """
     data = dict(dataclasses.asdict(run.data), data_dir=home_relative(run.data.data_dir))
     record = {"name": run.name, "model": model_record(run.model), "data": data,
               "train": dataclasses.asdict(run.train), "mesh": dataclasses.asdict(run.mesh),
               "health": dataclasses.asdict(run.health)}
     if run.upcycle is not None:
-        record["upcycle"] = dict(dataclasses.asdict(run.upcycle), from_workdir=home_relative(
-            os.path.abspath(os.path.expanduser(run.upcycle.from_workdir))))
+        record["upcycle"] = dict(dataclasses.asdict(run.upcycle), **{
+            key: home_relative(os.path.abspath(os.path.expanduser(getattr(run.upcycle, key))))
+            for key in ("from_workdir", "from_hf") if getattr(run.upcycle, key)})
     return record

@@ -1,6 +1,6 @@
 """Upcycle a dense run's checkpoint into a run's initial `TrainState` (config section `upcycle`).
 
-    check_source(run)                  # reads <from_workdir>/config.json: errors before anything is built
+    check_source(run)                  # reads <from_workdir or from_hf>/config.json: errors before anything is built
     state = upcycled_state(run, state) # params from the dense checkpoint (moe_jax.upcycle), router fresh
     write_upcycled_workdir(run, workdir)   # config.json + checkpoint 0 + upcycle.json, for experiments.train
 
@@ -10,6 +10,10 @@ ordinary). The optimizer state stays the fresh one `init_state` made (zero momen
 own learning-rate schedule starts from step 0. Under a mesh, the upcycled parameters are placed onto the
 shardings of the freshly initialised (sharded) state; the dense parameters are read onto the default device
 first (one dense copy in host/device memory).
+
+The source is a dense run's workdir (`from_workdir`) or a dense Hugging Face directory (`from_hf`: llama or
+qwen2, imported by moe_jax.hf.load_hf; its config.json gives the dense ModelConfig, which the run's model must
+match in every non-MoE field).
 """
 from __future__ import annotations
 
@@ -34,11 +38,26 @@ def has_checkpoint(workdir: str) -> bool:
 
 
 def _source_dir(run: RunConfig) -> str:
-    return os.path.abspath(os.path.expanduser(run.upcycle.from_workdir))
+    return os.path.abspath(os.path.expanduser(run.upcycle.from_hf or run.upcycle.from_workdir))
+
+
+def _hf_model_config(run: RunConfig) -> ModelConfig:
+    """The ModelConfig of the Hugging Face directory `from_hf` (config.json only), in the run's dtypes."""
+    from moe_jax.hf import configs as hf_configs, files as hf_files
+
+    directory = _source_dir(run)
+    if not os.path.isdir(directory):
+        raise FileNotFoundError(f"config.upcycle.from_hf={run.upcycle.from_hf!r}: {directory} is not a directory; "
+                                "give a Hugging Face model directory (config.json + *.safetensors) of a llama or "
+                                "qwen2 model.")
+    return hf_configs.model_config_from_hf(hf_files.read_config(directory), path=os.path.join(directory, "config.json"),
+                                           param_dtype=run.model.param_dtype, dtype=run.model.dtype)
 
 
 def source_model(run: RunConfig) -> ModelConfig:
     """The dense source's ModelConfig, read from its config.json (FileNotFoundError/ValueError name the path)."""
+    if run.upcycle.from_hf:
+        return _hf_model_config(run)
     path = os.path.join(_source_dir(run), "config.json")
     if not os.path.exists(path):
         raise FileNotFoundError(f"config.upcycle.from_workdir={run.upcycle.from_workdir!r}: {path} does not exist; "
@@ -52,6 +71,8 @@ def check_source(run: RunConfig) -> ModelConfig:
     checkpoint (of `step`) exists. Returns the dense ModelConfig."""
     dense_cfg = source_model(run)
     upcycle_lib.check_upcycle(dense_cfg, run.model, run.upcycle)
+    if run.upcycle.from_hf:  # its tensors are checked against the config by load_hf, before any is read
+        return dense_cfg
     directory = os.path.join(_source_dir(run), "checkpoints")
     steps = sorted(int(s) for s in os.listdir(directory) if s.isdigit()) if os.path.isdir(directory) else []
     if not steps:
@@ -64,9 +85,19 @@ def check_source(run: RunConfig) -> ModelConfig:
 
 
 def dense_params(run: RunConfig, dense_cfg: ModelConfig) -> tuple[dict, int]:
-    """(the dense checkpoint's params as a pure dict, its step)."""
+    """(the dense checkpoint's params as a pure dict, its step; a Hugging Face source is step 0)."""
     from moe_jax.train.state import split_model
     from moe_jax.transformer import Transformer
+
+    if run.upcycle.from_hf:
+        from moe_jax.hf import load_hf
+
+        model, _ = load_hf(_source_dir(run), param_dtype=dense_cfg.param_dtype, dtype=dense_cfg.dtype,
+                           max_seq_len=dense_cfg.max_seq_len)
+        if model.cfg != dense_cfg:  # the same config.json read twice: never differs unless the file changed
+            raise RuntimeError(f"{_source_dir(run)}/config.json changed while upcycling from it.")
+        _, params, _ = split_model(model)
+        return upcycle_lib.to_pure(params), 0
 
     ckpt = Checkpoints(_source_dir(run), keep=1)
     try:
@@ -89,7 +120,8 @@ def upcycled_state(run: RunConfig, state, *, log=print):
     params = jax.tree.map(lambda x: x, state.params)  # a copy of the State's structure
     nnx.replace_by_pure_dict(params, new)
     params = jax.device_put(params, jax.tree.map(lambda x: x.sharding, state.params))
-    log(f"[moe_jax] {upcycle_lib.describe(dense_cfg, run.model, run.upcycle)} (from {_source_dir(run)}, step {step})")
+    where = "Hugging Face" if run.upcycle.from_hf else f"step {step}"
+    log(f"[moe_jax] {upcycle_lib.describe(dense_cfg, run.model, run.upcycle)} (from {_source_dir(run)}, {where})")
     return state.replace(params=params)
 
 

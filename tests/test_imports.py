@@ -10,6 +10,7 @@ layers below it, never above:
                             flops, quantization
   moe_jax.data              the input pipeline (uses nothing else of moe_jax)
   moe_jax.sharding          mesh, logical-axis rules, placement, expert parallelism over the core's layers
+  moe_jax.hf                Hugging Face checkpoints in and out (places tensors with the sharding rules)
   moe_jax.train             train state, step, loop, checkpoints, the sharded init, and run_config.py (the
                             ConfigDict -> dataclasses boundary, which reads data/ and sharding/ configs)
   configs                   ml_collections presets, built through moe_jax.train.run_config
@@ -31,8 +32,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("pallas_kernels", "moe_jax", "configs", "experiments", "benchmarks")
-LAYERS = (("pallas_kernels",), ("moe_jax",), ("moe_jax.data",), ("moe_jax.sharding",), ("moe_jax.train",),
-          ("configs",), ("experiments", "benchmarks"))
+LAYERS = (("pallas_kernels",), ("moe_jax",), ("moe_jax.data",), ("moe_jax.sharding",), ("moe_jax.hf",),
+          ("moe_jax.train",), ("configs",), ("experiments", "benchmarks"))
 KERNELS = "pallas_kernels"
 KERNEL_DEPENDENCIES = frozenset({"jax", "jaxlib", "numpy"})  # besides the standard library
 

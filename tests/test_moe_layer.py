@@ -291,17 +291,22 @@ def test_router_noise_only_in_training_with_rng():
 
 # ---- metrics on a hand-made case ----
 
-def test_metrics_hand_case():
-    # D = 4, E = 4, k = 1, d_ff = 8 (SwiGLU), one group of S = 8 tokens (B = 1, L = 8).
-    # Router w_DE = 10 I and x_t = one-hot(e_t): logits 10 on e_t, 0 elsewhere, so token t picks
-    # e_t with e = [0, 0, 0, 1, 1, 2, 0, 0]. C = ceil(1.0 * 8 * 1 / 4) = 2.
-    # Position order: e0 keeps t0, t1 and drops t2, t6, t7; e1 keeps t3, t4; e2 keeps t5; e3 is empty.
+def _hand_case():
+    """The layer and tokens of the hand case: router w_DE = 10 I, x_t = one-hot(e_t), e = [0, 0, 0, 1, 1, 2, 0, 0]."""
     c = MoEConfig(d_model=4, d_ff=8, num_experts=4, num_experts_per_token=1, capacity_factor=1.0,
                   eval_capacity_factor=1.0, min_capacity=1)
     layer = MoELayer(c, rngs=nnx.Rngs(0))
     layer.router.w_DE[...] = 10.0 * jnp.eye(4)
     e = np.array([0, 0, 0, 1, 1, 2, 0, 0])
-    x = jnp.asarray(np.eye(4, dtype=np.float32)[e])[None]
+    return layer, jnp.asarray(np.eye(4, dtype=np.float32)[e])[None]
+
+
+def test_metrics_hand_case():
+    # D = 4, E = 4, k = 1, d_ff = 8 (SwiGLU), one group of S = 8 tokens (B = 1, L = 8).
+    # Router w_DE = 10 I and x_t = one-hot(e_t): logits 10 on e_t, 0 elsewhere, so token t picks
+    # e_t with e = [0, 0, 0, 1, 1, 2, 0, 0]. C = ceil(1.0 * 8 * 1 / 4) = 2.
+    # Position order: e0 keeps t0, t1 and drops t2, t6, t7; e1 keeps t3, t4; e2 keeps t5; e3 is empty.
+    layer, x = _hand_case()
     y, aux = apply(layer, x, train=True)
     m = aux.metrics
     np.testing.assert_array_equal(m["tokens_per_expert"], [2, 2, 1, 0])
@@ -341,12 +346,7 @@ def test_token_mask_hand_case_equals_routing_the_real_tokens_alone():
     # The hand case above (E = 4, k = 1, picks e = [0, 0, 0, 1, 1, 2, 0, 0], C = 2) with t0, t1 masked.
     # Masked tokens claim nothing: e0 keeps t2, t6 and drops t7 (unmasked, t0 and t1 kept e0 and t2, t6, t7
     # dropped). Everything equals routing the six real tokens alone (L = 6: C = ceil(6 / 4) = 2 again).
-    c = MoEConfig(d_model=4, d_ff=8, num_experts=4, num_experts_per_token=1, capacity_factor=1.0,
-                  eval_capacity_factor=1.0, min_capacity=1)
-    layer = MoELayer(c, rngs=nnx.Rngs(0))
-    layer.router.w_DE[...] = 10.0 * jnp.eye(4)
-    e = np.array([0, 0, 0, 1, 1, 2, 0, 0])
-    x = jnp.asarray(np.eye(4, dtype=np.float32)[e])[None]
+    layer, x = _hand_case()
     mask = jnp.asarray([[False, False, True, True, True, True, True, True]])
     y, aux = masked_apply(layer, x, mask)
     y_alone, aux_alone = masked_apply(layer, x[:, 2:], None)

@@ -26,7 +26,8 @@ CONFIG = textwrap.dedent('''
         config = base.make("multihost", model,
                            data=dict(corpus="synthetic", seq_len=16, batch_size=8, data_dir={data_dir!r}),
                            train=dict(steps={steps}, learning_rate=1e-2, warmup_steps=1, log_every=1, eval_batches=1,
-                                      eval_every={steps}, checkpoint_every={steps}, sample_tokens=0, progress=False))
+                                      eval_every={steps}, checkpoint_every={steps}, sample_tokens=0, progress=False),
+                           health=dict(ledger_batches=0, pictures=False))
         config.mesh.expert = 8
         config.mesh.num_processes = {num_processes}
         config.mesh.coordinator_address = {address!r}

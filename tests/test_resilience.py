@@ -35,7 +35,8 @@ CONFIG = textwrap.dedent('''
                                 max_seq_len=64)
         return base.make("faults", model, data=dict(corpus="synthetic", seq_len=32, batch_size=4, data_dir={data_dir!r}),
                          train=dict(steps={steps}, learning_rate=1e-2, warmup_steps=2, log_every=3, eval_every=6,
-                                    eval_batches=1, checkpoint_every=4, sample_tokens=0, progress=False))
+                                    eval_batches=1, checkpoint_every=4, sample_tokens=0, progress=False),
+                         health=dict(ledger_batches=0, pictures=False))
 ''')
 
 # Runs experiments.train with faults from $FAULTS (JSON): kill_before_batch / term_before_batch (batch index =

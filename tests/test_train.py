@@ -19,7 +19,8 @@ def tiny_run(tmp_path, steps=12, **train):
         "test", model,
         data=dict(corpus="synthetic", seq_len=32, batch_size=4, data_dir=str(tmp_path / "data")),
         train=dict(dict(steps=steps, learning_rate=1e-2, warmup_steps=2, log_every=1, eval_every=steps,
-                        eval_batches=1, checkpoint_every=4, sample_tokens=0, progress=False), **train))
+                        eval_batches=1, checkpoint_every=4, sample_tokens=0, progress=False), **train),
+        health=dict(ledger_batches=0, pictures=False))  # tests/test_health.py trains with them
     return build_run_config(config)
 
 

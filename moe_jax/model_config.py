@@ -10,6 +10,9 @@ MoE placement: layer i (0-based) is an MoE layer iff `moe` is set, i >= first_de
     moe_every=1, first_dense_layers=3   DeepSeek-V3 (first 3 layers dense)
     moe_every=2, first_dense_layers=1   Switch / GShard: the odd layers 1, 3, 5, ... are MoE
     moe_every=2, first_dense_layers=0   layers 0, 2, 4, ...
+
+Layer stacking: with scan_layers, the layers after the dense prefix run as `scan_periods` repetitions of
+`layer_period` (= moe_every) layers under one scan, the remainder unrolled (moe_jax/layer_stack.py).
 """
 from __future__ import annotations
 

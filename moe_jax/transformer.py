@@ -13,6 +13,11 @@ Block i: x += Attn(Norm(x)); x += FFN_i(Norm(x)) with FFN_i an `MoELayer` for i 
 `cfg.moe_layer_indices` (optionally followed by a norm, `moe_output_norm`), else a dense FFN.
 Parameters are `cfg.param_dtype`; activations `cfg.dtype`; router logits and output logits float32.
 
+With `cfg.scan_layers` the blocks after the dense prefix run as `jax.lax.scan` over periods of `moe_every` layers
+whose variables are stacked (`prefix`, `scan`, `suffix` instead of `blocks`; moe_jax/layer_stack.py), with
+the unrolled model's parameters, outputs and aux; `cfg.remat` puts each unrolled block and each scanned period
+under `jax.checkpoint` (not the MTP modules' blocks).
+
 With `cfg.mtp_depth` > 0 the model also holds DeepSeek-V3's multi-token-prediction modules
 (moe_jax/mtp.py), built after everything else (the main parameters are initialised as without them);
 they run only when a call asks for them (`mtp=True`, the train step), never in `decode`.
@@ -131,8 +136,10 @@ class Transformer(nnx.Module):
             N, P, n = cfg.first_dense_layers, cfg.layer_period, cfg.scan_periods
             self.prefix = nnx.List(blocks[:N])
             periods = [nnx.split(nnx.List(blocks[N + j * P:N + (j + 1) * P])) for j in range(n)]
-            stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *[state for _, state in periods])
-            self.scan = nnx.List(nnx.merge(periods[0][0], stacked) if n else [])  # layer indices: period 0's
+            stack = []
+            if n:  # the blocks' static attributes (layer_index) are period 0's
+                stack = nnx.merge(periods[0][0], jax.tree.map(lambda *xs: jnp.stack(xs), *[s for _, s in periods]))
+            self.scan = nnx.List(stack)
             self.suffix = nnx.List(blocks[N + n * P:])
         else:
             self.blocks = nnx.List(blocks)

@@ -56,7 +56,8 @@ def model_differences(saved: dict, current: dict) -> list[str]:
     saved record is not compared: the library added it later, and its default keeps the old behaviour, so
     checkpoints written before it stay loadable."""
     saved, current = _flatten(saved), _flatten(json.loads(json.dumps(current)))
-    saved.setdefault("scan_layers", False)  # records from before the field: the unrolled layout
+    for record in (saved, current):  # records from before the field: the unrolled layout
+        record.setdefault("scan_layers", False)
     return sorted(k for k in saved if current.get(k, _MISSING) != saved[k] and k not in LAYOUT_FREE)
 
 

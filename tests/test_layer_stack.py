@@ -64,6 +64,19 @@ def test_places_of_the_pattern():
     assert CFG.moe_layer_indices == (1, 3, 5)  # scan[0] is the MoE block of each period, suffix[0] MoE too
 
 
+@pytest.mark.parametrize("fields,periods,suffix", [
+    (dict(num_layers=2, first_dense_layers=1), 0, 1),  # (2 - 1) // 2 = 0 periods: nothing to scan, all unrolled
+    (dict(moe=None, moe_every=1, first_dense_layers=0, mtp_depth=0), 6, 0),  # dense: a period of 1 layer
+])
+def test_edge_layouts_build(fields, periods, suffix):
+    cfg = dataclasses.replace(CFG, scan_layers=True, **fields)
+    model = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(params=0)))
+    assert cfg.scan_periods == periods and len(model.suffix) == suffix
+    state = nnx.state(model)
+    assert jax.tree.structure(jax.eval_shape(lambda s: stack_layers(unstack_layers(s, cfg), cfg), state)) == \
+        jax.tree.structure(state)
+
+
 def test_same_init_and_layout_round_trip(models):
     unrolled, scanned = models
     su, ss = nnx.state(unrolled), nnx.state(scanned)

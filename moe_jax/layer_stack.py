@@ -20,11 +20,13 @@ under `jax.checkpoint`, which keeps of its activations for the backward pass onl
 recomputes the rest:
     none       no checkpoint: every activation the backward pass needs is kept
     full       nothing saved: the block's forward is recomputed in the backward pass (its input is kept)
-    save_dots  matmul outputs without batch dimensions kept (the projections: attention q/k/v/o, dense FFNs,
-               the router, the head); the rest, the expert einsums (batched over E) included, recomputed
+    save_dots  matmul outputs without batch dimensions kept (attention's q/k/v/o projections, the router); the
+               rest recomputed, the attention scores and every FFN einsum included (batched over heads, over
+               experts; a dense FFN is an `Experts` of one expert)
     offload    the same matmul outputs, moved to host memory (`pinned_host`) and back for the backward pass
-XLA:CPU has a `pinned_host` memory space, so 'offload' compiles and runs there, but host and device memory are
-the same RAM: it saves nothing on a CPU, only on accelerators.
+On XLA:CPU 'offload' compiles and runs, but its moves to host memory lower to nothing (the lowered program names no
+host memory space; jax 0.10.2): it keeps the same matmul outputs as 'save_dots', in the same memory. It can only
+save device memory on accelerators (GPU, TPU), where it was not tried here.
 """
 from __future__ import annotations
 

@@ -20,9 +20,8 @@ under `jax.checkpoint`, which keeps of its activations for the backward pass onl
 recomputes the rest:
     none       no checkpoint: every activation the backward pass needs is kept
     full       nothing saved: the block's forward is recomputed in the backward pass (its input is kept)
-    save_dots  matmul outputs without batch dimensions kept (attention's q/k/v/o projections, the router); the
-               rest recomputed, the attention scores and every FFN einsum included (batched over heads, over
-               experts; a dense FFN is an `Experts` of one expert)
+    save_dots  every matmul output kept (`dots_saveable`: projections, attention scores and values, the router,
+               the expert and dense FFN einsums); the elementwise ops (norms, activations, softmax) recomputed
     offload    the same matmul outputs, moved to host memory (`pinned_host`) and back for the backward pass
 On XLA:CPU 'offload' compiles and runs, but its moves to host memory lower to nothing (the lowered program names no
 host memory space; jax 0.10.2): it keeps the same matmul outputs as 'save_dots', in the same memory. It can only
@@ -33,8 +32,10 @@ from __future__ import annotations
 from typing import Any, Callable, Mapping
 
 import jax
+import jax.extend
 import jax.numpy as jnp
 from flax import nnx
+from jax.ad_checkpoint import Offloadable, Recompute
 
 from moe_jax.model_config import ModelConfig
 
@@ -45,10 +46,17 @@ def remat_policy(name: str):
     if name == "full":
         return None
     if name == "save_dots":
-        return policies.dots_with_no_batch_dims_saveable
+        return policies.dots_saveable
     if name == "offload":
-        return policies.offload_dot_with_no_batch_dims("device", "pinned_host")
+        return _offload_dots
     raise ValueError(f"ModelConfig.remat={name!r} has no checkpoint policy; use one of 'full', 'save_dots', 'offload'.")
+
+
+def _offload_dots(prim, *_, **__):
+    """`dots_saveable`, but to host memory: every matmul output moved to `pinned_host`, the rest recomputed."""
+    if prim is jax.extend.core.primitives.dot_general_p:
+        return Offloadable(src="device", dst="pinned_host")
+    return Recompute
 
 
 def checkpointed(fn: Callable, remat: str, *, prevent_cse: bool = True) -> Callable:

@@ -98,7 +98,7 @@ class ModelConfig:
     # prefix) over stacked parameters, one period compiled instead of every layer; same numerics as unrolled.
     scan_layers: bool = False
     # Rematerialisation per block (unrolled) or per scanned period: none | full (recompute everything) |
-    # save_dots (keep the matmul outputs without batch dimensions) | offload (the same, kept in host memory)
+    # save_dots (keep every matmul output) | offload (the same, kept in host memory)
     remat: str = "none"
     dtype: str = "float32"  # compute dtype; the router and the logits are float32 regardless
     param_dtype: str = "float32"

@@ -5,7 +5,8 @@ gradients, bias updates and decode logits to float32 round-off; every remat poli
 One pair of small models is built once for the module: 6 layers, a dense first layer, then MoE every 2nd layer
 (period P = 2: layers [1, 2] and [3, 4] scanned, layer 5 the unrolled remainder, an MoE layer), one MTP module,
 DeepSeek-V3's sigmoid router with its correction bias, and a batch-scope balance loss (so a microbatched step
-passes `balance_load` through the scan). Capacity factor 1 so that tokens drop and slot order matters."""
+passes `balance_load` through the scan). Capacity factor 1 so that tokens drop and slot order matters. The train
+step runs the scanned model on a mesh of the 8 simulated devices, against the unrolled one on one device."""
 import dataclasses
 import functools
 
@@ -17,10 +18,13 @@ import pytest
 from flax import nnx
 
 from configs import base
+from moe_jax import sharding as sh
 from moe_jax.layer_stack import convert_train_state, layer_places, stack_layers, unstack_layers
 from moe_jax.model_config import ModelConfig
 from moe_jax.moe_config import MoEConfig
+from moe_jax.sharding.config import ShardingConfig
 from moe_jax.train.checkpoint import model_differences
+from moe_jax.train.distributed import init_sharded_state
 from moe_jax.train.run_config import build_run_config
 from moe_jax.train.state import init_state, split_model
 from moe_jax.train.step import make_train_step
@@ -32,7 +36,7 @@ MOE = MoEConfig(d_model=16, d_ff=16, num_experts=4, num_experts_per_token=2, cap
                 balance_loss_coef=1.0, z_loss_coef=1e-2, router_init_scale=3.0)
 CFG = ModelConfig(vocab_size=64, d_model=16, num_layers=6, num_heads=2, d_ff=32, max_seq_len=16, moe=MOE,
                   moe_every=2, first_dense_layers=1, mtp_depth=1)
-B, L = 4, 8
+B, L = 8, 8
 TOKENS_BL1 = np.random.default_rng(0).integers(0, 64, size=(B, L + 1)).astype(np.int32)
 
 
@@ -114,19 +118,29 @@ def recording_sgd() -> optax.GradientTransformation:
 
 
 @functools.lru_cache(maxsize=None)
-def train_step_result(scanned: bool, model_pair):
-    """(new state with the step's gradient as its opt_state, metrics) of one step of 2 microbatches."""
-    model = model_pair[int(scanned)]
-    graphdef, state = init_state(model, recording_sgd())
-    state = jax.tree.map(jnp.copy, state)  # the step donates it: keep the module's own arrays
-    step = make_train_step(graphdef, recording_sgd(), lambda s: 0.0, microbatches=2)
-    return jax.device_get(step(state, jnp.asarray(TOKENS_BL1), jax.random.PRNGKey(1)))
+def train_step_result(model: Transformer, mesh: tuple = ()):
+    """(new state with the step's gradient as its opt_state, metrics) of one train step, on one device or (the
+    model's MoE layers expert-parallel) on a mesh of the 8 devices."""
+    tx = recording_sgd()
+    if mesh:
+        m = sh.make_mesh(ShardingConfig(**dict(mesh)))
+        graphdef, state, placement = init_sharded_state(lambda: Transformer(model.cfg, rngs=nnx.Rngs(params=0)), tx,
+                                                        m, sh.ExpertParallel(m))
+        batch = placement.put_batch(TOKENS_BL1)
+    else:
+        graphdef, state = init_state(model, tx)
+        state = jax.tree.map(jnp.copy, state)  # the step donates it: keep the module's own arrays
+        placement, batch = None, jnp.asarray(TOKENS_BL1)
+    step = make_train_step(graphdef, tx, lambda s: 0.0, placement=placement)
+    return jax.device_get(step(state, batch, jax.random.PRNGKey(1)))
 
 
-def test_train_step_equals_unrolled(models):
-    """Loss, per-layer metrics, gradients and the correction-bias update of a microbatched step (MTP and the
-    whole batch's balance_load included)."""
-    (su, mu), (ss, ms) = (train_step_result(s, models) for s in (False, True))
+def test_train_step_on_a_mesh_equals_unrolled(models, eight_devices):
+    """The scanned model on a mesh (expert 2 x fsdp 2 x model 2: stacked parameters sharded like their layers'
+    slices, the MoE layers expert-parallel inside the scan) against the unrolled one on one device: loss,
+    per-layer metrics (MTP's included), gradients and the correction-bias update of one step."""
+    su, mu = train_step_result(models[0])
+    ss, ms = train_step_result(models[1], (("expert", 2), ("fsdp", 2), ("model", 2)))
     assert mu.keys() == ms.keys() and "moe/5/balance_loss" in ms and "mtp_loss" in ms
     assert_trees_close(mu, ms)
     assert_trees_close(su.opt_state, unstack_layers(ss.opt_state, CFG))  # the gradients
@@ -135,10 +149,13 @@ def test_train_step_equals_unrolled(models):
                               nnx.state(models[1], nnx.Not(nnx.Param))["scan"][0]["ffn"]["router"]["correction_bias_E"])
 
 
-def test_forward_with_token_mask_and_replay(models):
-    mask_BL = np.arange(L)[None, :] < np.array([[8], [5], [8], [3]])
+def test_forward_with_token_mask_replay_and_balance_load(models):
+    """Each per-layer input the unrolled forward takes, through the scan: a token mask, replayed experts, and the
+    balance load a microbatched step passes (train/microbatch.py)."""
+    mask_BL = np.arange(L)[None, :] < np.array([8, 5, 8, 3, 8, 6, 2, 8])[:, None]
     experts = np.random.default_rng(1).integers(0, 4, size=(len(CFG.moe_layer_indices), B, L, 2)).astype(np.int32)
     replay = tuple((jnp.asarray(e), None) for e in experts)
+    load = {i: jnp.arange(4.0)[None, :] + i for i in CFG.moe_layer_indices}  # <float32>[1, E] per MoE layer
 
     def run(model):
         graphdef, params, rest = split_model(model)
@@ -148,7 +165,8 @@ def test_forward_with_token_mask_and_replay(models):
             model = nnx.merge(graphdef, params, rest)
             masked = model(tokens_BL, train=True, rng=jax.random.PRNGKey(2), token_mask=mask_BL)
             replayed = model(tokens_BL, train=True, replay=replay)
-            return masked, replayed
+            loaded = model(tokens_BL, train=True, balance_load=load)
+            return masked, replayed, loaded
 
         return jax.device_get(forward(params, rest, jnp.asarray(TOKENS_BL1[:, :-1])))
 
@@ -156,7 +174,8 @@ def test_forward_with_token_mask_and_replay(models):
     (logits_u, aux_u), (logits_s, aux_s) = out[0][0], out[1][0]
     assert aux_u.layer_indices == aux_s.layer_indices == (1, 3, 5)
     assert_trees_close((logits_u, aux_u), (logits_s, aux_s))
-    assert_trees_close(out[0][1], out[1][1])
+    assert_trees_close(out[0][1:], out[1][1:])
+    assert not np.allclose(out[1][2][1].aux_loss, aux_s.aux_loss)  # the given load made the balance losses
     for entry in out[1][1][1].layers:  # the replayed experts were used in every layer, the scanned ones included
         m = CFG.moe_layer_indices.index(entry["layer"])
         np.testing.assert_array_equal(entry["choices"]["expert"].reshape(B, L, 2), experts[m])
@@ -179,30 +198,16 @@ def test_decode_equals_unrolled(models):
     assert_trees_close(run(models[0]), run(models[1]))
 
 
-@functools.lru_cache(maxsize=None)
-def gradients(model_pair, scanned: bool, remat: str):
-    model = with_remat(model_pair[int(scanned)], remat)
-    graphdef, params, rest = split_model(model)
-
-    @jax.jit
-    def grad(params):
-        def loss(params):
-            logits_BLV, aux = nnx.merge(graphdef, params, rest)(jnp.asarray(TOKENS_BL1[:, :-1]), train=True,
-                                                                  rng=jax.random.PRNGKey(3))
-            ce = optax.softmax_cross_entropy_with_integer_labels(logits_BLV, jnp.asarray(TOKENS_BL1[:, 1:]))
-            return ce.mean() + aux.aux_loss
-        return jax.grad(loss)(params)
-
-    grads = jax.device_get(grad(params))
-    return unstack_layers(grads, CFG) if scanned else grads
-
-
-@pytest.mark.parametrize("remat", ["full", "save_dots", "offload"])
-def test_remat_gives_the_same_gradients(models, remat):
-    """The scanned model under each policy against the unrolled one without remat (the scanned one without remat:
-    test_train_step_equals_unrolled). Its prefix and remainder layers (0 and 5) take the unrolled path: a block
-    under `jax.checkpoint` of its own."""
-    assert_trees_close(gradients(models, True, remat), gradients(models, False, "none"))
+def test_remat_gives_the_same_gradients(models):
+    """The scanned model under remat='offload' (layer_stack's own policy: matmul outputs saved, to host memory,
+    everything else recomputed) against the unrolled one without remat, a train step on one device. Its prefix
+    and remainder layers (0 and 5) take the unrolled path, each block under a `jax.checkpoint` of its own.
+    'full' and 'save_dots' are jax's `nothing_saveable` and `dots_saveable` through the same wrapper (compiled by
+    benchmarks/remat_memory.py, not run here: each case compiles a train step)."""
+    su, mu = train_step_result(models[0])
+    ss, ms = train_step_result(with_remat(models[1], "offload"))
+    assert_trees_close(mu, ms)
+    assert_trees_close(su.opt_state, unstack_layers(ss.opt_state, CFG))
 
 
 def test_bad_fields_fail_naming_them():
@@ -210,11 +215,9 @@ def test_bad_fields_fail_naming_them():
         dataclasses.replace(CFG, scan_layers="yes")
     with pytest.raises(ValueError, match=r"ModelConfig.remat='dots'.*one of \('none', 'full', 'save_dots'"):
         dataclasses.replace(CFG, remat="dots")
-    config = base.make("s", base.tiny_model(d_model=16, num_heads=2, scan_layers=True),
+    config = base.make("s", base.tiny_model(d_model=16, num_heads=2, scan_layers=True, remat="offload"),
                        data=dict(corpus="synthetic", seq_len=8, batch_size=8))
-    config.mesh.expert = 2
-    with pytest.raises(ValueError, match=r"config.model.scan_layers=True runs on one device"):
-        build_run_config(config)
+    assert build_run_config(config).model.scan_layers  # a run config takes the field
     # remat changes no parameter: a checkpoint restores across it; scan_layers changes the layout
     saved = {"num_layers": 2, "remat": "full", "scan_layers": False}
     assert model_differences(saved, dict(saved, remat="none")) == []

@@ -277,10 +277,6 @@ def check_run(run: RunConfig) -> None:
                              "(grouping='position' groups the same position across sequences); choose a divisor "
                              "of the batch.")
     sizes = run.mesh.axis_sizes
-    if m.scan_layers and run.mesh.is_sharded:
-        raise ValueError("config.model.scan_layers=True runs on one device only so far (the sharding rules and the "
-                         "expert-parallel layers are per layer, not for parameters stacked over layers); set "
-                         "scan_layers=False for a run on a mesh.")
     if run.train.microbatches > 1 and -1 not in sizes.values():  # microbatches against the routing groups
         from moe_jax.train.microbatch import check_microbatches
 

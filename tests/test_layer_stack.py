@@ -208,6 +208,7 @@ def test_remat_gives_the_same_gradients(models):
     ss, ms = train_step_result(with_remat(models[1], "offload"))
     assert_trees_close(mu, ms)
     assert_trees_close(su.opt_state, unstack_layers(ss.opt_state, CFG))
+    assert_trees_close(su.rest, unstack_layers(ss.rest, CFG))  # the bias update on one device too
 
 
 def test_bad_fields_fail_naming_them():

@@ -10,6 +10,9 @@ MoE placement: layer i (0-based) is an MoE layer iff `moe` is set, i >= first_de
     moe_every=1, first_dense_layers=3   DeepSeek-V3 (first 3 layers dense)
     moe_every=2, first_dense_layers=1   Switch / GShard: the odd layers 1, 3, 5, ... are MoE
     moe_every=2, first_dense_layers=0   layers 0, 2, 4, ...
+
+Layer stacking: with scan_layers, the layers after the dense prefix run as `scan_periods` repetitions of
+`layer_period` (= moe_every) layers under one scan, the remainder unrolled (moe_jax/layer_stack.py).
 """
 from __future__ import annotations
 
@@ -27,6 +30,7 @@ ATTENTIONS = ("mha", "mla")
 QK_NORMS = ("head", "full")
 ROPE_SCALINGS = ("yarn",)
 DTYPES = ("float32", "bfloat16")
+REMATS = ("none", "full", "save_dots", "offload")
 
 
 def _err(field: str, value, fix: str) -> ValueError:
@@ -90,6 +94,12 @@ class ModelConfig:
     mtp_loss_weight: float = 0.3  # lambda: L_MTP = lambda / D * sum_k L_MTP^k (DeepSeek-V3: 0.3, later 0.1)
 
     tie_embeddings: bool = False  # logits = x @ embed^T instead of a separate unembedding
+    # Layer stacking (moe_jax/layer_stack.py): scan the repeated periods of moe_every layers (after the dense
+    # prefix) over stacked parameters, one period compiled instead of every layer; same numerics as unrolled.
+    scan_layers: bool = False
+    # Rematerialisation per block (unrolled) or per scanned period: none | full (recompute everything) |
+    # save_dots (keep every matmul output) | offload (the same, kept in host memory)
+    remat: str = "none"
     dtype: str = "float32"  # compute dtype; the router and the logits are float32 regardless
     param_dtype: str = "float32"
 
@@ -118,6 +128,7 @@ class ModelConfig:
         self._check_moe()
         self._check_mtp()
         self._check_attention_extras()
+        self._check_layer_stack()
 
     def _check_rope_scaling(self):
         yarn_fields = ("yarn_factor", "yarn_original_max_len", "yarn_beta_fast", "yarn_beta_slow", "yarn_mscale",
@@ -216,6 +227,12 @@ class ModelConfig:
                        f"is 0 with mtp_depth={self.mtp_depth}: the MTP modules would get no training signal; "
                        "set mtp_loss_weight > 0 (e.g. 0.3) or mtp_depth=0.")
 
+    def _check_layer_stack(self):
+        if not isinstance(self.scan_layers, bool):
+            raise _err("scan_layers", self.scan_layers, "must be True or False (True: scan the repeated layers).")
+        if self.remat not in REMATS:
+            raise _err("remat", self.remat, f"set remat to one of {REMATS} ('none': keep every activation).")
+
     @classmethod
     def from_dict(cls, fields: Mapping[str, Any]) -> "ModelConfig":
         """From a plain mapping (e.g. `ml_collections.ConfigDict.to_dict()`); `moe` may be a mapping too."""
@@ -296,6 +313,17 @@ class ModelConfig:
         """Layer indices of the MTP modules' blocks: num_layers, ..., num_layers + mtp_depth - 1 (after the
         main layers, as in DeepSeek-V3's checkpoint, where the MTP block is layer 61 of 0..60)."""
         return tuple(range(self.num_layers, self.num_layers + self.mtp_depth))
+
+    @property
+    def layer_period(self) -> int:
+        """P, the layers of one repetition of the placement pattern: moe_every (1 for a dense model)."""
+        return self.moe_every if self.moe is not None else 1
+
+    @property
+    def scan_periods(self) -> int:
+        """n, the periods of `layer_period` layers after the dense prefix: with `scan_layers`, layers
+        [first_dense_layers, first_dense_layers + n P) run under one scan; the prefix and the remainder unrolled."""
+        return (self.num_layers - self.first_dense_layers) // self.layer_period
 
     def is_moe_layer(self, i: int) -> bool:
         """Main layer i per the placement rule; an MTP block (i in `mtp_layer_indices`) is an MoE layer

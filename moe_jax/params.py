@@ -59,7 +59,7 @@ def _prototype(cfg: ModelConfig) -> tuple[ModelConfig, dict[bool, int]]:
     n_moe = len(cfg.moe_layer_indices)
     n_dense = cfg.num_layers - n_moe
     proto = dataclasses.replace(cfg, num_layers=int(n_dense > 0) + int(n_moe > 0),
-                                first_dense_layers=int(n_dense > 0), moe_every=1)
+                                first_dense_layers=int(n_dense > 0), moe_every=1, scan_layers=False)
     return proto, {False: n_dense, True: n_moe}
 
 

@@ -152,6 +152,10 @@ def quantize_experts(model: nnx.Module, bits: int = 8) -> nnx.Module:
     weights are the same arrays as in `model`.
     """
     bits = check_bits(bits)
+    if getattr(getattr(model, "cfg", None), "scan_layers", False):
+        raise ValueError("quantize_experts: the model has ModelConfig.scan_layers=True (experts stacked over "
+                         "layers); quantize the unrolled model: build it with scan_layers=False and load its state "
+                         "with moe_jax.layer_stack.unstack_layers.")
     layers = moe_layers(model)
     if not layers:
         raise ValueError(f"quantize_experts: {type(model).__name__} has no MoELayer to quantize; build the "

@@ -13,6 +13,11 @@ Block i: x += Attn(Norm(x)); x += FFN_i(Norm(x)) with FFN_i an `MoELayer` for i 
 `cfg.moe_layer_indices` (optionally followed by a norm, `moe_output_norm`), else a dense FFN.
 Parameters are `cfg.param_dtype`; activations `cfg.dtype`; router logits and output logits float32.
 
+With `cfg.scan_layers` the blocks after the dense prefix run as `jax.lax.scan` over periods of `moe_every` layers
+whose variables are stacked (`prefix`, `scan`, `suffix` instead of `blocks`; moe_jax/layer_stack.py), with
+the unrolled model's parameters, outputs and aux; `cfg.remat` puts each unrolled block and each scanned period
+under `jax.checkpoint` (not the MTP modules' blocks).
+
 With `cfg.mtp_depth` > 0 the model also holds DeepSeek-V3's multi-token-prediction modules
 (moe_jax/mtp.py), built after everything else (the main parameters are initialised as without them);
 they run only when a call asks for them (`mtp=True`, the train step), never in `decode`.
@@ -34,6 +39,7 @@ from flax import nnx, struct
 
 from moe_jax.attention import make_attention
 from moe_jax.experts import FeedForward
+from moe_jax.layer_stack import checkpointed, layer_places, slice_module
 from moe_jax.model_config import ModelConfig
 from moe_jax.moe_layer import MoELayer
 from moe_jax.types import Array
@@ -125,7 +131,18 @@ class Transformer(nnx.Module):
         # std 1/sqrt(D): tied logits x_final . e_v then start with unit variance, like the untied head's.
         embed_init = nnx.initializers.normal(stddev=D ** -0.5)
         self.embed_VD = nnx.Param(embed_init(rngs.params(), (V, D), pd))
-        self.blocks = nnx.List([Block(cfg, i, rngs=rngs) for i in range(cfg.num_layers)])
+        blocks = [Block(cfg, i, rngs=rngs) for i in range(cfg.num_layers)]
+        if cfg.scan_layers:  # built as unrolled (the same rng draws), then stacked: moe_jax/layer_stack.py
+            N, P, n = cfg.first_dense_layers, cfg.layer_period, cfg.scan_periods
+            self.prefix = nnx.List(blocks[:N])
+            periods = [nnx.split(nnx.List(blocks[N + j * P:N + (j + 1) * P])) for j in range(n)]
+            stack = []
+            if n:  # the blocks' static attributes (layer_index) are period 0's
+                stack = nnx.merge(periods[0][0], jax.tree.map(lambda *xs: jnp.stack(xs), *[s for _, s in periods]))
+            self.scan = nnx.List(stack)
+            self.suffix = nnx.List(blocks[N + n * P:])
+        else:
+            self.blocks = nnx.List(blocks)
         self.final_norm = make_norm(cfg, D, rngs=rngs)
         unembed = None
         if not cfg.tie_embeddings:
@@ -138,11 +155,32 @@ class Transformer(nnx.Module):
             mtp = MultiTokenPrediction(cfg, block_cls=Block, make_norm=make_norm, rngs=rngs)
         self.mtp = nnx.data(mtp)
 
+    def moe_layer_slots(self, *, mtp: bool = True) -> list[tuple[int, MoELayer, Optional[int]]]:
+        """(layer index, MoELayer, period) for every MoE layer in depth order (the order of `ModelAux.layers`;
+        the MTP modules' last unless `mtp=False`). period is None where the module is the layer's own; for a
+        scanned layer (`cfg.scan_layers`) the module is the stack's, its variables stacked over the periods, and
+        the layer's are at [period] (what the correction-bias update writes)."""
+        out = []
+        for i, (where, k, j) in enumerate(self._places()):
+            block = getattr(self, where)[k]
+            if block.is_moe:
+                out.append((i, block.ffn, j))
+        if self.mtp is not None and mtp:
+            out += [(i, layer, None) for i, layer in self.mtp.moe_layers()]
+        return out
+
     def moe_layers(self, *, mtp: bool = True) -> list[tuple[int, MoELayer]]:
         """(layer index, MoELayer) for every MoE layer, in depth order (the order of `ModelAux.layers`); the MTP
-        modules' MoE layers last, unless `mtp=False` (a forward pass without `mtp=True` runs only the others)."""
-        main = [(b.layer_index, b.ffn) for b in self.blocks if b.is_moe]
-        return main if self.mtp is None or not mtp else main + self.mtp.moe_layers()
+        modules' MoE layers last, unless `mtp=False` (a forward pass without `mtp=True` runs only the others).
+        A scanned layer's module is a copy holding its slice of the stack (reading only: writes to it do not
+        reach the model; `moe_layer_slots` gives the stack itself)."""
+        return [(i, layer if j is None else slice_module(layer, j)) for i, layer, j in self.moe_layer_slots(mtp=mtp)]
+
+    def _places(self) -> list[tuple[str, int, Optional[int]]]:
+        """Per main layer: (attribute, index in it, period or None), `layer_stack.layer_places`."""
+        if self.cfg.scan_layers:
+            return layer_places(self.cfg)
+        return [("blocks", i, None) for i in range(self.cfg.num_layers)]
 
     def _check_tokens(self, tokens_BL: Array, max_len: int, what: str) -> None:
         if tokens_BL.ndim != 2:
@@ -182,7 +220,7 @@ class Transformer(nnx.Module):
             if mtp and self.mtp is not None:
                 raise ValueError("Transformer: token_mask is not supported with mtp=True (the MTP modules see "
                                  "shifted windows of the sequence); call with mtp=False or token_mask=None.")
-        moe_count = sum(b.is_moe for b in self.blocks)
+        moe_count = len(self.cfg.moe_layer_indices)
         if replay is not None and len(replay) != moe_count:
             raise ValueError(f"Transformer: replay has {len(replay)} entries for {moe_count} MoE layers; give one "
                              "(expert ids, weights or None) per MoE layer in depth order.")
@@ -196,7 +234,11 @@ class Transformer(nnx.Module):
         if not 0 < max_len <= self.cfg.max_seq_len:
             raise ValueError(f"Transformer.init_cache: max_len={max_len} must be in [1, ModelConfig.max_seq_len="
                              f"{self.cfg.max_seq_len}].")
-        layers = tuple(b.attn.init_cache(batch_size, max_len) for b in self.blocks)
+        layers = []
+        for where, k, j in self._places():
+            attn = getattr(self, where)[k].attn
+            layers.append((attn if j is None else slice_module(attn, j)).init_cache(batch_size, max_len))
+        layers = tuple(layers)
         return DecodeCache(layers=layers, index=jnp.zeros((), jnp.int32))
 
     def decode(self, tokens_BL: Array, cache: DecodeCache) -> tuple[Array, DecodeCache]:
@@ -225,22 +267,43 @@ class Transformer(nnx.Module):
     def _forward(self, tokens_BL, positions_BL, *, train, rng, cache: Optional[DecodeCache] = None, replay=None,
                  balance_load: Optional[dict] = None, mtp: bool = False, token_mask_BL: Optional[Array] = None):
         x_BLD = self._embed(tokens_BL)
-        layer_aux, new_layers = [], []
-        for i, block in enumerate(self.blocks):
-            layer_rng = None if rng is None else jax.random.fold_in(rng, i)
-            layer_cache = None if cache is None else cache.layers[i]
-            index = None if cache is None else cache.index
-            layer_replay = replay[len(layer_aux)] if replay is not None and block.is_moe else None
-            load = None if balance_load is None else balance_load.get(i)
+        cfg = self.cfg
+        replay = {} if replay is None else dict(zip(cfg.moe_layer_indices, replay))
+        balance_load = {} if balance_load is None else balance_load
+        index = None if cache is None else cache.index
+
+        def run_block(block, x_BLD, layer_rng, layer_cache, layer_replay, load):
             x_BLD, aux, layer_cache = block(x_BLD, positions_BL, tokens_BL, train=train, rng=layer_rng,
                                             cache=layer_cache, index=index, replay=layer_replay, balance_load=load,
                                             token_mask_BL=token_mask_BL)
-            new_layers.append(layer_cache)
-            if aux is not None:
-                entry = {"layer": i, "losses": aux.losses, "metrics": aux.metrics, "choices": aux.choices}
-                if aux.balance_load is not None:
-                    entry["balance_load"] = aux.balance_load
-                layer_aux.append(entry)
+            return x_BLD, None if aux is None else _aux_entry(aux), layer_cache
+
+        def layer_inputs(i):
+            return (None if rng is None else jax.random.fold_in(rng, i), None if cache is None else cache.layers[i],
+                    replay.get(i), balance_load.get(i))
+
+        def unrolled(block, x_BLD, i):
+            if cfg.remat == "none":
+                return run_block(block, x_BLD, *layer_inputs(i))
+            graphdef, state = nnx.split(block)
+            remat = checkpointed(lambda state, x_BLD, *inputs: run_block(nnx.merge(graphdef, state), x_BLD, *inputs),
+                                 cfg.remat)
+            return remat(state, x_BLD, *layer_inputs(i))
+
+        places = self._places()
+        layer_aux, new_layers = [], [None] * cfg.num_layers
+        i = 0
+        while i < cfg.num_layers:
+            where, k, j = places[i]
+            if j is None:
+                x_BLD, entry, new_layers[i] = unrolled(getattr(self, where)[k], x_BLD, i)
+                if entry is not None:
+                    layer_aux.append({"layer": i, **entry})
+                i += 1
+                continue
+            x_BLD, entries = self._scan(x_BLD, i, run_block, layer_inputs, new_layers)
+            layer_aux += entries
+            i += cfg.layer_period * cfg.scan_periods
         mtp_logits = ()
         if mtp and self.mtp is not None and cache is None:
             mtp_logits, mtp_aux = self.mtp(x_BLD, tokens_BL, embed=self._embed, head=self._head, train=train,
@@ -251,3 +314,48 @@ class Transformer(nnx.Module):
         aux = ModelAux(aux_loss=aux_loss, layers=tuple(layer_aux),
                        layer_indices=tuple(a["layer"] for a in layer_aux), mtp_logits=mtp_logits)
         return logits_BLV, aux, tuple(new_layers)
+
+    def _scan(self, x_BLD, first: int, run_block, layer_inputs, new_layers: list):
+        """Layers [first, first + n P) as `jax.lax.scan` over the n periods of `self.scan` (its P blocks, variables
+        stacked), each period under the remat policy. Per-layer inputs (rng, cache, replay, balance load) are
+        stacked over the periods and the outputs unstacked, so both read as the unrolled layers'. Fills
+        new_layers[i] with layer i's cache; returns (x_BLD, aux entries in depth order)."""
+        P, n = self.cfg.layer_period, self.cfg.scan_periods
+        layer = lambda j, p: first + j * P + p
+        inputs = [[layer_inputs(layer(j, p)) for j in range(n)] for p in range(P)]
+        for p, per_period in enumerate(inputs):
+            for field, name in ((2, "replay"), (3, "balance_load")):
+                given = [x[field] is not None for x in per_period]
+                if any(given) and not all(given):
+                    raise ValueError(f"Transformer: {name} is given for some of the scanned layers "
+                                     f"{[layer(j, p) for j in range(n)]} and not others; give it for all of them "
+                                     "(or set ModelConfig.scan_layers=False).")
+        stacked = [jax.tree.map(lambda *xs: jnp.stack(xs), *per_period) for per_period in inputs]
+        graphdef, state = nnx.split(self.scan)
+
+        def period(x_BLD, xs):
+            state_j, stacked_j = xs
+            blocks = nnx.merge(graphdef, state_j)
+            out = []
+            for p, block in enumerate(blocks):
+                x_BLD, entry, layer_cache = run_block(block, x_BLD, *stacked_j[p])
+                out.append((entry, layer_cache))
+            return x_BLD, tuple(out)
+
+        body = checkpointed(period, self.cfg.remat, prevent_cse=False)
+        x_BLD, out = jax.lax.scan(body, x_BLD, (state, tuple(stacked)))
+        entries = []
+        for j in range(n):
+            for p, (entry, layer_cache) in enumerate(out):
+                new_layers[layer(j, p)] = jax.tree.map(lambda x: x[j], layer_cache)
+                if entry is not None:
+                    entries.append({"layer": layer(j, p), **jax.tree.map(lambda x: x[j], entry)})
+        return x_BLD, entries
+
+
+def _aux_entry(aux) -> dict:
+    """An MoE layer's `ModelAux.layers` entry, less its "layer" index."""
+    entry = {"losses": aux.losses, "metrics": aux.metrics, "choices": aux.choices}
+    if aux.balance_load is not None:
+        entry["balance_load"] = aux.balance_load
+    return entry

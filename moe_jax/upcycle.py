@@ -48,7 +48,7 @@ from moe_jax.model_config import ModelConfig
 from moe_jax.moe_config import MoEConfig
 
 # ModelConfig fields an upcycled model may set differently from its dense source.
-FREE_FIELDS = ("moe", "moe_every", "first_dense_layers", "dtype", "param_dtype", "max_seq_len")
+FREE_FIELDS = ("moe", "moe_every", "first_dense_layers", "dtype", "param_dtype", "max_seq_len", "remat")
 EXPERT_WEIGHTS = ("w_in_EDF", "w_gate_EDF", "w_out_EFD")
 
 
@@ -125,6 +125,11 @@ def check_upcycle(dense_cfg: ModelConfig, target_cfg: ModelConfig, upcycle: Upcy
         field = f"from_hf={upcycle.from_hf!r}" if upcycle.from_hf else f"from_workdir={upcycle.from_workdir!r}"
         raise ValueError(f"UpcycleConfig.{field} holds an MoE model; upcycling starts from a dense model "
                          "(config.model.use_moe=False, or a llama / qwen2 Hugging Face directory).")
+    for name, cfg in (("config.model", target_cfg), (src, dense_cfg)):
+        if cfg.scan_layers:
+            raise ValueError(f"{name} has scan_layers=True: upcycling copies parameters layer by layer in the unrolled "
+                             "layout; upcycle with scan_layers=False (moe_jax.layer_stack.stack_layers converts the "
+                             "result afterwards).")
     for f in dataclasses.fields(ModelConfig):
         if f.name in FREE_FIELDS:
             continue

@@ -159,6 +159,10 @@ def load_hf(directory: str, *, expert_backend: str = "ragged_dot", max_seq_len: 
 
 def export_tensors(model: Transformer, family: str) -> dict[str, np.ndarray]:
     """HF tensor name -> numpy array (views of the parameters where the layout allows)."""
+    if model.cfg.scan_layers:
+        raise ValueError("export_tensors / save_hf: the model has ModelConfig.scan_layers=True; Hugging Face "
+                         "checkpoints are per layer: build the model with scan_layers=False and load its state with "
+                         "moe_jax.layer_stack.unstack_layers(nnx.state(model), model.cfg) first.")
     _, flat = _flat_params(model)
     values = {path: np.asarray(v[...]) for path, v in flat}
     out = {}

@@ -54,6 +54,9 @@ PARAM_AXES: tuple[tuple[str, tuple[Optional[str], ...]], ...] = (
 )
 
 _COMPILED = tuple((re.compile(r"(^|/)" + pattern + r"$"), axes) for pattern, axes in PARAM_AXES)
+# The scanned layers' variables (ModelConfig.scan_layers, moe_jax/layer_stack.py) are stacked over the periods on a
+# leading axis, never split: each period's slice is laid out as its unrolled layer's.
+_STACKED = re.compile(r"(^|/)scan/\d+/")
 
 
 def path_str(path) -> str:
@@ -66,6 +69,8 @@ def logical_axes(path: str, ndim: int) -> tuple[Optional[str], ...]:
     """The logical axis of each dimension of the array at `path` (all None: replicated)."""
     for pattern, axes in _COMPILED:
         if pattern.search(path):
+            if _STACKED.search(path):
+                axes = (None,) + axes
             if len(axes) != ndim:
                 raise ValueError(f"sharding.rules.PARAM_AXES gives {path} {len(axes)} axes {axes}, but it has "
                                  f"{ndim}; update the entry to the parameter's shape.")

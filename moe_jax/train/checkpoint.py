@@ -48,12 +48,18 @@ def _flatten(d: dict, prefix: str = "") -> dict:
     return out
 
 
+LAYOUT_FREE = ("remat",)  # model fields that change no parameter: a checkpoint restores across them
+
+
 def model_differences(saved: dict, current: dict) -> list[str]:
     """Fields of the saved model record whose value differs from the current one. A field absent from the
     saved record is not compared: the library added it later, and its default keeps the old behaviour, so
-    checkpoints written before it stay loadable."""
+    checkpoints written before it stay loadable; a record without `scan_layers` is of the unrolled layout. Fields
+    that change no parameter (`LAYOUT_FREE`: remat) are not compared."""
     saved, current = _flatten(saved), _flatten(json.loads(json.dumps(current)))
-    return sorted(k for k in saved if current.get(k, _MISSING) != saved[k])
+    for record in (saved, current):  # records from before the field: the unrolled layout
+        record.setdefault("scan_layers", False)
+    return sorted(k for k in saved if current.get(k, _MISSING) != saved[k] and k not in LAYOUT_FREE)
 
 
 def _all_hosts(ok: bool) -> bool:
@@ -110,6 +116,13 @@ class Checkpoints:
         """Raises ValueError naming the fields if checkpoint `step` was written by a different model."""
         saved = (self.read_meta(step) if meta is None else meta).get("model")
         diff = [] if saved is None else model_differences(saved, expect_model)
+        if diff == ["scan_layers"]:
+            scanned = bool(expect_model.get("scan_layers", False))
+            raise ValueError(
+                f"The checkpoint at {self.directory} (step {step}) was written with config.model.scan_layers="
+                f"{not scanned}, this run has {scanned}: the layer "
+                "parameters are laid out per layer in one and stacked in the other. Run with the checkpoint's "
+                "scan_layers, or convert the restored state with moe_jax.layer_stack.convert_train_state.")
         if diff:
             raise ValueError(
                 f"The checkpoint at {self.directory} (step {step}) was written by a different model: "

@@ -102,13 +102,15 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, schedule, *, pla
         params = optax.apply_updates(state.params, updates)
 
         model = nnx.merge(graphdef, params, state.rest)
-        layers = dict(model.moe_layers())
+        slots = {i: (layer, period) for i, layer, period in model.moe_layer_slots()}
         for entry in aux.layers:
-            layer = layers[entry["layer"]]
+            layer, period = slots[entry["layer"]]
             bias = layer.router.correction_bias_E
-            if bias is not None:
-                bias[...] = losses_lib.update_correction_bias(
-                    bias[...], entry["metrics"]["routed_per_expert"], layer.cfg.bias_update_rate)
+            if bias is not None:  # a scanned layer's bias is row `period` of its stack's
+                old = bias[...] if period is None else bias[...][period]
+                new = losses_lib.update_correction_bias(old, entry["metrics"]["routed_per_expert"],
+                                                        layer.cfg.bias_update_rate)
+                bias[...] = new if period is None else bias[...].at[period].set(new)
         _, _, rest = split_model(model)
 
         ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
@@ -150,7 +152,7 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, schedule, *, pla
         """(loss, ce, ModelAux, grads) of the whole batch, from its microbatches one at a time."""
         M = microbatches
         model = nnx.merge(graphdef, state.params, state.rest)
-        moe, indices = model.cfg.moe, tuple(i for i, _ in model.moe_layers())
+        moe, indices = model.cfg.moe, tuple(i for i, _, _ in model.moe_layer_slots())
         check_microbatches(moe, batch_BL1.shape[0], batch_BL1.shape[1] - 1, M, shards)
         micro_MBL1 = split_microbatches(batch_BL1, M, shards)
         if placement is not None:  # microbatch m: block m of every shard, still on the device holding that shard

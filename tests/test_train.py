@@ -162,6 +162,7 @@ def test_non_finite_steps_are_not_applied(tmp_path, monkeypatch):
 
 def test_checkpoint_of_another_model_is_refused(tmp_path):
     loop_lib.train(tiny_run(tmp_path, steps=4), str(tmp_path / "w"), log=lambda *_: None)
+    written = (tmp_path / "w" / "config.json").read_text()
     other = base.tiny_model(d_model=32, num_layers=2, num_heads=2, d_ff=64, moe_d_ff=32, num_experts=8,
                             max_seq_len=64)
     config = base.make("other", other, data=dict(corpus="synthetic", seq_len=32, batch_size=4,
@@ -169,6 +170,7 @@ def test_checkpoint_of_another_model_is_refused(tmp_path):
                        train=dict(steps=8, warmup_steps=2, progress=False, sample_tokens=0, eval_batches=0))
     with pytest.raises(ValueError, match="num_experts"):
         loop_lib.train(build_run_config(config), str(tmp_path / "w"), log=lambda *_: None)
+    assert (tmp_path / "w" / "config.json").read_text() == written  # the record still matches the checkpoints
 
 
 def test_bad_config_fields_are_named(tmp_path):

@@ -75,8 +75,6 @@ def train(run: RunConfig, workdir: str, *, log=print) -> dict:
     counts = count_params(cfg)
     flops_per_token = train_flops_per_token(cfg, counts, run.data.seq_len)
     record = run_record(run)
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-        json.dump(record, f, indent=2)
     log(f"[moe_jax] {run.name}: {counts['total']/1e6:.2f}M params, {counts['active_per_token']/1e6:.2f}M active "
         f"per token; data {data.describe().get('corpus')}; workdir {workdir}")
     if cfg.mtp_depth:
@@ -102,6 +100,10 @@ def train(run: RunConfig, workdir: str, *, log=print) -> dict:
             log(f"[moe_jax] resumed from step {latest} ({ckpt.directory})")
         elif run.upcycle is not None:  # a new upcycled run: dense parameters, fresh router and optimizer
             state = upcycled_state(run, state, log=log)
+        # after the checkpoint was checked against this config: a refused resume leaves the record of the run
+        # that wrote the checkpoints
+        with open(os.path.join(workdir, "config.json"), "w") as f:
+            json.dump(record, f, indent=2)
         start = int(state.step)
         replayed = None  # config.train.replay_ledger: train on the ledger's tokens with its routing
         if tcfg.replay_ledger is not None:

@@ -117,13 +117,21 @@ def test_training_window_alarms_trip_on_a_forced_collapse_after_warmup(tmp_path)
     (row,) = [a for a in health_lib.check_train(cfg, layers=[3], window=mixed) if a.metric == "train_dropped_fraction"]
     assert row.value == pytest.approx((2 * 108 / 128 + 2 * d) / 4)
 
-    # the watch: nothing before the window is full, nothing before train_start_step, then every log step
+    # the watch: nothing before the window is full, nothing before train_start_step, then at the log step where
+    # an alarm trips (not again while it stays tripped: the windows of successive log steps overlap), cleared
+    # in the log, and anew when it trips again
     model_cfg = build_run_config(base.make("t", base.tiny_model())).model  # MoE layers 0-3; metrics of 3 only
-    watch = health_lib.RoutingWatch(cfg, model_cfg, None, str(tmp_path), log=lambda *_: None, write=False)
+    logs = []
+    watch = health_lib.RoutingWatch(cfg, model_cfg, None, str(tmp_path), log=logs.append, write=False)
     assert watch.at_train(3, [collapsed] * 3) == []  # 3 of 4 steps
     assert watch.at_train(6, [collapsed] * 3) == []  # full, but step 6 < 10
-    assert {a.metric for a in watch.at_train(12, [collapsed] * 6)} == {"train_dropped_fraction", "train_load_cv"}
-    assert watch.at_train(16, [healthy] * 4) == []  # the window holds the last 4 steps only
+    both = {"train_dropped_fraction", "train_load_cv"}
+    assert {a.metric for a in watch.at_train(12, [collapsed] * 6)} == both
+    assert watch.at_train(14, [collapsed] * 2) == [] and logs == []  # still tripped: not repeated
+    assert watch.at_train(18, [healthy] * 4) == []  # the window holds the last 4 steps only
+    assert sorted(logs) == [f"[moe_jax] alarm cleared at step 18: layer 3: {m} (mean of the last 4 steps) back "
+                            "within its threshold" for m in sorted(both)]
+    assert {a.metric for a in watch.at_train(22, [collapsed] * 4)} == both  # trips anew
     off = health_lib.RoutingWatch(dataclasses.replace(cfg, train_window=0), model_cfg, None, str(tmp_path),
                                   log=lambda *_: None, write=False)
     assert off.at_train(100, [collapsed] * 10) == []

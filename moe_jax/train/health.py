@@ -197,17 +197,27 @@ class RoutingWatch:
             log(f"[moe_jax] no routing ledger: {why_not}")
         self.ledger_bytes: list[int] = []
         self.window: collections.deque = collections.deque(maxlen=max(cfg.train_window, 1))
+        self.tripped: set = set()  # (layer, metric) of the training-window alarms tripped at the last check
 
     def at_train(self, step: int, rows: list[dict]) -> list[Alarm]:
         """At a log step: `rows`, the metrics of the train steps since the last one (ending at `step`), join the
-        training window; returns its alarms (none before the window is full or before train_start_step)."""
+        training window; returns the alarms that trip there (none before the window is full or before
+        train_start_step). The windows of successive log steps overlap, so an alarm still tripped from the last
+        check is not returned again; one that cleared is logged as cleared and returned when it trips anew."""
         cfg = self.cfg
         if not (cfg.alarms and self.layers and cfg.train_window):
             return []
         self.window.extend({k: v for k, v in row.items() if k.startswith("moe/")} for row in rows)
         if len(self.window) < cfg.train_window or step < max(cfg.train_start_step, cfg.start_step):
             return []
-        return check_train(cfg, layers=self.layers, window=list(self.window))
+        alarms = check_train(cfg, layers=self.layers, window=list(self.window))
+        now = {(a.layer, a.metric) for a in alarms}
+        for layer, metric in sorted(self.tripped - now):
+            self.log(f"[moe_jax] alarm cleared at step {step}: layer {layer}: {metric} (mean of the last "
+                     f"{cfg.train_window} steps) back within its threshold")
+        new = [a for a in alarms if (a.layer, a.metric) not in self.tripped]
+        self.tripped = now
+        return new
 
     def at_eval(self, step: int, state, data, eval_metrics: dict) -> list[Alarm]:
         """Records and writes the ledger, adds `moe/<layer>/saturation` (vs the previous ledger) to

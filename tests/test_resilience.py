@@ -264,3 +264,21 @@ def test_model_record_ignores_fields_the_saved_record_lacks(tmp_path):
     with pytest.raises(ValueError, match=r"config.model fields \['moe.num_experts'\] differ"):
         ckpt.restore(1, state, expect_model=dict(new, moe=dict(new["moe"], num_experts=8)))
     ckpt.close()
+
+
+def test_a_sigterm_that_stopped_a_run_is_forgotten_and_a_late_one_is_kept():
+    from moe_jax.train import preemption
+
+    with preemption.Preemption(log=lambda *_: None) as p:
+        assert not p.reached(1)
+        os.kill(os.getpid(), signal.SIGTERM)  # caught by the handler: the flag, not the default action
+        time.sleep(0.01)
+        assert p.reached(2) and p.reached(3)
+    with preemption.Preemption(log=lambda *_: None) as p:  # the next run in this process runs normally
+        assert not p.reached(1)
+        os.kill(os.getpid(), signal.SIGTERM)  # after its last check: not acted on
+        time.sleep(0.01)
+    with preemption.Preemption(log=lambda *_: None) as p:  # kept for the next run, which stops at once
+        assert p.reached(1)
+    with preemption.Preemption(log=lambda *_: None) as p:
+        assert not p.reached(1)

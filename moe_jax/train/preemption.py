@@ -13,7 +13,10 @@ host gets it, tells the others through the coordination service, and
 `jax.experimental.multihost_utils.reached_preemption_sync_point(step)` turns true at the same step on every
 host (the largest step any host has reached, plus one). Without that service (jax_enable_preemption_service
 off) a multi-process run keeps the default SIGTERM action: hosts stopping at different steps would hang.
-The handler is installed from the main thread only and put back on exit.
+The handler is installed from the main thread only and put back on exit. A SIGTERM that stopped the run is
+then forgotten (a later `train` in the same process, e.g. a notebook's, runs normally); one that arrived after
+the last `reached` check is kept, so the next run in the process (the experiments runner's) stops at its
+first step with a checkpoint instead of the signal being lost.
 """
 from __future__ import annotations
 
@@ -41,6 +44,7 @@ class Preemption:
     def __init__(self, log: Callable[[str], Any] = print):
         self.log = log
         self._previous = None
+        self._stopped = False  # reached() said stop: the request is consumed on exit
         self.multi_host = jax.process_count() > 1
         self.uses_jax_service = self.multi_host and _sync_manager_available()
 
@@ -57,6 +61,8 @@ class Preemption:
         if self._previous is not None:
             signal.signal(signal.SIGTERM, self._previous)
             self._previous = None
+        if self._stopped and not self.uses_jax_service:
+            _requested.clear()
 
     def reached(self, step: int) -> bool:
         """Whether to checkpoint `step` and stop (the same answer on every host for the same step)."""
@@ -64,4 +70,5 @@ class Preemption:
             from jax.experimental import multihost_utils
 
             return bool(multihost_utils.reached_preemption_sync_point(step))
-        return _requested.is_set()
+        self._stopped = self._stopped or _requested.is_set()
+        return self._stopped

@@ -22,6 +22,7 @@ anything is compiled, on one line naming the flag, with exit code 2.
 from __future__ import annotations
 
 import argparse
+import ast
 import math
 import os
 import re
@@ -43,6 +44,11 @@ def parse_args(argv=None):
     parser.add_argument("--seq_len", type=int, default=None, help="tokens per sequence (default: the config's)")
     parser.add_argument("--scan_layers", choices=("config", "true", "false"), default="config",
                         help="compile the layers scanned or unrolled (default: the config's)")
+    parser.add_argument("--dropless_buffer_factor", type=float, default=None,
+                        help="config.mesh.dropless_buffer_factor for the padded dropless exchange (XLA:CPU cannot "
+                             "compile the ragged one); default: the config's (None: worst-case buffers)")
+    parser.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE",
+                        help="override a config field, e.g. --set model.capacity_factor=1.25 (repeatable)")
     parser.add_argument("--device_memory_gib", type=float, default=None, help="memory of one device, GiB")
     parser.add_argument("--candidates", type=int, default=3,
                         help="other meshes to try when nothing fits on --mesh (0: none)")
@@ -67,6 +73,22 @@ def load_run(args):
             if value < 1:
                 raise ValueError(f"--{flag}={value}: must be an int >= 1.")
             config["data"][field] = value
+    for item in args.set:
+        key, eq, text = item.partition("=")
+        section, _, field = key.partition(".")
+        if not eq or not field or section not in config or not isinstance(config[section], dict):
+            raise ValueError(f"--set={item}: write SECTION.FIELD=VALUE with a section of {sorted(config)}, "
+                             "e.g. --set model.capacity_factor=1.25.")
+        if field not in config[section]:
+            raise ValueError(f"--set={item}: {section}.{field} is not a field of the config; see "
+                             f"python -m experiments.train --config={args.config} --print_config.")
+        try:
+            value = ast.literal_eval(text)
+        except (ValueError, SyntaxError):
+            value = text  # a bare string such as remat=full
+        config[section][field] = value
+    if args.dropless_buffer_factor is not None:
+        config.setdefault("mesh", {})["dropless_buffer_factor"] = args.dropless_buffer_factor
     run = build_run_config(config)
     if args.scan_layers != "config":
         run = dataclasses.replace(run, model=dataclasses.replace(run.model, scan_layers=args.scan_layers == "true"))

@@ -84,6 +84,7 @@ def test_all_to_all_bytes_from_hlo():
     (["--mesh=expert=2", "--remat=some"], "--remat"),
     (["--mesh=expert=2", "--batch=0"], "--batch"),
     (["--mesh=expert=2", "--device_memory_gib=-1"], "--device_memory_gib"),
+    (["--mesh=expert=2", "--set", "model.no_such_field=1"], "--set"),
 ])
 def test_bad_flags_fail_on_one_line_naming_the_flag(argv, flag, capsys, monkeypatch):
     for name in ("XLA_FLAGS", "JAX_PLATFORMS"):  # main() sets them for its own process; restore them after

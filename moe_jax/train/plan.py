@@ -279,10 +279,12 @@ class Plan:
     @property
     def how(self) -> str:
         d = [m.layers for m in self.measured]
-        if self.check_layers is None:
+        if d == [self.layers]:
             return f"compiled at full depth ({self.layers} layers)"
-        return (f"linear in depth from {d[0]} and {d[1]} layers to {self.layers}; checked at {self.check_layers} "
-                f"layers: peak off by {100 * self.check_error:.1f}%")
+        how = f"linear in depth from {d[0]} and {d[1]} compiled layers to {self.layers}"
+        if self.check_layers is None:
+            return how + "; not checked at a third depth"
+        return how + f"; checked at {self.check_layers} layers: peak off by {100 * self.check_error:.1f}%"
 
 
 def depths(cfg) -> tuple[int, int, int]:
@@ -370,6 +372,8 @@ def format_plan(plan: Plan, budget_bytes: Optional[float] = None) -> str:
              f"  {'activations + gradients + scratch (temp)':<42}{'':>9}  {g(p.temp)}",
              f"  {'outputs not aliasing the donated state':<42}{'':>9}  {g(p.outputs - p.aliased)}",
              f"  {'peak (arguments + outputs + temp)':<42}{'':>9}  {g(p.peak)}"]
+    if len(plan.measured) > 1:
+        lines.append("  compiled peaks: " + ", ".join(f"{m.layers} layers {m.peak / GIB:.3f}" for m in plan.measured))
     if p.all_to_all:
         top = ", ".join(f"{b / 2**20:.2f}" for b in p.all_to_all[:3])
         lines.append(f"  largest all-to-all buffers (MiB, {len(p.all_to_all)} in the step): {top}")

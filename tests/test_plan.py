@@ -69,6 +69,15 @@ def test_analytic_param_bytes_equal_the_compiled_arguments(eight_devices):
     assert analytic["params"] < one["params"] / 2  # sharded: each device holds a fraction
 
 
+def test_candidate_meshes_divide_the_model_fewest_state_bytes_first():
+    run = _run("configs/mixtral.py:tiny", batch_size=8, seq_len=64)
+    meshes = plan.candidate_meshes(run, 8, limit=10)
+    assert meshes and all(math.prod(m.values()) == 8 for m in meshes)
+    assert all(8 % m["expert"] == 0 for m in meshes)  # 8 experts split evenly
+    state = [sum(v for k, v in plan.analytic_bytes(run, m).items() if k != "batch") for m in meshes]
+    assert state == sorted(state) and state[0] < state[-1]
+
+
 def test_all_to_all_bytes_from_hlo():
     hlo = ("  %all-to-all.3 = f32[2,8,16]{2,1,0} all-to-all(%x), replica_groups={{0,1}}, dimensions={0}\n"
            "  %a2a = (bf16[4,4]{1,0}, bf16[4,4]{1,0}) all-to-all(%y, %z), replica_groups={{0,1}}\n"

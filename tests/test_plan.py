@@ -4,16 +4,13 @@ The acceptance check of issue 15: the prediction from the shallower compiles (2 
 is within 10% of the memory_analysis() of the real full-depth (4-layer) compiled train step. The analytic
 per-device parameter bytes (shapes + sharding rules, no compile) equal what XLA assigns to the parameters.
 """
-import dataclasses
 import math
 import os
 import subprocess
 import sys
 
 import jax
-import numpy as np
 import pytest
-from jax.sharding import NamedSharding
 
 from experiments import plan as plan_cli
 from moe_jax import cli
@@ -120,4 +117,24 @@ def test_mixtral_full_on_64_devices_command():
                           "--candidates=0"], capture_output=True, text=True, timeout=3600,
                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     assert out.returncode == 0, out.stderr[-2000:]
-    assert "checked at" in out.stdout and ("fits" in out.stdout)
+    assert "checked at 4 layers" in out.stdout and "fits" in out.stdout.splitlines()[-1], out.stdout
+    analytic, compiled = _arguments_line(out.stdout)
+    assert analytic == compiled
+
+
+def _arguments_line(stdout: str) -> tuple[float, float]:
+    line = next(x for x in stdout.splitlines() if "arguments (state + batch)" in x)
+    return tuple(float(v) for v in line.split()[-2:])
+
+
+def test_command_on_eight_devices(eight_devices, capsys, monkeypatch):
+    """The whole command in this process (its 8 devices are the mesh's): DeepSeek-V3 tiny (MLA, a dense prefix,
+    MTP), 4 layers, so the full depth is compiled (prefix + 3 periods >= the depth) and no extrapolation is needed."""
+    for name in ("XLA_FLAGS", "JAX_PLATFORMS"):
+        monkeypatch.setenv(name, os.environ.get(name, ""))
+    code = cli.run(lambda: plan_cli.main(["--config=configs/deepseek_v3.py:tiny", "--mesh=fsdp=2,expert=2,model=2",
+                                          "--batch=8", "--seq_len=32", "--device_memory_gib=1"]))
+    out = capsys.readouterr().out
+    assert code == 0 and "compiled at full depth (4 layers)" in out, out
+    assert out.splitlines()[-1].startswith("fits: mesh fsdp=2,expert=2,model=2 with remat=none"), out
+    assert "largest all-to-all buffers" in out

@@ -114,13 +114,12 @@ def _leaf_bytes(shape, dtype, spec, sizes: Mapping[str, int]) -> int:
 def tree_bytes(tree, sizes: Mapping[str, int]) -> int:
     """Per-device bytes of an abstract pytree placed by the rule table (moe_jax.sharding.rules)."""
     import jax
+    from jax.sharding import PartitionSpec
 
     from moe_jax.sharding import tree_specs
 
-    specs = tree_specs(tree, dict(sizes))
-    return sum(_leaf_bytes(leaf.shape, leaf.dtype, spec, sizes)
-               for leaf, spec in zip(jax.tree.leaves(tree), jax.tree.leaves(specs, is_leaf=lambda x: x is None or
-                                                                           type(x).__name__ == "PartitionSpec")))
+    specs = jax.tree.leaves(tree_specs(tree, dict(sizes)), is_leaf=lambda x: isinstance(x, PartitionSpec))
+    return sum(_leaf_bytes(leaf.shape, leaf.dtype, spec, sizes) for leaf, spec in zip(jax.tree.leaves(tree), specs))
 
 
 def analytic_bytes(run, sizes: Mapping[str, int]) -> dict[str, int]:

@@ -29,7 +29,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
-from typing import Mapping, Optional, Sequence
+from typing import Mapping, Optional
 
 from moe_jax.sharding.config import AXES
 

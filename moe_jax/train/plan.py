@@ -274,6 +274,9 @@ class Plan:
     check_layers: Optional[int]  # the depth the linear fit was checked at (None: the full depth was compiled)
     check_error: Optional[float]  # |predicted - measured| / measured peak at check_layers
     analytic: dict
+    # the full depth's peak on the line through the 2nd and 3rd depths instead (None: no third depth): the two
+    # differ when the per-layer bytes are not constant, which the peak's check_error at a shallow depth hides
+    alternative_peak: Optional[int] = None
 
     @property
     def how(self) -> str:
@@ -283,7 +286,8 @@ class Plan:
         how = f"linear in depth from {d[0]} and {d[1]} compiled layers to {self.layers}"
         if self.check_layers is None:
             return how + "; not checked at a third depth"
-        return how + f"; checked at {self.check_layers} layers: peak off by {100 * self.check_error:.1f}%"
+        how += f"; checked at {self.check_layers} layers: peak off by {100 * self.check_error:.1f}%"
+        return how + f"; from {d[1]} and {d[2]} layers instead: peak {self.alternative_peak / GIB:.3f} GiB"
 
 
 def depths(cfg) -> tuple[int, int, int]:
@@ -316,14 +320,16 @@ def extrapolated_memory(run, sizes: Mapping[str, int], *, check: bool = True, lo
         log(f"  compiling {d} of {cfg.num_layers} layers")
         measured.append(compile_memory(with_model(run, num_layers=d), sizes))
     predicted = _line(measured[0], measured[1], cfg.num_layers)
-    check_layers = error = None
+    check_layers = error = alternative = None
     if check and d3 > d2:
         log(f"  compiling {d3} layers (checks the linear fit)")
         third = compile_memory(with_model(run, num_layers=d3), sizes)
         measured.append(third)
         check_layers = d3
         error = abs(_line(measured[0], measured[1], d3).peak - third.peak) / third.peak
-    return Plan(dict(sizes), cfg.remat, cfg.num_layers, predicted, tuple(measured), check_layers, error, analytic)
+        alternative = _line(measured[1], third, cfg.num_layers).peak
+    return Plan(dict(sizes), cfg.remat, cfg.num_layers, predicted, tuple(measured), check_layers, error, analytic,
+                alternative)
 
 
 # ----------------------------------------------------------------------------------------------- meshes

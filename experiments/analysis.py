@@ -25,6 +25,7 @@ PUBLISHED = {
     "switch_table1": "capacity factor 1.0 / 1.25 / 2.0 change quality little; dropped tokens typically < 1 %",
     "switch_fig4": "loss falls steadily with the number of experts at equal compute (2 -> 256 experts)",
 }
+MIN_SEEDS = 3  # seeds a headline comparison needs before its verdict can hold
 
 
 def _ok(rows, sweep, **where):
@@ -65,7 +66,7 @@ def analyse_experts(rows, bootstrap_n: int) -> dict:
         out["spearman_E_vs_loss"] = float(stats.spearmanr(E, L)[0])
     if len(E) >= 2:
         out["loss_change_dense_to_max_E"] = float(L[-1] - L[0])
-    clark_rows = pts + [r for r in _ok(rows, "model_size")]
+    clark_rows = list({r["name"]: r for r in pts + _ok(rows, "model_size")}.values())  # a shared run once
     N = np.array([r["params_active_nonemb"] for r in clark_rows], float)
     Ex = np.array([r["experts"] for r in clark_rows], float)
     Lx = np.array([r["final_eval_ce"] for r in clark_rows], float)
@@ -151,15 +152,24 @@ def _joint(steps_rows, bootstrap_n: int) -> dict:
 
 
 def analyse_model_size(rows) -> dict:
+    """Per size: dense and MoE eval CE over the seeds (mean, sd, n) and MoE - dense paired seed by seed (a seed
+    fixes the data order and the evaluation windows are the same for every run)."""
     pts = _ok(rows, "model_size")
     out = {}
-    for r in sorted(pts, key=lambda r: r["params_active"]):
-        out.setdefault(r["size"], {})[r["variant"]] = {"final_eval_ce": r["final_eval_ce"],
-                                                       "params_total": r["params_total"],
-                                                       "params_active": r["params_active"]}
-    for size, v in out.items():
-        if "dense" in v and "moe" in v:
-            v["moe_minus_dense"] = v["moe"]["final_eval_ce"] - v["dense"]["final_eval_ce"]
+    for size in sorted({r["size"] for r in pts}, key=lambda s: min(r["params_active"] for r in pts if r["size"] == s)):
+        here = [r for r in pts if r["size"] == size]
+        v = out.setdefault(size, {})
+        for variant, g in _by(here, "variant").items():
+            r0 = next(r for r in here if r["variant"] == variant)
+            v[variant] = {"final_eval_ce": g["mean"], "std": g["std"], "n": g["n"],
+                          "params_total": r0["params_total"], "params_active": r0["params_active"]}
+        ce = {(r["variant"], r["seed"]): r["final_eval_ce"] for r in here}
+        paired = [ce[("moe", s)] - ce[("dense", s)] for s in sorted({r["seed"] for r in here})
+                  if ("moe", s) in ce and ("dense", s) in ce]
+        if paired:
+            v["moe_minus_dense"] = float(np.mean(paired))
+            v["moe_minus_dense_std"] = float(np.std(paired, ddof=1)) if len(paired) > 1 else 0.0
+            v["n_paired"] = len(paired)
     return out
 
 
@@ -212,7 +222,7 @@ def analyse_learning_rate(rows) -> dict:
 def analyse_budget(rows) -> dict:
     """The token-budget diagnosis: MoE (8 experts, top-1) minus dense eval CE at every evaluation of the runs,
     paired seed by seed at the headline size (a seed fixes the data order; eval windows are the same for all),
-    and per size from the model-size sweep (one seed)."""
+    and per size from the model-size sweep (the mean of the paired differences over its seeds)."""
     pts = _ok(rows, "num_experts")
     dense = {r["seed"]: dict(map(tuple, r["eval_curve"])) for r in pts if r["E"] == 1}
     moe = {r["seed"]: dict(map(tuple, r["eval_curve"])) for r in pts if r["E"] == 8}
@@ -226,15 +236,18 @@ def analyse_budget(rows) -> dict:
         headline[int(step)] = {"mean": float(d.mean()), "std": float(d.std(ddof=1)) if len(d) > 1 else 0.0,
                                "n": len(d), "tokens": int(step * tokens[seeds[0]]),
                                "tokens_per_active_param": step * tokens[seeds[0]] / active if active else None}
-    per_size = {}
+    per_size, per_size_seeds = {}, {}
     sized = _ok(rows, "model_size")
     for size in sorted({r["size"] for r in sized}, key=lambda s: min(r["params_active"] for r in sized
                                                                         if r["size"] == s)):
-        curves = {r["variant"]: dict(map(tuple, r["eval_curve"])) for r in sized if r["size"] == size}
-        if "dense" in curves and "moe" in curves:
-            per_size[size] = {int(step): curves["moe"][step] - curves["dense"][step]
-                              for step in sorted(set(curves["dense"]) & set(curves["moe"]))}
-    return {"headline": headline, "seeds": seeds, "per_size": per_size}
+        curves = {(r["variant"], r["seed"]): dict(map(tuple, r["eval_curve"])) for r in sized if r["size"] == size}
+        pairs = [s for s in sorted({s for _, s in curves}) if ("dense", s) in curves and ("moe", s) in curves]
+        if pairs:
+            common = set.intersection(*(set(curves["dense", s]) & set(curves["moe", s]) for s in pairs))
+            per_size[size] = {int(step): float(np.mean([curves["moe", s][step] - curves["dense", s][step]
+                                                        for s in pairs])) for step in sorted(common)}
+            per_size_seeds[size] = pairs
+    return {"headline": headline, "seeds": seeds, "per_size": per_size, "per_size_seeds": per_size_seeds}
 
 
 def analyse(rows, *, bootstrap_n: int = 100, self_test: bool = True) -> dict:
@@ -286,14 +299,14 @@ def checks(result: dict) -> list[dict]:
                                                             min(by_E["8"]["n"], by_E["1"]["n"]))
     for size, v in result["model_size"].items():
         if "moe_minus_dense" in v and size not in sizes:
-            sizes[size] = (v["moe_minus_dense"], 1)
+            sizes[size] = (v["moe_minus_dense"], v.get("n_paired", 1))
     if noise is None or not sizes:
         out.append(_check("MoE (8 experts, top-1) beats dense at each size", None, "runs missing"))
     else:
         parts = [f"{s}: {d:+.4f} (n={n})" for s, (d, n) in sizes.items()]
         out.append(_check("MoE (8 experts, top-1) beats dense at each size",
-                          all(_beyond(d, noise) for d, _ in sizes.values()),
-                          f"MoE - dense {', '.join(parts)}; threshold -2 x {noise:.4f}"))
+                          all(_beyond(d, noise) and n >= MIN_SEEDS for d, n in sizes.values()),
+                          f"MoE - dense {', '.join(parts)}; threshold -2 x {noise:.4f}, >= {MIN_SEEDS} seeds"))
 
     # 2. Loss falls with the number of experts: Spearman <= -0.8 over >= 5 counts, Clark b < 0 (interval).
     r = result["num_experts"]
@@ -321,7 +334,7 @@ def checks(result: dict) -> list[dict]:
         diff = matched[best]["mean"] - matched["1"]["mean"]
         gamma_ok = "gamma" not in fit.get("at_bound", ()) and "gamma" in fit.get("intervals", {})
         out.append(_check("finer experts (best G > 1) beat G = 1 at equal FLOPs; gamma determined",
-                          _beyond(diff, noise) and gamma_ok and min(matched[best]["n"], matched["1"]["n"]) >= 3,
+                          _beyond(diff, noise) and gamma_ok and min(matched[best]["n"], matched["1"]["n"]) >= MIN_SEEDS,
                           f"best G = {best}: {diff:+.4f} (n={matched[best]['n']}; threshold -2 x {noise:.4f}); "
                           f"gamma {fit['params']['gamma']:.3g}" + (" at its bound" if not gamma_ok else " inside its bounds")))
 

@@ -187,12 +187,19 @@ def section_model_size(result) -> list[str]:
     if not r:
         return []
     lines = ["## Model size: dense vs MoE (8 experts, top-1) per size", ""]
-    lines += _table(["size", "dense CE", "MoE CE", "MoE - dense", "dense params", "MoE total / active"],
-                    [[s, v.get("dense", {}).get("final_eval_ce"), v.get("moe", {}).get("final_eval_ce"),
-                      v.get("moe_minus_dense"), v.get("dense", {}).get("params_total"),
+    lines += _table(["size", "dense CE", "MoE CE", "MoE - dense (paired)", "seeds", "dense params",
+                     "MoE total / active"],
+                    [[s, _mean_sd(v.get("dense")), _mean_sd(v.get("moe")),
+                      f"{v['moe_minus_dense']:+.4f} +- {v['moe_minus_dense_std']:.4f}" if "moe_minus_dense" in v
+                      else "-", v.get("n_paired", 0), v.get("dense", {}).get("params_total"),
                       f"{v['moe']['params_total']} / {v['moe']['params_active']}" if "moe" in v else "-"]
                      for s, v in r.items()])
-    return lines + ["", "One seed per size; compare the differences with the noise floor above.", ""]
+    return lines + ["", "Mean +- sd over seeds; MoE - dense paired seed by seed (same data order and evaluation "
+                        "windows). Compare the differences with the noise floor above.", ""]
+
+
+def _mean_sd(v) -> str:
+    return "-" if not v else f"{v['final_eval_ce']:.4f} +- {v['std']:.4f}"
 
 
 def section_shared(result) -> list[str]:
@@ -286,7 +293,9 @@ def section_budget(result) -> list[str]:
         lines.append(f"- First evaluation where the MoE leads by more than twice the noise floor: "
                      f"{f'step {beyond[0]}' if beyond else 'none'}.")
     for size, curve in r.get("per_size", {}).items():
-        lines.append(f"- Size {size} (one seed): " + ", ".join(f"step {s} {d:+.4f}" for s, d in curve.items()) + ".")
+        seeds = r.get("per_size_seeds", {}).get(size, [])
+        lines.append(f"- Size {size} (mean over seeds {seeds}): "
+                     + ", ".join(f"step {s} {d:+.4f}" for s, d in curve.items()) + ".")
     return lines + [""]
 
 

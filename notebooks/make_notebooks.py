@@ -618,6 +618,10 @@ if gap:
     plt.title(f"seeds {result['budget']['seeds']}", fontsize=9)
 else:
     print("no paired dense / 8-expert runs in these results")
+for size, v in result["model_size"].items():  # the same gap at the end of training, per model size
+    if "moe_minus_dense" in v:
+        print(f"size {size}: MoE - dense {v['moe_minus_dense']:+.4f} +- {v['moe_minus_dense_std']:.4f} "
+              f"over {v['n_paired']} seed(s)")
 verdict = {True: "holds", False: "not met", None: "not measured here"}
 for c in result["checks"]:
     print(f"- {c['claim']}: {verdict[c['pass']]} ({c['detail']})")

@@ -1,12 +1,13 @@
 """Sweeps, runner, FLOP accounting, fits, plots and report (experiments/).
 
-The smoke protocol trains every sweep's smoke runs (14 distinct tiny runs) once, in a subprocess with
-XLA's backend optimisation off (compilation dominates runs of 8 steps); the other tests check the
+The smoke protocol trains every sweep's smoke runs (14 distinct tiny runs) once, in a subprocess with two
+workers and XLA's backend optimisation off (compilation dominates runs of 8 steps); the other tests check the
 outputs, resumption, and the pieces without training.
 """
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 
@@ -32,8 +33,8 @@ def smoke(tmp_path_factory):
     env = dict(os.environ, XLA_FLAGS="--xla_backend_optimization_level=0", JAX_PLATFORMS="cpu",
                MOE_JAX_DATA_DIR=str(out / "data"), PYTHONPATH=REPO)
     proc = subprocess.run([sys.executable, "-m", "experiments.runner", "--scale=smoke", "--sweeps=all",
-                           f"--out={out}", "--compilation_cache="], cwd=REPO, env=env, capture_output=True,
-                          text=True, timeout=900)
+                           f"--out={out}", "--compilation_cache=", "--workers=2"], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     with open(out / "results.json") as f:
         rows = json.load(f)
@@ -44,7 +45,9 @@ def test_smoke_every_run_finishes_and_learns(smoke):
     out, stdout, rows = smoke
     specs = sweeps.specs("all", scales.get("smoke"))
     n_unique = len(sweeps.unique_runs(specs))
-    assert f"{n_unique} trained, 0 already finished, 0 failed" in stdout
+    # two workers, each printing its own counts (a run the other one finished counts as already finished)
+    counts = [tuple(map(int, m)) for m in re.findall(r"(\d+) trained, \d+ already finished, (\d+) failed", stdout)]
+    assert len(counts) == 2 and [sum(c) for c in zip(*counts)] == [n_unique, 0], stdout
     assert len(rows) == len(specs) and {r["sweep"] for r in rows} == set(sweeps.SWEEPS)
     for r in rows:
         assert r["status"] == "ok", r["name"]

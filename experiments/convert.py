@@ -34,6 +34,8 @@ from absl import flags
 
 from moe_jax import cli
 
+SAVE_CONCURRENT_GB = 0.25  # orbax's bytes in flight to the disk while writing the imported weights
+
 _FROM = flags.DEFINE_string("from_hf", None, "A Hugging Face model directory to import.")
 _TO = flags.DEFINE_string("to_hf", None, "A directory to write the workdir's model to, as Hugging Face files.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "The moe_jax workdir written (--from_hf) or read (--to_hf).")
@@ -197,7 +199,8 @@ def from_hf(source: str, workdir: str, *, expert_backend: str = "ragged_dot", ma
     _, params, rest = split_model(model)
     zero = jnp.zeros((), jnp.int32)
     state = TrainState(step=zero, params=params, opt_state=None, rest=rest, skipped=zero)
-    ckpt = Checkpoints(workdir, keep=run.train.keep_checkpoints)
+    # orbax writes at most SAVE_CONCURRENT_GB at a time: by default it would buffer a copy of the weights
+    ckpt = Checkpoints(workdir, keep=run.train.keep_checkpoints, save_concurrent_gb=SAVE_CONCURRENT_GB)
     try:
         meta = {"step": 0, "model": record["model"], "window": [], "imported_from": os.path.abspath(source)}
         ckpt.save(0, state, meta, fresh_optimizer=True)

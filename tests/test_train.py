@@ -249,8 +249,9 @@ def test_deepseek_v3_tiny_trains_with_mtp_and_restores_it(tmp_path):
 
 def test_resumes_a_checkpoint_saved_without_optimizer_state(tmp_path):
     """A step-0 checkpoint written with `fresh_optimizer=True` (experiments.convert --from_hf's) holds no AdamW
-    moments; the loop resumes it with the fresh optimizer state it initialised, so a run resumed from the
-    initial parameters saved that way has the losses of a run started from scratch."""
+    moments and is written with orbax's bytes in flight bounded; the loop (orbax's default handler) resumes it
+    with the fresh optimizer state it initialised, so a run resumed from the initial parameters saved that way
+    has the losses of a run started from scratch."""
     from flax import nnx
 
     from moe_jax.train.checkpoint import Checkpoints
@@ -261,7 +262,7 @@ def test_resumes_a_checkpoint_saved_without_optimizer_state(tmp_path):
     loop_lib.train(run, str(tmp_path / "a"), log=lambda *_: None)
     _, params, rest = split_model(Transformer(run.model, rngs=nnx.Rngs(params=run.train.seed)))
     zero = jax.numpy.zeros((), jax.numpy.int32)
-    ckpt = Checkpoints(str(tmp_path / "b"), keep=3)
+    ckpt = Checkpoints(str(tmp_path / "b"), keep=3, save_concurrent_gb=0.01)  # as the import writes it
     ckpt.save(0, TrainState(step=zero, params=params, opt_state=None, rest=rest, skipped=zero),
               {"step": 0, "model": run_record(run)["model"], "window": []}, fresh_optimizer=True)
     ckpt.close()

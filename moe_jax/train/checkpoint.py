@@ -72,14 +72,22 @@ def _all_hosts(ok: bool) -> bool:
 
 
 class Checkpoints:
-    def __init__(self, workdir: str, *, keep: int, async_save: bool = False, log: Callable[[str], Any] = print):
+    def __init__(self, workdir: str, *, keep: int, async_save: bool = False, log: Callable[[str], Any] = print,
+                 save_concurrent_gb: Optional[float] = None):
+        """save_concurrent_gb: the most bytes (in GB) orbax has in flight to the disk during a save (None: orbax's
+        default of 96 GB). Orbax buffers what it writes: with the default a save of incompressible float
+        weights briefly holds another copy of them (a 1.07 GB tree: +0.91 GB peak RSS; with 0.2 GB: +0.22 GB)."""
         self.directory = os.path.join(os.path.abspath(os.path.expanduser(workdir)), "checkpoints")
         self.async_save = async_save
         self.log = log
         self._pending = None  # the step of an asynchronous save not yet known to be on disk
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, enable_async_checkpointing=async_save,
                                                cleanup_tmp_directories=True)
-        self.manager = ocp.CheckpointManager(self.directory, options=options)
+        handlers = None
+        if save_concurrent_gb is not None:
+            handlers = {"state": ocp.StandardCheckpointHandler(save_concurrent_gb=save_concurrent_gb),
+                        "meta": ocp.JsonCheckpointHandler()}
+        self.manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
 
     def latest_step(self) -> Optional[int]:
         return self.manager.latest_step()

@@ -21,6 +21,9 @@ of the base run's step count for the k = 2 MoE; every other arm gets the same us
 Each arm is evaluated `evals` times along its run (the scale's 16 fixed validation batches at cpu scale) and
 once at its start; curves are eval loss against extra FLOPs.
 
+Every seed (--seeds, default the scale's: 0, 1, 2 at cpu) has its own dense base and arms; the report gives each
+arm's final eval loss over the seeds and its difference from dense_continued paired by seed, judged against the
+CPU protocol's noise floor when its analysis.json sits beside --out (experiments/results/cpu).
 Writes to --out: runs/<name> (workdirs: config.json, metrics.jsonl, summary.json), results.json (every number,
 paths relative to --out), upcycling.png, report.md. Finished runs are skipped when the command is run again.
 """
@@ -157,53 +160,99 @@ def train_all(scale, size: str, seed: int, extra_fraction: float, out: str, arms
     return rows
 
 
-def plot(rows: dict, path: str) -> None:
+def summarise(by_seed: dict) -> dict:
+    """Per arm over the seeds: final eval CE (mean, sd, n) and its difference from dense_continued of the same
+    seed (paired: a seed fixes the base run, the data order and the initialisation)."""
+    out = {}
+    for arm in ("base",) + ARMS:
+        finals = {seed: rows[arm]["eval_curve"][-1][1] for seed, rows in by_seed.items() if arm in rows}
+        if not finals:
+            continue
+        diffs = [finals[seed] - by_seed[seed]["dense_continued"]["eval_curve"][-1][1] for seed in finals]
+        sd = lambda v: float(np.std(v, ddof=1)) if len(v) > 1 else 0.0
+        out[arm] = {"final_mean": float(np.mean(list(finals.values()))), "final_sd": sd(list(finals.values())),
+                    "n": len(finals), "minus_dense_continued_mean": float(np.mean(diffs)),
+                    "minus_dense_continued_sd": sd(diffs)}
+        starts = [rows[arm].get("start_eval_ce") for rows in by_seed.values() if arm in rows]
+        if starts and all(v is not None for v in starts):
+            out[arm]["start_mean"] = float(np.mean(starts))
+    return out
+
+
+def plot(by_seed: dict, path: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
-    base_ce = rows["base"]["eval_curve"][-1][1]
-    ax.axhline(base_ce, color="gray", ls=":", label=f"dense base ({base_ce:.3f})")
-    for arm in [a for a in ARMS if a in rows]:
-        r = rows[arm]
-        xs = [x for x, _ in r["extra_flops_curve"]]
-        ys = [y for _, y in r["extra_flops_curve"]]
-        if r["start_eval_ce"] is not None:
-            xs, ys = [0.0] + xs, [r["start_eval_ce"]] + ys
-        ax.plot(np.asarray(xs) / 1e12, ys, marker="o", ms=3, label=arm)
+    base_ce = float(np.mean([rows["base"]["eval_curve"][-1][1] for rows in by_seed.values()]))
+    ax.axhline(base_ce, color="gray", ls=":", label=f"dense base ({base_ce:.3f}, mean over seeds)")
+    lo = base_ce
+    for i, arm in enumerate(ARMS):
+        for j, rows in enumerate(by_seed.values()):  # one line per seed, one colour per arm
+            if arm not in rows:
+                continue
+            r = rows[arm]
+            xs = [x for x, _ in r["extra_flops_curve"]]
+            ys = [y for _, y in r["extra_flops_curve"]]
+            if r["start_eval_ce"] is not None:
+                xs, ys = [0.0] + xs, [r["start_eval_ce"]] + ys
+            ax.plot(np.asarray(xs) / 1e12, ys, marker="o", ms=3, lw=1, color=f"C{i}", alpha=0.8,
+                    label=arm if j == 0 else None)
+            lo = min(lo, min(ys))
     ax.set_xlabel("extra training compute (useful TFLOPs)")
     ax.set_ylabel("eval cross-entropy (nats/token)")
-    lo = min(min(y for _, y in rows[a]["eval_curve"]) for a in ARMS if a in rows)
     ax.set_ylim(lo - 0.05, base_ce + 0.3)
     ax.legend(fontsize=8)
-    ax.set_title("Sparse upcycling at equal extra compute")
+    ax.set_title(f"Sparse upcycling at equal extra compute ({len(by_seed)} seed(s))")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
-def report(rows: dict, scale_name: str, command: str) -> str:
-    base = rows["base"]
+def protocol_noise(out: str) -> float | None:
+    """The CPU protocol's noise floor (seed sd of its base configuration) from the analysis.json beside --out,
+    if the protocol's report was written there."""
+    path = os.path.join(os.path.dirname(os.path.abspath(out)), "analysis.json")
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        floor = json.load(f).get("noise_floor")
+    return floor["std"] if floor else None
+
+
+def report(by_seed: dict, summary: dict, scale_name: str, command: str, noise: float | None = None) -> str:
+    seeds = list(by_seed)
+    first = by_seed[seeds[0]]
+    base = summary["base"]
     lines = ["# Sparse upcycling at equal extra compute", "",
              f"Produced by `{command}` on {time.strftime('%Y-%m-%d')}.", "",
-             f"Dense base `{base['name']}`: {base['steps']} steps, eval ce {base['eval_curve'][-1][1]:.4f} nats/token "
-             f"(byte-level: nats/byte).", "",
-             "| arm | steps | useful FLOPs/step | extra FLOPs | eval ce at start | final eval ce | vs dense_continued |",
+             f"Dense base `{first['base']['name']}` (one per seed; seeds {', '.join(map(str, seeds))}): "
+             f"{first['base']['steps']} steps, eval ce {base['final_mean']:.4f} +- {base['final_sd']:.4f} nats/token "
+             "(byte-level: nats/byte).", "",
+             "| arm | steps | useful FLOPs/step | extra FLOPs | eval ce at start | final eval ce (mean +- sd) "
+             "| vs dense_continued (paired) |",
              "|---|---|---|---|---|---|---|"]
-    ref = rows["dense_continued"]["eval_curve"][-1][1]
-    for arm in [a for a in ARMS if a in rows]:
-        r = rows[arm]
-        final = r["eval_curve"][-1][1]
-        start = "-" if r["start_eval_ce"] is None else f"{r['start_eval_ce']:.4f}"
+    for arm in [a for a in ARMS if a in summary]:
+        r, v = first[arm], summary[arm]
+        start = f"{v['start_mean']:.4f}" if "start_mean" in v else "-"
         lines.append(f"| {arm} | {r['steps']} | {r['flops_per_step']:.3g} | {r['steps'] * r['flops_per_step']:.3g} "
-                     f"| {start} | {final:.4f} | {final - ref:+.4f} |")
+                     f"| {start} | {v['final_mean']:.4f} +- {v['final_sd']:.4f} (n={v['n']}) "
+                     f"| {v['minus_dense_continued_mean']:+.4f} +- {v['minus_dense_continued_sd']:.4f} |")
     lines += ["", "Start: the upcycled model before its first step (the dense base's function when the combine weights "
-              "sum to 1 and nothing is dropped; granular slices and noise break that).", "",
-              "![curves](upcycling.png)", "", "## Published", "", PUBLISHED, "",
-              f"One seed at scale '{scale_name}': differences below ~0.01 nats are within seed noise at this size "
-              "(experiments/results/cpu/report.md measures the seed spread)."]
+              "sum to 1 and nothing is dropped; granular slices and noise break that).", ""]
+    if noise is not None:
+        verdicts = []
+        for arm in [a for a in ARMS if a in summary and a != "dense_continued"]:
+            d = summary[arm]["minus_dense_continued_mean"]
+            word = "ahead of" if d < -2 * noise else "behind" if d > 2 * noise else "within noise of"
+            verdicts.append(f"{arm} {word} dense_continued ({d:+.4f})")
+        lines += [f"A difference counts beyond twice the CPU protocol's noise floor (seed sd {noise:.4f} of its "
+                  f"base configuration, experiments/results/cpu/report.md): " + "; ".join(verdicts) + ".", ""]
+    else:
+        lines += [f"{len(seeds)} seed(s) at scale '{scale_name}'; compare the paired differences with their sd.", ""]
+    lines += ["![curves](upcycling.png)", "", "## Published", "", PUBLISHED]
     return "\n".join(lines) + "\n"
 
 
@@ -212,7 +261,7 @@ def main(argv=None) -> int:
     p.add_argument("--scale", default="cpu", choices=("smoke", "cpu"))
     p.add_argument("--out", required=True, help="results folder (workdirs under <out>/runs)")
     p.add_argument("--size", default=None, help="model size of the scale (default: its headline size)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seeds", default=None, help="comma-separated seeds (default: the scale's, cpu 0,1,2)")
     p.add_argument("--extra_fraction", type=float, default=0.5,
                    help="extra steps of the k=2 MoE, as a fraction of the base run's steps")
     p.add_argument("--arms", default=",".join(ARMS), help=f"comma-separated among {', '.join(ARMS)}")
@@ -226,15 +275,22 @@ def main(argv=None) -> int:
         p.error(f"--size={size}: not a size of scale {args.scale} ({', '.join(scale.sizes)})")
     if not (args.extra_fraction > 0 and math.isfinite(args.extra_fraction)):
         p.error(f"--extra_fraction={args.extra_fraction}: must be > 0")
+    try:
+        seeds = [int(v) for v in args.seeds.split(",") if v.strip()] if args.seeds else list(scale.seeds)
+    except ValueError:
+        p.error(f"--seeds={args.seeds}: give comma-separated integers, e.g. --seeds=0,1,2")
+    if not seeds or len(set(seeds)) != len(seeds):
+        p.error(f"--seeds={args.seeds}: give at least one seed, each once")
     out = os.path.abspath(args.out)
     os.makedirs(out, exist_ok=True)
-    rows = train_all(scale, size, args.seed, args.extra_fraction, out, arms)
+    by_seed = {str(seed): train_all(scale, size, seed, args.extra_fraction, out, arms) for seed in seeds}
+    summary = summarise(by_seed)
     with open(os.path.join(out, "results.json"), "w") as f:
-        json.dump(rows, f, indent=2)
-    plot(rows, os.path.join(out, "upcycling.png"))
+        json.dump({"seeds": by_seed, "summary": summary}, f, indent=2)
+    plot(by_seed, os.path.join(out, "upcycling.png"))
     command = "python -m experiments.upcycling " + " ".join(sys.argv[1:] if argv is None else argv)
     with open(os.path.join(out, "report.md"), "w") as f:
-        f.write(report(rows, args.scale, command))
+        f.write(report(by_seed, summary, args.scale, command, noise=protocol_noise(out)))
     print(f"report: {os.path.join(out, 'report.md')}")
     return 0
 

@@ -27,7 +27,9 @@ def test_smoke_protocol(tmp_path, monkeypatch):
     # two arms keep it cheap; test_arms_get_equal_extra_flops checks the others' budgets
     assert upcycling.main(["--scale=smoke", f"--out={out}", "--extra_fraction=0.25",
                            "--arms=dense_continued,upcycled"]) == 0
-    rows = json.loads((out / "results.json").read_text())
+    results = json.loads((out / "results.json").read_text())
+    assert list(results["seeds"]) == ["0"]  # the smoke scale's seeds
+    rows = results["seeds"]["0"]
     base_ce = rows["base"]["eval_curve"][-1][1]
     # normalised top-2 copies, eval capacity 4.0 x S x 2 / 8 = S per expert (nothing can drop): the upcycled
     # model's eval loss before training is the dense base's
@@ -36,6 +38,29 @@ def test_smoke_protocol(tmp_path, monkeypatch):
     assert set(rows) == {"base", "dense_continued", "upcycled"}
     for arm in ("dense_continued", "upcycled"):
         assert rows[arm]["workdir"] == f"runs/{rows[arm]['name']}" and rows[arm]["eval_curve"], arm
+    summary = results["summary"]
+    assert summary["upcycled"]["n"] == 1 and summary["dense_continued"]["minus_dense_continued_mean"] == 0.0
+    assert summary["upcycled"]["minus_dense_continued_mean"] == pytest.approx(
+        rows["upcycled"]["eval_curve"][-1][1] - rows["dense_continued"]["eval_curve"][-1][1])
     report = (out / "report.md").read_text()
     assert "Komatsuzaki" in report and "| upcycled |" in report
     assert (out / "upcycling.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_summary_pairs_arms_with_dense_continued_seed_by_seed():
+    def rows(base, dense, upcycled):
+        def arm(name, ce):
+            return {"name": name, "steps": 2, "flops_per_step": 1.0, "start_eval_ce": None,
+                    "eval_curve": [[1, ce + 1.0], [2, ce]], "extra_flops_curve": [[1.0, ce + 1.0], [2.0, ce]]}
+
+        return {"base": arm("b", base), "dense_continued": arm("d", dense), "upcycled": arm("u", upcycled)}
+
+    by_seed = {"0": rows(2.0, 1.9, 1.8), "1": rows(2.1, 2.0, 1.95), "2": rows(2.0, 1.95, 1.8)}
+    summary = upcycling.summarise(by_seed)
+    up = summary["upcycled"]
+    assert up["n"] == 3 and up["final_mean"] == pytest.approx((1.8 + 1.95 + 1.8) / 3)
+    # paired differences -0.1, -0.05, -0.15: mean -0.1, sd 0.05
+    assert up["minus_dense_continued_mean"] == pytest.approx(-0.1)
+    assert up["minus_dense_continued_sd"] == pytest.approx(0.05)
+    assert "upcycled ahead of dense_continued (-0.1000)" in upcycling.report(by_seed, summary, "cpu", "x", noise=0.02)
+    assert "upcycled within noise of dense_continued" in upcycling.report(by_seed, summary, "cpu", "x", noise=0.06)

@@ -143,24 +143,31 @@ def test_bad_ledgers_fail_naming_the_field(recorded, tmp_path):
         build(train=dict(replay_ledger=""))
 
 
-def test_replayed_step_lowers_on_an_expert_parallel_mesh(recorded, eight_devices):
+def test_replayed_step_on_an_expert_parallel_mesh_equals_the_normal_step(recorded, normal_step, eight_devices):
     """The replayed step on 8 devices (expert 4 x model 2): the recorded experts go in sharded like the batch and
-    through the expert-parallel layers. Lowered from shapes only (the layers' replay on a mesh is checked
-    numerically in tests/test_ledger.py)."""
+    through the expert-parallel layers (all-to-all), and with the model's own ledger the step gives the
+    single-device normal step's losses, metrics and updated parameters."""
     from jax.sharding import NamedSharding
 
     from moe_jax import sharding as sh
     from moe_jax.sharding.placement import Placement
 
-    run = recorded["run"]
-    tx, schedule = make_optimizer(run.train), learning_rate_schedule(run.train)
+    graphdef, tx, schedule, state, normal_state, normal = normal_step
     mesh = sh.make_mesh(sh.ShardingConfig(expert=4, model=2))
-    make = lambda: Transformer(run.model, rngs=nnx.Rngs(params=0))
-    graphdef = init_state(nnx.eval_shape(make), tx)[0]
-    state = jax.eval_shape(lambda: init_state(make(), tx)[1])
-    placement = Placement(mesh=mesh, state=sh.tree_shardings(state, mesh), batch=NamedSharding(mesh, sh.batch_spec(2)),
-                          plan=sh.ExpertParallel(mesh))
+    shardings = sh.tree_shardings(state, mesh)
+    batch_sharding = NamedSharding(mesh, sh.batch_spec(2))
+    placement = Placement(mesh=mesh, state=shardings, batch=batch_sharding, plan=sh.ExpertParallel(mesh))
     step = make_train_step(graphdef, tx, schedule, placement=placement, replay=True)
-    experts = tuple(jax.ShapeDtypeStruct((B, L, 2), jnp.int32) for _ in range(2))
-    text = step.lower(state, jax.ShapeDtypeStruct((B, L + 1), jnp.int32), jax.random.PRNGKey(0), experts).as_text()
-    assert "all_to_all" in text or "all-to-all" in text
+    batch, experts = replay_batch(recorded["ledger"], 0, B)
+    batch = jax.device_put(jnp.asarray(batch), batch_sharding)
+    experts = tuple(jax.device_put(jnp.asarray(e), NamedSharding(mesh, sh.batch_spec(3))) for e in experts)
+    key = jax.random.PRNGKey(0)
+    sharded = jax.device_put(jax.tree.map(jnp.copy, state), shardings)  # the step donates its state
+    assert "all-to-all" in step.lower(sharded, batch, key, experts).as_text().replace("_", "-")
+    got_state, got = step(sharded, batch, key, experts)
+    got = jax.device_get(got)
+    for name in ("loss", "ce", "moe/0/dropped_fraction", "moe/1/tokens_per_expert"):
+        np.testing.assert_allclose(np.asarray(got[name]), np.asarray(normal[name]), rtol=1e-5, atol=1e-6,
+                                   err_msg=name)
+    for a, b in zip(jax.tree.leaves(got_state.params), jax.tree.leaves(normal_state.params)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5)

@@ -77,3 +77,19 @@ def test_train_step_accumulation_benchmark_quick(tmp_path):
         assert _positive_finite(out[key]), (key, out[key])
     assert out["load_pass_overhead"] == pytest.approx(
         out["microbatches_step_s"] / out["microbatches_without_load_pass_step_s"])
+
+
+def test_health_cost_benchmark_quick(tmp_path):
+    from benchmarks import health_cost
+
+    path = tmp_path / "health_cost.json"
+    out = health_cost.main(["--quick", "--rounds", "1", "--json", str(path)])
+    assert json.loads(path.read_text()) == out
+    for key in ("step", "at_train", "at_eval", "picture"):
+        assert _positive_finite(out["seconds"][key]), key
+    assert out["overhead_total_fraction"] == pytest.approx(sum(out["overhead_fraction"].values()))
+    # 300 steps, a log step every 10 and an evaluation every 100: 30 training-window checks, 3 ledgers and pictures
+    run_s = 300 * out["seconds"]["step"]
+    assert out["overhead_fraction"]["at_train"] == pytest.approx(30 * out["seconds"]["at_train"] / run_s)
+    assert out["overhead_fraction"]["picture"] == pytest.approx(3 * out["seconds"]["picture"] / run_s)
+    assert out["ledger_bytes_per_eval"] > 0 and out["config"] == "configs/default.py"

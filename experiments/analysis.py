@@ -75,6 +75,13 @@ def analyse_experts(rows, bootstrap_n: int) -> dict:
         f = fit_lib.fit_clark(N, Ex, Lx)
         fit_lib.bootstrap(fit_lib.fit_clark, dict(N=N, E=Ex, L=Lx), f, n=bootstrap_n)
         out["clark_fit"] = _fit_record(f)
+        # b is the slope in log10 E at N = 1 parameter, far outside the data: with E varied at one size it trades
+        # off against c. The slope at the headline size (b + c log10 N_s) is what the runs determine: the same fit
+        # with N in units of N_s gives it as its b, with its own bootstrap interval.
+        N_s = float(np.median([r["params_active_nonemb"] for r in pts])) if pts else float(np.median(N))
+        g = fit_lib.fit_clark(N / N_s, Ex, Lx)
+        fit_lib.bootstrap(fit_lib.fit_clark, dict(N=N / N_s, E=Ex, L=Lx), g, n=bootstrap_n)
+        out["clark_slope_at_headline"] = {"N": N_s, "slope": g.params["b"], "interval": g.intervals.get("b")}
         out["clark_points"] = [{"N": float(a), "E": float(b), "L": float(c), "size": r["size"]}
                                for a, b, c, r in zip(N, Ex, Lx, clark_rows)]
     else:
@@ -317,10 +324,14 @@ def checks(result: dict) -> list[dict]:
     else:
         b_hi = (clark.get("intervals", {}).get("b") or [None, None])[1]
         ok = rho <= -0.8 and b_hi is not None and b_hi < 0
+        slope = r.get("clark_slope_at_headline")
+        at_s = "" if not slope or not slope.get("interval") else (
+            f"; slope in log10 E at the headline size (b + c log10 N) {slope['slope']:+.4f} "
+            f"[{slope['interval'][0]:+.4f}, {slope['interval'][1]:+.4f}]")
         out.append(_check("loss falls with the number of experts", ok,
                           f"Spearman {rho:+.2f} over {len(by_E)} counts (<= -0.8 wanted); Clark b "
                           f"{clark['params']['b']:+.4f}, 90 % interval upper end {b_hi if b_hi is None else f'{b_hi:+.4f}'}"
-                          " (< 0 wanted)"))
+                          f" (< 0 wanted){at_s}"))
 
     # 3. Granularity at equal FLOPs: the best G > 1 beats G = 1; gamma of the headline L(G) fit determined.
     g = result["granularity"]
@@ -332,11 +343,14 @@ def checks(result: dict) -> list[dict]:
     else:
         best = min((G for G in matched if G != "1"), key=lambda G: matched[G]["mean"])
         diff = matched[best]["mean"] - matched["1"]["mean"]
-        gamma_ok = "gamma" not in fit.get("at_bound", ()) and "gamma" in fit.get("intervals", {})
+        # determined: no coefficient of the L(G) fit on a bound (h at its bound makes gamma a limit, not an exponent)
+        bound = list(fit.get("at_bound", ()))
+        gamma_ok = not bound and "gamma" in fit.get("intervals", {})
         out.append(_check("finer experts (best G > 1) beat G = 1 at equal FLOPs; gamma determined",
                           _beyond(diff, noise) and gamma_ok and min(matched[best]["n"], matched["1"]["n"]) >= MIN_SEEDS,
                           f"best G = {best}: {diff:+.4f} (n={matched[best]['n']}; threshold -2 x {noise:.4f}); "
-                          f"gamma {fit['params']['gamma']:.3g}" + (" at its bound" if not gamma_ok else " inside its bounds")))
+                          f"gamma {fit['params']['gamma']:.3g}" + (f"; at a bound: {', '.join(bound)}" if bound
+                                                                     else " with every coefficient inside its bounds")))
 
     # 4. DeepSeekMoE's ordering (Kendall tau >= 0.6) and fine-grained + shared beats GShard.
     sh = result["shared_experts"]["by_variant"]

@@ -14,6 +14,7 @@ bootstrap 90 % interval excludes zero.
 from __future__ import annotations
 
 import json
+import math
 import os
 import platform
 import time
@@ -111,6 +112,14 @@ def section_experts(result, rows) -> list[str]:
         lines.append("")
         lines.append("Clark's b, c come from log10 L with L in their units; only the signs (b < 0: experts help; "
                      "c > 0: less so as N grows) and orders of magnitude are comparable.")
+        slope = r.get("clark_slope_at_headline")
+        if slope and slope.get("interval"):
+            pub_slope = pub["b"] + pub["c"] * math.log10(slope["N"])
+            lines.append(f"b is the slope in log10 E extrapolated to N = 1 parameter; with E varied at one size it "
+                         f"trades off against c. The slope the runs determine, at the headline size (N = "
+                         f"{slope['N']:.3g}): b + c log10 N = {slope['slope']:+.4f} (90 % interval "
+                         f"[{slope['interval'][0]:+.4f}, {slope['interval'][1]:+.4f}]); Clark's S-BASE "
+                         f"coefficients give {pub_slope:+.4f} there.")
     elif "skipped" in r:
         lines.append(f"- Clark fit skipped: {r['skipped']}.")
     return lines + [""]

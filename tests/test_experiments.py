@@ -260,6 +260,11 @@ def test_fits_recover_known_coefficients():
         lo, hi = fc.intervals[k]
         assert lo <= fc.params[k] <= hi and hi > lo, k
         assert fc.params[k] == pytest.approx(true[k], abs=0.02), k
+    # N in units of N_s: the fit's b is the raw fit's slope in log10 E at N_s, b + c log10 N_s (the
+    # report's identifiable slope at the headline size); a and c are unchanged
+    fs = fit.fit_clark(Nc / 1e6, Ec, Lc)
+    assert fs.params["b"] == pytest.approx(fc.params["b"] + 6 * fc.params["c"], abs=1e-9)
+    assert fs.params["c"] == pytest.approx(fc.params["c"], abs=1e-9) and fs.params["a"] == pytest.approx(fc.params["a"])
 
 
 def test_commands_for_a_pod_resolve_to_the_sweep_configs(tmp_path, capsys):

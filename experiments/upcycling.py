@@ -1,6 +1,6 @@
 r"""Sparse upcycling vs. from-scratch MoE vs. continued dense training at equal extra compute.
 
-    python -m experiments.upcycling --scale=cpu --out=experiments/results/cpu/upcycling          # ~1 h, 2 cores
+    python -m experiments.upcycling --scale=cpu --out=experiments/results/cpu/upcycling    # 3 seeds, ~20 min each, 2 cores
     python -m experiments.upcycling --scale=smoke --out=/tmp/upcycling                            # seconds
 
 Protocol (Komatsuzaki et al. 2022, Figure 1's comparison, at this repository's scales):

@@ -20,6 +20,7 @@ import dataclasses
 import json
 import math
 import os
+import sys
 import tempfile
 import time
 
@@ -133,4 +134,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(cli.run(lambda: main() and 0))

@@ -32,7 +32,7 @@ from benchmarks.timing import time_interleaved
 from moe_jax import cli
 from moe_jax.data import make_lm_data
 from moe_jax.train.health import RoutingWatch
-from moe_jax.train.loop import evaluate
+from moe_jax.train.loop import _mean_metrics, evaluate
 from moe_jax.train.metrics import MetricWriter
 from moe_jax.train.run_config import build_run_config, load_config_file
 from moe_jax.train.state import init_state, learning_rate_schedule, make_optimizer
@@ -79,8 +79,7 @@ def main(argv=None):
         for _ in range(tcfg.log_every):
             one_step()
         eval_metrics = evaluate(eval_step, holder["state"], data, tcfg.eval_batches)
-        writer.write(holder["step"], "train", {k: np.mean([np.asarray(r[k]) for r in holder["rows"]], axis=0)
-                                               for k in holder["rows"][0]})
+        writer.write(holder["step"], "train", _mean_metrics(holder["rows"]))  # the loop's log-step row
         writer.write(holder["step"], "eval", eval_metrics)
 
         t0 = time.perf_counter()

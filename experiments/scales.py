@@ -53,6 +53,7 @@ class Scale:
     mesh: dict = dataclasses.field(default_factory=dict)  # the run config's mesh section (moe_jax.sharding)
     group_size: Optional[int] = None  # tokens per routing group of token-choice MoEs (None: one sequence)
     health: dict = dataclasses.field(default_factory=dict)  # the run config's health section (ledger, pictures)
+    long_sizes: tuple = ()  # sizes the train_length sweep trains for LONG_FACTOR x their steps (dense and MoE)
 
     def axis(self, values, smoke=None) -> list:
         """A sweep axis at this scale: all values, or (smoke) `smoke` if given, else the first and the last."""
@@ -132,6 +133,7 @@ SMOKE = Scale(
     seeds=(0,),
     granularity_sizes=("xs", "s"),
     flops_matched_seeds=(0,),
+    long_sizes=("s",),
     reduced=True,
     # runs of 8 steps: no routing ledger or routing picture at their evaluations (tests/test_ledger.py and
     # tests/test_health.py cover those); their compile and drawing would cost more than the training
@@ -162,6 +164,7 @@ CPU = Scale(
     granularity_sizes=("s", "m"),  # l: dense and G = 1 only (model_size)
     flops_matched_seeds=(0, 1, 2),  # the headline granularity comparison (equal FLOPs): 3 seeds
     group_size=2048,
+    long_sizes=("m",),  # claim 1's middle size at 2 x 1,200 steps: 15 tokens per active parameter, 0.98 epochs
 )
 
 # Pod: 256 x 1024 tokens per step (262,144); steps ~ 20 tokens per dense-equivalent parameter (Hoffmann

@@ -223,7 +223,13 @@ def analyse_learning_rate(rows) -> dict:
     for r in sorted(_ok(rows, "learning_rate"), key=lambda r: (r["variant"], r["learning_rate"], r["warmup_steps"])):
         runs.setdefault(r["variant"], []).append(
             {k: r.get(k) for k in ("learning_rate", "warmup_steps", "final_eval_ce", "name")})
-    return {"runs": runs, "best": {v: min(pts, key=lambda p: p["final_eval_ce"]) for v, pts in runs.items()}}
+    scale_point = {}
+    for v, pts in runs.items():  # the scale's own rate and warm-up: the one point of each kind not named lr / warmup
+        own = [p for p in pts if "_lr" not in p["name"] and "_warmup" not in p["name"]]
+        if own:
+            scale_point[v] = own[0]
+    return {"runs": runs, "best": {v: min(pts, key=lambda p: p["final_eval_ce"]) for v, pts in runs.items()},
+            "protocol": scale_point}
 
 
 def analyse_budget(rows) -> dict:
@@ -257,6 +263,65 @@ def analyse_budget(rows) -> dict:
     return {"headline": headline, "seeds": seeds, "per_size": per_size, "per_size_seeds": per_size_seeds}
 
 
+def _layer_means(runs) -> list[float] | None:
+    """Per MoE layer, the mean over `runs` of their second-half drop rates (None when a run lacks them)."""
+    per = [r.get("dropped_by_layer") for r in runs]
+    if not per or any(p is None for p in per) or len({len(p) for p in per}) != 1:
+        return None
+    return [float(v) for v in np.mean(per, axis=0)]
+
+
+def analyse_drops(rows) -> dict:
+    """Where the second-half drops happen: per MoE layer for every expert count of the expert sweep and every
+    size of the model-size sweep (means over seeds), and the hash-routed runs' measured rate per expert count."""
+    out = {"by_experts": {}, "by_size": {}, "hash": {}}
+    moe = [r for r in _ok(rows, "num_experts") if r["E"] > 1]
+    for E in sorted({r["E"] for r in moe}):
+        here = [r for r in moe if r["E"] == E]
+        out["by_experts"][str(E)] = {"by_layer": _layer_means(here), "mean": float(np.mean(
+            [r["dropped_fraction"] for r in here])), "n": len(here)}
+    sized = [r for r in _ok(rows, "model_size") if r["variant"] == "moe"]
+    for size in sorted({r["size"] for r in sized}, key=lambda s: min(r["params_active"] for r in sized
+                                                                      if r["size"] == s)):
+        here = [r for r in sized if r["size"] == size]
+        out["by_size"][size] = {"by_layer": _layer_means(here), "n": len(here)}
+    hashed = [r for r in _ok(rows, "routers") + _ok(rows, "shared_experts") if "_hash_" in r["name"]]
+    for E in sorted({r["experts"] for r in hashed}):
+        here = [r for r in hashed if r["experts"] == E]
+        out["hash"][str(E)] = {"dropped_fraction": float(np.mean([r["dropped_fraction"] for r in here])),
+                               "n": len({r["name"] for r in here})}
+    return out
+
+
+def analyse_train_length(rows) -> dict:
+    """Per size of the train_length sweep: MoE - dense paired seed by seed at every evaluation of the long runs,
+    beside the same pairs at the scale's steps (model-size sweep)."""
+    out = {}
+    long = _ok(rows, "train_length")
+    short = _ok(rows, "model_size")
+    for size in sorted({r["size"] for r in long}):
+        curves = {(r["variant"], r["seed"]): dict(map(tuple, r["eval_curve"])) for r in long if r["size"] == size}
+        seeds = [s for s in sorted({s for _, s in curves}) if ("dense", s) in curves and ("moe", s) in curves]
+        if not seeds:
+            continue
+        steps = sorted(set.intersection(*(set(curves["dense", s]) & set(curves["moe", s]) for s in seeds)))
+        r0 = next(r for r in long if r["size"] == size and r["variant"] == "moe")
+        curve = {}
+        for step in steps:
+            d = np.array([curves["moe", s][step] - curves["dense", s][step] for s in seeds])
+            curve[int(step)] = {"mean": float(d.mean()), "std": float(d.std(ddof=1)) if len(d) > 1 else 0.0,
+                                "n": len(d), "tokens_per_active_param": step * r0["tokens_per_step"] / r0["params_active"]}
+        ce = {(r["variant"], r["seed"]): r["final_eval_ce"] for r in short if r["size"] == size}
+        base = [ce["moe", s] - ce["dense", s] for s in seeds if ("moe", s) in ce and ("dense", s) in ce]
+        out[size] = {"steps": int(r0["steps"]), "seeds": seeds, "curve": curve,
+                     "final": curve[steps[-1]] if steps else None,
+                     "dense": float(np.mean([curves["dense", s][steps[-1]] for s in seeds])),
+                     "moe": float(np.mean([curves["moe", s][steps[-1]] for s in seeds])),
+                     "at_scale_steps": {"mean": float(np.mean(base)), "n": len(base),
+                                        "std": float(np.std(base, ddof=1)) if len(base) > 1 else 0.0} if base else None}
+    return out
+
+
 def analyse(rows, *, bootstrap_n: int = 100, self_test: bool = True) -> dict:
     rows = [dict(r, name_wo_seed=r["name"].rsplit("_seed", 1)[0]) for r in rows]
     result = {
@@ -269,6 +334,8 @@ def analyse(rows, *, bootstrap_n: int = 100, self_test: bool = True) -> dict:
         "model_size": analyse_model_size(rows),
         "shared_experts": analyse_shared(rows),
         "capacity": analyse_capacity(rows),
+        "drops": analyse_drops(rows),
+        "train_length": analyse_train_length(rows),
         "routers": analyse_table(rows, "routers", "variant"),
         "aux_losses": {f"balance {r['balance_loss_coef']:g}, z {r['z_loss_coef']:g}": {
             k: r.get(k) for k in ("final_eval_ce", "dropped_fraction", "load_cv", "name")}
@@ -377,8 +444,11 @@ def checks(result: dict) -> list[dict]:
     else:
         ok = (cap["dropped_fraction"] <= 0.02 and nobal["dropped_fraction"] > base["dropped_fraction"]
               and nobal["load_cv"] > base["load_cv"])
+        layers = (result.get("drops", {}).get("by_experts", {}).get("8") or {}).get("by_layer")
+        where = (f" (per MoE layer, first to last, over the base config's seeds: "
+                 f"{' / '.join(f'{v:.2%}' for v in layers)})" if layers else "")
         out.append(_check("drops at capacity factor 1.25 <= 2 %; no balance loss drops more", ok,
-                          f"cf 1.25: {cap['dropped_fraction']:.2%} dropped in the second half; without the balance "
+                          f"cf 1.25: {cap['dropped_fraction']:.2%} dropped in the second half{where}; without the balance "
                           f"loss {nobal['dropped_fraction']:.2%} (load CV {nobal['load_cv']:.3f}) vs "
                           f"{base['dropped_fraction']:.2%} ({base['load_cv']:.3f})"))
 

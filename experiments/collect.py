@@ -18,7 +18,8 @@ Row fields (besides the sweep's axes, `size` and `seed`):
   granularity       MoEConfig.granularity (1 for a dense model)
   capacity, effective_cf   train capacity per expert per group, and C * E / (S * k)
 JSON rows also carry `train_curve` [[step, ce], ...], `eval_curve` [[step, ce], ...], `drop_curve`
-[[step, dropped fraction (mean over MoE layers)], ...] and `expert_load` (final per-layer token shares).
+[[step, dropped fraction (mean over MoE layers)], ...], `expert_load` (final per-layer token shares), and
+`dropped_by_layer`, `load_cv_by_layer` (second-half means per MoE layer, first MoE layer first).
 """
 from __future__ import annotations
 
@@ -36,7 +37,7 @@ from moe_jax.params import count_params
 from moe_jax.train.metrics import read_jsonl
 from moe_jax.train.run_config import build_run_config
 
-CURVE_KEYS = ("train_curve", "eval_curve", "drop_curve", "expert_load")
+CURVE_KEYS = ("train_curve", "eval_curve", "drop_curve", "expert_load", "dropped_by_layer", "load_cv_by_layer")
 
 
 @functools.lru_cache(maxsize=None)
@@ -64,6 +65,14 @@ def _second_half_mean(rows: list[dict], metric: str, steps: int) -> float | None
     values = [_layer_mean(r, metric) for r in rows if r["step"] > steps / 2]
     values = [v for v in values if v is not None]
     return float(np.mean(values)) if values else None
+
+
+def _second_half_by_layer(rows: list[dict], metric: str, steps: int) -> list[float] | None:
+    """Per MoE layer (in layer order), the mean of `metric` over the logged windows of the second half."""
+    layers = sorted({int(k.split("/")[1]) for r in rows for k in r if k.startswith("moe/") and k.endswith("/" + metric)})
+    late = [r for r in rows if r["step"] > steps / 2]
+    out = [[r[f"moe/{m}/{metric}"] for r in late if f"moe/{m}/{metric}" in r] for m in layers]
+    return [float(np.mean(v)) for v in out] if layers and all(out) else None
 
 
 def run_row(spec: RunSpec, workdir: str) -> dict:
@@ -103,6 +112,8 @@ def run_row(spec: RunSpec, workdir: str) -> dict:
         train_seconds=None if step_seconds is None else spec.steps * step_seconds,
         dropped_fraction=_second_half_mean(train, "dropped_fraction", spec.steps),
         load_cv=_second_half_mean(train, "load_cv", spec.steps),
+        dropped_by_layer=_second_half_by_layer(train, "dropped_fraction", spec.steps),
+        load_cv_by_layer=_second_half_by_layer(train, "load_cv", spec.steps),
         eval_dropped_fraction=_layer_mean(evals[-1], "dropped_fraction") if evals else None,
         train_curve=[[r["step"], r["ce"]] for r in train],
         eval_curve=[[r["step"], r["ce"]] for r in evals],

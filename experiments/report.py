@@ -23,7 +23,7 @@ import numpy as np
 from scipy import stats
 
 from experiments import analysis as analysis_lib
-from experiments import plots
+from experiments import identity_routing, plots
 from experiments.collect import collect, write_table
 
 
@@ -281,6 +281,15 @@ def section_learning_rate(result) -> list[str]:
     for v, p in r["best"].items():
         lines.append(f"- Best for {v}: learning rate {p['learning_rate']:g}, {p['warmup_steps']} warm-up steps "
                      f"({p['final_eval_ce']:.4f}).")
+    best, protocol = r["best"], r.get("protocol", {})
+    if {"dense", "moe"} <= set(best) and {"dense", "moe"} <= set(protocol):
+        top = max(p["learning_rate"] for pts in r["runs"].values() for p in pts)
+        edge = [v for v in ("dense", "moe") if best[v]["learning_rate"] == top]
+        lines.append(f"- MoE - dense: {best['moe']['final_eval_ce'] - best['dense']['final_eval_ce']:+.4f} with each at "
+                     f"its best point, {protocol['moe']['final_eval_ce'] - protocol['dense']['final_eval_ce']:+.4f} at "
+                     "the protocol's rate and warm-up (one seed each)."
+                     + (f" The best rate of {' and '.join(edge)} is the largest tried: the optimum may lie higher."
+                        if edge else ""))
     return lines + [""]
 
 
@@ -305,6 +314,66 @@ def section_budget(result) -> list[str]:
         seeds = r.get("per_size_seeds", {}).get(size, [])
         lines.append(f"- Size {size} (mean over seeds {seeds}): "
                      + ", ".join(f"step {s} {d:+.4f}" for s, d in curve.items()) + ".")
+    return lines + [""]
+
+
+def section_train_length(result) -> list[str]:
+    r = result.get("train_length", {})
+    if not r:
+        return []
+    noise = _noise(result)
+    lines = ["## Training length at a larger size (train_length sweep)", "",
+             "The same dense and MoE (8 experts, top-1) models trained for more steps, cosine schedule to the longer "
+             "end; MoE - dense eval CE paired seed by seed at each evaluation (negative = the MoE is ahead).", ""]
+    for size, v in r.items():
+        lines += [f"Size {size}, {v['steps']} steps, seeds {v['seeds']}:", ""]
+        lines += _table(["step", "tokens per active parameter", "MoE - dense, mean +- sd"],
+                        [[step, c["tokens_per_active_param"], f"{c['mean']:+.4f} +- {c['std']:.4f} (n={c['n']})"]
+                         for step, c in v["curve"].items()])
+        lines.append("")
+        at = v.get("at_scale_steps")
+        final = v.get("final")
+        if final and at:
+            lines.append(f"- Size {size}: MoE - dense {final['mean']:+.4f} +- {final['std']:.4f} after {v['steps']} "
+                         f"steps (dense {v['dense']:.4f}, MoE {v['moe']:.4f}) against {at['mean']:+.4f} +- "
+                         f"{at['std']:.4f} after the protocol's steps (model-size sweep, same seeds); "
+                         + _diff_verdict(final["mean"], noise) + ".")
+    return lines + [""]
+
+
+def section_drops(result) -> list[str]:
+    r = result.get("drops", {})
+    ident = result.get("identity_routing") or {}
+    if not r.get("by_experts") and not ident:
+        return []
+    lines = ["## Where the drops happen: the first MoE layer and byte tokens", "",
+             "Dropped fraction in the second half of training at capacity factor 1.25 per MoE layer (first to last), "
+             "mean over seeds:", ""]
+    rows = [[f"E = {E}", v["n"], " / ".join(f"{d:.4f}" for d in v["by_layer"]) if v["by_layer"] else "-",
+             f"{v['mean']:.4f}"] for E, v in r.get("by_experts", {}).items()]
+    rows += [[f"size {s}, E = 8", v["n"], " / ".join(f"{d:.4f}" for d in v["by_layer"]) if v["by_layer"] else "-",
+              f"{np.mean(v['by_layer']):.4f}" if v["by_layer"] else "-"] for s, v in r.get("by_size", {}).items()]
+    lines += _table(["runs", "n", "dropped per layer", "mean over layers"], rows)
+    if ident.get("by_experts"):
+        top = ", ".join(f"{t!r} {share:.1%}" for t, share in ident["top_tokens"])
+        lines += ["", f"Routing by token identity on the protocol's own training batches ({ident['batches']} batches, "
+                      f"{ident['tokens']} tokens; experiments/identity_routing.py). Most frequent tokens: {top}.", ""]
+        lines += _table(["E", "capacity C / group S", "fewest drops of any identity router", "hash router, predicted",
+                         "hash router, measured (train, 2nd half)"],
+                        [[E, f"{v['capacity']} / {v['group']} = {v['capacity_share']:.4f}", v["lower_bound"], v["hash"],
+                          _f(r.get("hash", {}).get(E, {}).get("dropped_fraction"))]
+                         for E, v in ident["by_experts"].items()])
+        lines += ["", "- The hash router routes by the token id alone; its drop rate follows from the token frequencies "
+                      "and the capacity (predicted vs measured above). Subword vocabularies (the papers') have no token "
+                      "near 1 / E of the text; bytes do."]
+    layered = [v["by_layer"] for v in list(r.get("by_experts", {}).values()) + list(r.get("by_size", {}).values())
+               if v["by_layer"] and len(v["by_layer"]) > 1 and max(v["by_layer"]) > 0]
+    if layered:
+        first = sum(b[0] == max(b) for b in layered)
+        lines.append(f"- The first MoE layer, whose router sees the token embedding plus one attention block, drops the "
+                     f"most in {first} of the {len(layered)} rows with drops; the last layer drops "
+                     f"{np.mean([b[-1] for b in layered]):.2%} on average over those rows, the first "
+                     f"{np.mean([b[0] for b in layered]):.2%}.")
     return lines + [""]
 
 
@@ -339,8 +408,9 @@ def render(result: dict, rows: list[dict], *, scale, command: str, plot_paths: d
                   f"{nf['std']:.4f} nats (n={nf['n']}, mean {nf['mean']:.4f}). A difference counts when it exceeds "
                   "twice this; a fitted sign counts when its bootstrap 90 % interval excludes zero.", ""]
     lines += section_checks(result) + section_learning_rate(result) + section_budget(result)
+    lines += section_train_length(result)
     lines += section_experts(result, rows) + section_granularity(result) + section_model_size(result)
-    lines += section_shared(result) + section_capacity(result)
+    lines += section_shared(result) + section_capacity(result) + section_drops(result)
     lines += section_simple(result, "routers", "Router strategies",
                             "Expert choice groups the tokens at one position across the batch (causal); its "
                             "capacity per group is in the results table (capacity, effective_cf). topk_softmax is "
@@ -360,6 +430,8 @@ def write_all(specs, out: str, *, scale, command: str, bootstrap_n: int | None =
     write_table(rows, out)
     n = bootstrap_n if bootstrap_n is not None else (10 if scale.reduced else 100)
     result = analysis_lib.analyse(rows, bootstrap_n=n)
+    result["identity_routing"] = identity_routing.identity_drops(
+        [s for s in specs if s.sweep == "num_experts" and s.axes.get("seed") == scale.seeds[0]])
     with open(os.path.join(out, "analysis.json"), "w") as f:
         json.dump(result, f, indent=1)
     plot_paths = plots.plot_all(rows, result, out)

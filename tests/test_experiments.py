@@ -20,6 +20,7 @@ from experiments.flops import run_flops
 from experiments.spec import make_spec
 from experiments.sweeps import granularity, shared_experts
 from moe_jax.params import count_params
+from moe_jax.train.metrics import read_jsonl
 from moe_jax.train.run_config import build_run_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -80,7 +81,8 @@ def test_smoke_plots_report_and_fit_self_test(smoke):
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000, name
     report = (out / "report.md").read_text()
     for title in ("## Number of experts", "## Granularity", "### Joint law", "## Shared and fine-grained",
-                  "## Capacity factor", "## Router strategies", "## Auxiliary-loss", "Krajewski Table 1"):
+                  "## Capacity factor", "## Router strategies", "## Auxiliary-loss", "Krajewski Table 1",
+                  "## Where the drops happen", "## Training length at a larger size"):
         assert title in report, title
     assert "Fit self-test" in report and "PASS" in report
     result = json.loads((out / "analysis.json").read_text())
@@ -457,3 +459,44 @@ def test_report_verdicts_are_computed_from_the_table(smoke):
     assert "**not met**" in within_noise[0] and "**not met**" in within_noise[1], within_noise
     one_seed = verdicts(moe_gap=-0.05, drops=0.01, dense_seeds=1)  # a clear gap, but one paired seed per size
     assert "**not met**" in one_seed[0] and "(n=1)" in one_seed[0], one_seed
+
+
+def test_identity_routing_predicts_the_hash_runs_drops(smoke):
+    """experiments/identity_routing.py counts, from the data alone, the drops of the hash router: equal to what
+    the smoke hash run logged over all its steps (every step is logged at the smoke scale)."""
+    from experiments import identity_routing
+
+    out, _, rows = smoke
+    assert identity_routing._overflow(np.array([[5, 1, 0], [2, 2, 2]]), capacity=2, group=6) == pytest.approx(0.25)
+    scale = scales.get("smoke")
+    spec = next(s for s in sweeps.SWEEPS["shared_experts"].sweep(scale) if s.axes["variant"] == "hash")
+    got = identity_routing.identity_drops([spec], num_batches=spec.steps)
+    (E, v), = got["by_experts"].items()
+    logged = [r[k] for r in read_jsonl(str(out / "runs" / spec.name / "metrics.jsonl")) if r["split"] == "train"
+              for k in r if k.endswith("/dropped_fraction")]
+    assert len(logged) == spec.steps * len(build_run_config(spec.config).model.moe_layer_indices)
+    assert v["hash"] == pytest.approx(np.mean(logged), abs=1e-6) and v["hash"] > 0
+    assert 0 <= v["lower_bound"] <= v["hash"] and got["tokens"] == spec.steps * 4 * 32
+    shares = [share for _, share in got["top_tokens"]]
+    assert shares == sorted(shares, reverse=True) and 0 < sum(shares) <= 1
+    result = json.loads((out / "analysis.json").read_text())
+    assert set(result["identity_routing"]["by_experts"]) == {str(r["experts"]) for r in rows
+                                                             if r["sweep"] == "num_experts" and r["experts"] > 1}
+    # the per-layer drops the report tabulates are the logged second-half means, layer by layer
+    base = next(r for r in rows if r["sweep"] == "num_experts" and r["experts"] > 1)
+    spec = sweeps.unique_runs(sweeps.specs("num_experts", scale))[base["name"]]
+    assert len(base["dropped_by_layer"]) == len(build_run_config(spec.config).model.moe_layer_indices)
+    assert np.mean(base["dropped_by_layer"]) == pytest.approx(base["dropped_fraction"])
+
+
+def test_train_length_pairs_the_long_runs_by_seed(smoke):
+    out, _, rows = smoke
+    result = json.loads((out / "analysis.json").read_text())
+    long = {(r["variant"], r["seed"]): r for r in rows if r["sweep"] == "train_length"}
+    (size, v), = result["train_length"].items()
+    assert v["steps"] == 2 * scales.get("smoke").steps(size) == long["moe", 0]["steps"]
+    last = max(v["curve"], key=int)
+    want = dict(map(tuple, long["moe", 0]["eval_curve"]))[int(last)] - dict(map(tuple, long["dense", 0]["eval_curve"]))[int(last)]
+    assert v["final"]["mean"] == pytest.approx(want) and v["final"]["n"] == 1
+    short = {r["variant"]: r["final_eval_ce"] for r in rows if r["sweep"] == "model_size" and r["size"] == size}
+    assert v["at_scale_steps"]["mean"] == pytest.approx(short["moe"] - short["dense"])

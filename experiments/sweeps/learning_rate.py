@@ -2,8 +2,8 @@
 
 The protocol trains every run at the scale's learning rate and warm-up; this sweep checks that choice
 for both model kinds, so that a dense-vs-MoE gap is not an artefact of a rate that suits one of them:
-  lr      the scale's rate / 3, x 1, x 2, x 4 (cpu: 1e-3, 3e-3, 6e-3, 1.2e-2), warm-up of the scale; x 4
-          brackets the best rate when x 2 beats x 1
+  lr      the scale's rate / 3, x 1, x 2, x 4, x 8 (cpu: 1e-3, 3e-3, 6e-3, 1.2e-2, 2.4e-2), warm-up of the
+          scale; x 4 and x 8 bracket the best rate when x 2 beats x 1 (cpu: the MoE's best was x 4)
   warmup  the scale's rate with 30 % and 300 % of its warm-up steps (cpu: 30, 300)
 One seed each; the scale's own point is the expert and size sweeps' seed-0 run.
 """
@@ -13,7 +13,7 @@ from experiments.scales import Scale
 from experiments.spec import RunSpec, make_spec
 
 NAME = "learning_rate"
-LR_FACTORS = (1 / 3, 1.0, 2.0, 4.0)
+LR_FACTORS = (1 / 3, 1.0, 2.0, 4.0, 8.0)
 WARMUP_FACTORS = (0.3, 3.0)
 
 

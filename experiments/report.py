@@ -366,6 +366,18 @@ def section_drops(result) -> list[str]:
         lines += ["", "- The hash router routes by the token id alone; its drop rate follows from the token frequencies "
                       "and the capacity (predicted vs measured above). Subword vocabularies (the papers') have no token "
                       "near 1 / E of the text; bytes do."]
+    ledgers = result.get("ledgers") or {}
+    if ledgers:
+        lines += ["", "From the routing ledger of each run's last evaluation (one validation batch; experiments/"
+                      "identity_routing.py `ledger_identity`): the share of tokens sent to their token id's most chosen "
+                      "expert (1 = routing by identity), the share of the most frequent token sent to one expert, the "
+                      "busiest expert's share of the tokens (capacity allows C / S), and the drops these choices make "
+                      "at the training capacity:", ""]
+        lines += _table(["run", "MoE layer", "majority", "top token to one expert", "largest load", "dropped at C"],
+                        [[name, l["layer"], l["majority"], l["top_token_to_one_expert"],
+                          f"{l['largest_load']:.4f} (C / S {v['capacity'] / v['group']:.4f})", l["dropped_at_capacity"]]
+                         for name, v in ledgers.items() for l in v["layers"]])
+        lines.append("")
     layered = [v["by_layer"] for v in list(r.get("by_experts", {}).values()) + list(r.get("by_size", {}).values())
                if v["by_layer"] and len(v["by_layer"]) > 1 and max(v["by_layer"]) > 0]
     if layered:
@@ -432,6 +444,7 @@ def write_all(specs, out: str, *, scale, command: str, bootstrap_n: int | None =
     result = analysis_lib.analyse(rows, bootstrap_n=n)
     result["identity_routing"] = identity_routing.identity_drops(
         [s for s in specs if s.sweep == "num_experts" and s.axes.get("seed") == scale.seeds[0]])
+    result["ledgers"] = identity_routing.final_ledgers(specs, out)
     with open(os.path.join(out, "analysis.json"), "w") as f:
         json.dump(result, f, indent=1)
     plot_paths = plots.plot_all(rows, result, out)

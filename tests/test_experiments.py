@@ -500,3 +500,49 @@ def test_train_length_pairs_the_long_runs_by_seed(smoke):
     assert v["final"]["mean"] == pytest.approx(want) and v["final"]["n"] == 1
     short = {r["variant"]: r["final_eval_ce"] for r in rows if r["sweep"] == "model_size" and r["size"] == size}
     assert v["at_scale_steps"]["mean"] == pytest.approx(short["moe"] - short["dense"])
+
+
+def test_ledger_identity_by_hand():
+    """Eight tokens (ids 3 3 3 7 7 9 3 7), one top-1 layer over 3 experts, groups of 4, capacity 1."""
+    from experiments.identity_routing import ledger_identity
+    from moe_jax.ledger import Ledger
+
+    expert = np.asarray([0, 0, 1, 2, 2, 2, 0, 1], np.int32)[None, :, None]
+    ones = np.ones(expert.shape, np.float32)
+    ledger = Ledger(tokens=np.asarray([[3, 3, 3, 7, 7, 9, 3, 7]], np.int32), layers=np.asarray([2], np.int32),
+                    expert=expert, weight=ones, dropped=np.zeros(expert.shape, bool), score=ones,
+                    correction_bias=np.zeros((1, 3), np.float32), num_experts=3, batch_size=1)
+    (layer,) = ledger_identity(ledger, capacity=1, group=4)
+    # id 3 -> expert 0 three times of four, id 7 -> expert 2 twice of three, id 9 -> expert 2: (3 + 2 + 1) / 8
+    assert layer["layer"] == 2 and layer["majority"] == pytest.approx(0.75)
+    assert layer["top_token_to_one_expert"] == pytest.approx(0.75)  # the most frequent id, 3
+    assert layer["largest_load"] == pytest.approx(3 / 8)  # experts 0 and 2 take 3 tokens each
+    # groups [0 0 1 2] and [2 2 0 1]: loads (2, 1, 1) and (1, 1, 2), one token over capacity 1 in each
+    assert layer["dropped_at_capacity"] == pytest.approx(0.25)
+    with pytest.raises(ValueError, match="groups of 3"):
+        ledger_identity(ledger, capacity=1, group=3)
+
+
+def test_final_ledgers_reads_the_last_steps_ledger_of_top1_runs(tmp_path):
+    from experiments.identity_routing import final_ledgers, ledger_identity
+    from experiments.spec import workdir_of
+    from moe_jax.ledger import Ledger, ledger_path
+
+    scale = scales.get("smoke")
+    specs = sweeps.specs("num_experts", scale)
+    moe = next(s for s in specs if s.axes["E"] > 1)
+    run = build_run_config(moe.config)
+    S, C = run.model.moe.tokens_per_group(4, 32), run.model.moe.capacity(32, True)
+    rng = np.random.default_rng(0)
+    expert = rng.integers(0, run.model.moe.num_routed_experts, (1, 2 * S, 1)).astype(np.int32)
+    ones = np.ones(expert.shape, np.float32)
+    ledger = Ledger(tokens=rng.integers(0, 256, (2, S)).astype(np.int32), layers=np.asarray([0], np.int32),
+                    expert=expert, weight=ones, dropped=np.zeros(expert.shape, bool), score=ones,
+                    correction_bias=np.zeros((1, run.model.moe.num_routed_experts), np.float32),
+                    num_experts=run.model.moe.num_routed_experts, batch_size=2)
+    ledger.save(ledger_path(workdir_of(str(tmp_path), moe.name), moe.steps - 1))  # not the last step: ignored
+    assert final_ledgers(specs, str(tmp_path)) == {}
+    ledger.save(ledger_path(workdir_of(str(tmp_path), moe.name), moe.steps))
+    got = final_ledgers(specs, str(tmp_path))
+    assert list(got) == [moe.name] and got[moe.name]["capacity"] == C
+    assert got[moe.name]["layers"] == ledger_identity(ledger, capacity=C, group=S)

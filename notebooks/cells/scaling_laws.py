@@ -141,8 +141,9 @@ else:
 
 The gap between the 8-expert MoE and the dense model of equal active parameters, at every evaluation of
 the same runs: early in training (a few tokens per parameter) the MoE is not ahead; the CPU protocol
-trains 21 tokens per active parameter. Then the protocol's claims, each judged from the table by
-`experiments/analysis.py` (a difference counts beyond twice the seed standard deviation).
+trains 21 tokens per active parameter. Then the gap per model size, the same at twice the steps (the
+train_length sweep), where the drops happen (per MoE layer), and the protocol's claims, each judged from
+the table by `experiments/analysis.py` (a difference counts beyond twice the seed standard deviation).
 """),
     code("""
 from experiments import analysis
@@ -164,6 +165,13 @@ for size, v in result["model_size"].items():  # the same gap at the end of train
     if "moe_minus_dense" in v:
         print(f"size {size}: MoE - dense {v['moe_minus_dense']:+.4f} +- {v['moe_minus_dense_std']:.4f} "
               f"over {v['n_paired']} seed(s)")
+for size, v in result["train_length"].items():  # the same models trained longer (train_length sweep)
+    if v["final"] and v["at_scale_steps"]:
+        print(f"size {size}, {v['steps']} steps: MoE - dense {v['final']['mean']:+.4f} +- {v['final']['std']:.4f} "
+              f"(after the protocol's steps: {v['at_scale_steps']['mean']:+.4f})")
+for E, v in result["drops"]["by_experts"].items():  # dropped in the second half, per MoE layer
+    if v["by_layer"] and v["mean"] > 0:
+        print(f"E = {E}: dropped per layer " + " / ".join(f"{d:.2%}" for d in v["by_layer"]))
 verdict = {True: "holds", False: "not met", None: "not measured here"}
 for c in result["checks"]:
     print(f"- {c['claim']}: {verdict[c['pass']]} ({c['detail']})")

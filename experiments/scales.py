@@ -133,7 +133,7 @@ SMOKE = Scale(
     seeds=(0,),
     granularity_sizes=("xs", "s"),
     flops_matched_seeds=(0,),
-    long_sizes=("s",),
+    long_sizes=("xs",),
     reduced=True,
     # runs of 8 steps: no routing ledger or routing picture at their evaluations (tests/test_ledger.py and
     # tests/test_health.py cover those); their compile and drawing would cost more than the training

@@ -25,6 +25,7 @@ evaluation; top-1 routers):
                             an identity router)
   top_token_to_one_expert   share of the most frequent token's occurrences that go to its most chosen expert
   largest_load              the busiest expert's share of the tokens (capacity allows C / S)
+  busiest_top_tokens        [[token id, share of the busiest expert's tokens], ...], its 3 most frequent ids
   dropped_at_capacity       the drops these choices make at capacity C per group of S tokens
 """
 from __future__ import annotations
@@ -91,7 +92,11 @@ def ledger_identity(ledger: Ledger, *, capacity: int, group: int) -> list[dict]:
         counts = np.zeros((ledger.num_experts, int(tokens.max()) + 1), np.int64)
         np.add.at(counts, (expert, tokens), 1)
         per_group = np.stack([np.bincount(g, minlength=ledger.num_experts) for g in expert.reshape(-1, group)])
+        busiest = counts.sum(axis=1).argmax()
+        top_ids = np.argsort(-counts[busiest], kind="stable")[:3]
         out.append({"layer": int(ledger.layers[m]),
+                    "busiest_top_tokens": [[int(t), float(counts[busiest, t] / counts[busiest].sum())]
+                                           for t in top_ids if counts[busiest, t]],
                     "majority": float(counts.max(axis=0).sum() / tokens.size),
                     "top_token_to_one_expert": float(counts[:, top].max() / counts[:, top].sum()),
                     "largest_load": float(counts.sum(axis=1).max() / tokens.size),

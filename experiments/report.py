@@ -373,9 +373,12 @@ def section_drops(result) -> list[str]:
                       "expert (1 = routing by identity), the share of the most frequent token sent to one expert, the "
                       "busiest expert's share of the tokens (capacity allows C / S), and the drops these choices make "
                       "at the training capacity:", ""]
-        lines += _table(["run", "MoE layer", "majority", "top token to one expert", "largest load", "dropped at C"],
+        lines += _table(["run", "MoE layer", "majority", "top token to one expert", "largest load",
+                         "its tokens", "dropped at C"],
                         [[name, l["layer"], l["majority"], l["top_token_to_one_expert"],
-                          f"{l['largest_load']:.4f} (C / S {v['capacity'] / v['group']:.4f})", l["dropped_at_capacity"]]
+                          f"{l['largest_load']:.4f} (C / S {v['capacity'] / v['group']:.4f})",
+                          ", ".join((repr(chr(t)) if t < 256 else str(t)).replace("|", "\\|") + f" {p:.0%}"
+                                    for t, p in l["busiest_top_tokens"]), l["dropped_at_capacity"]]
                          for name, v in ledgers.items() for l in v["layers"]])
         lines.append("")
     layered = [v["by_layer"] for v in list(r.get("by_experts", {}).values()) + list(r.get("by_size", {}).values())

@@ -517,6 +517,7 @@ def test_ledger_identity_by_hand():
     assert layer["layer"] == 2 and layer["majority"] == pytest.approx(0.75)
     assert layer["top_token_to_one_expert"] == pytest.approx(0.75)  # the most frequent id, 3
     assert layer["largest_load"] == pytest.approx(3 / 8)  # experts 0 and 2 take 3 tokens each
+    assert layer["busiest_top_tokens"] == [[3, 1.0]]  # expert 0 (the first of the two): id 3 only
     # groups [0 0 1 2] and [2 2 0 1]: loads (2, 1, 1) and (1, 1, 2), one token over capacity 1 in each
     assert layer["dropped_at_capacity"] == pytest.approx(0.25)
     with pytest.raises(ValueError, match="groups of 3"):

@@ -271,6 +271,25 @@ def _layer_means(runs) -> list[float] | None:
     return [float(v) for v in np.mean(per, axis=0)]
 
 
+DROP_WINDOWS = 6  # equal parts of training over which the per-layer drop rates are averaged
+
+
+def _windows_by_layer(runs, windows: int) -> list[list[float]] | None:
+    """[layer][window]: the mean over `runs` and the logged steps in each of `windows` equal parts of training of
+    each MoE layer's dropped fraction (None when a run lacks per-layer curves or the runs differ in layers)."""
+    per_run = []
+    for r in runs:
+        curve = r.get("drop_curve_by_layer")
+        if not curve:
+            return None
+        edges = np.linspace(0, r["steps"], windows + 1)
+        per_run.append([[float(np.mean([d[m] for step, d in curve if lo < step <= hi] or [np.nan]))
+                         for lo, hi in zip(edges[:-1], edges[1:])] for m in range(len(curve[0][1]))])
+    if not per_run or len({len(p) for p in per_run}) != 1:
+        return None
+    return [[float(v) for v in row] for row in np.nanmean(np.array(per_run), axis=0)]
+
+
 def analyse_drops(rows) -> dict:
     """Where the second-half drops happen: per MoE layer for every expert count of the expert sweep and every
     size of the model-size sweep (means over seeds), and the hash-routed runs' measured rate per expert count."""
@@ -284,7 +303,23 @@ def analyse_drops(rows) -> dict:
     for size in sorted({r["size"] for r in sized}, key=lambda s: min(r["params_active"] for r in sized
                                                                       if r["size"] == s)):
         here = [r for r in sized if r["size"] == size]
-        out["by_size"][size] = {"by_layer": _layer_means(here), "n": len(here)}
+        out["by_size"][size] = {"by_layer": _layer_means(here), "n": len(here), "steps": here[0]["steps"]}
+    long = [r for r in _ok(rows, "train_length") if r["variant"] == "moe"]
+    out["by_size_long"] = {size: {"by_layer": _layer_means([r for r in long if r["size"] == size]),
+                                  "steps": next(r["steps"] for r in long if r["size"] == size),
+                                  "n": sum(r["size"] == size for r in long)} for size in sorted({r["size"] for r in long})}
+    # how the drops of each layer fall over training: the base configuration, and the longer runs
+    out["convergence"] = {}
+    groups = [(f"size {moe[0]['size']}, {moe[0]['steps']} steps", [r for r in moe if r["E"] == 8])] if moe else []
+    headline = moe[0]["size"] if moe else None
+    groups += [(f"size {size}, {v['steps']} steps", [r for r in sized if r["size"] == size])
+               for size, v in out["by_size"].items() if size != headline]
+    groups += [(f"size {size}, {v['steps']} steps", [r for r in long if r["size"] == size])
+               for size, v in out["by_size_long"].items()]
+    for label, runs in groups:
+        curve = _windows_by_layer(runs, DROP_WINDOWS)
+        if curve:
+            out["convergence"][label] = curve
     hashed = [r for r in _ok(rows, "routers") + _ok(rows, "shared_experts") if "_hash_" in r["name"]]
     for E in sorted({r["experts"] for r in hashed}):
         here = [r for r in hashed if r["experts"] == E]
@@ -378,9 +413,12 @@ def checks(result: dict) -> list[dict]:
         out.append(_check("MoE (8 experts, top-1) beats dense at each size", None, "runs missing"))
     else:
         parts = [f"{s}: {d:+.4f} (n={n})" for s, (d, n) in sizes.items()]
+        longer = [f"{s} at {v['steps']} steps {v['final']['mean']:+.4f} (n={v['final']['n']})"
+                  for s, v in result.get("train_length", {}).items() if v.get("final")]
         out.append(_check("MoE (8 experts, top-1) beats dense at each size",
                           all(_beyond(d, noise) and n >= MIN_SEEDS for d, n in sizes.values()),
-                          f"MoE - dense {', '.join(parts)}; threshold -2 x {noise:.4f}, >= {MIN_SEEDS} seeds"))
+                          f"MoE - dense {', '.join(parts)}; threshold -2 x {noise:.4f}, >= {MIN_SEEDS} seeds"
+                          + (f"; trained longer (not part of the verdict): {', '.join(longer)}" if longer else "")))
 
     # 2. Loss falls with the number of experts: Spearman <= -0.8 over >= 5 counts, Clark b < 0 (interval).
     r = result["num_experts"]
@@ -447,6 +485,10 @@ def checks(result: dict) -> list[dict]:
         layers = (result.get("drops", {}).get("by_experts", {}).get("8") or {}).get("by_layer")
         where = (f" (per MoE layer, first to last, over the base config's seeds: "
                  f"{' / '.join(f'{v:.2%}' for v in layers)})" if layers else "")
+        for size, v in result.get("drops", {}).get("by_size_long", {}).items():
+            if v["by_layer"]:
+                where += (f"; size {size} trained {v['steps']} steps (not part of the verdict): "
+                          f"{np.mean(v['by_layer']):.2%}, per layer {' / '.join(f'{d:.2%}' for d in v['by_layer'])}")
         out.append(_check("drops at capacity factor 1.25 <= 2 %; no balance loss drops more", ok,
                           f"cf 1.25: {cap['dropped_fraction']:.2%} dropped in the second half{where}; without the balance "
                           f"loss {nobal['dropped_fraction']:.2%} (load CV {nobal['load_cv']:.3f}) vs "

@@ -19,7 +19,8 @@ Row fields (besides the sweep's axes, `size` and `seed`):
   capacity, effective_cf   train capacity per expert per group, and C * E / (S * k)
 JSON rows also carry `train_curve` [[step, ce], ...], `eval_curve` [[step, ce], ...], `drop_curve`
 [[step, dropped fraction (mean over MoE layers)], ...], `expert_load` (final per-layer token shares), and
-`dropped_by_layer`, `load_cv_by_layer` (second-half means per MoE layer, first MoE layer first).
+`dropped_by_layer`, `load_cv_by_layer` (second-half means per MoE layer, first MoE layer first) and
+`drop_curve_by_layer` [[step, [dropped fraction of each MoE layer]], ...].
 """
 from __future__ import annotations
 
@@ -37,7 +38,8 @@ from moe_jax.params import count_params
 from moe_jax.train.metrics import read_jsonl
 from moe_jax.train.run_config import build_run_config
 
-CURVE_KEYS = ("train_curve", "eval_curve", "drop_curve", "expert_load", "dropped_by_layer", "load_cv_by_layer")
+CURVE_KEYS = ("train_curve", "eval_curve", "drop_curve", "expert_load", "dropped_by_layer", "load_cv_by_layer",
+              "drop_curve_by_layer")
 
 
 @functools.lru_cache(maxsize=None)
@@ -73,6 +75,17 @@ def _second_half_by_layer(rows: list[dict], metric: str, steps: int) -> list[flo
     late = [r for r in rows if r["step"] > steps / 2]
     out = [[r[f"moe/{m}/{metric}"] for r in late if f"moe/{m}/{metric}" in r] for m in layers]
     return [float(np.mean(v)) for v in out] if layers and all(out) else None
+
+
+def _by_layer_curve(rows: list[dict], metric: str) -> list:
+    """[[step, [metric of each MoE layer, in layer order]], ...] over the logged windows that have it."""
+    out = []
+    for r in rows:
+        layers = sorted((int(k.split("/")[1]), v) for k, v in r.items()
+                        if k.startswith("moe/") and k.endswith("/" + metric))
+        if layers:
+            out.append([r["step"], [float(v) for _, v in layers]])
+    return out
 
 
 def run_row(spec: RunSpec, workdir: str) -> dict:
@@ -114,6 +127,7 @@ def run_row(spec: RunSpec, workdir: str) -> dict:
         load_cv=_second_half_mean(train, "load_cv", spec.steps),
         dropped_by_layer=_second_half_by_layer(train, "dropped_fraction", spec.steps),
         load_cv_by_layer=_second_half_by_layer(train, "load_cv", spec.steps),
+        drop_curve_by_layer=_by_layer_curve(train, "dropped_fraction"),
         eval_dropped_fraction=_layer_mean(evals[-1], "dropped_fraction") if evals else None,
         train_curve=[[r["step"], r["ce"]] for r in train],
         eval_curve=[[r["step"], r["ce"]] for r in evals],

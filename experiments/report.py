@@ -346,14 +346,24 @@ def section_drops(result) -> list[str]:
     ident = result.get("identity_routing") or {}
     if not r.get("by_experts") and not ident:
         return []
-    lines = ["## Where the drops happen: the first MoE layer and byte tokens", "",
+    lines = ["## Where the drops happen: per MoE layer, over training, and what byte tokens cost", "",
              "Dropped fraction in the second half of training at capacity factor 1.25 per MoE layer (first to last), "
              "mean over seeds:", ""]
     rows = [[f"E = {E}", v["n"], " / ".join(f"{d:.4f}" for d in v["by_layer"]) if v["by_layer"] else "-",
              f"{v['mean']:.4f}"] for E, v in r.get("by_experts", {}).items()]
     rows += [[f"size {s}, E = 8", v["n"], " / ".join(f"{d:.4f}" for d in v["by_layer"]) if v["by_layer"] else "-",
               f"{np.mean(v['by_layer']):.4f}" if v["by_layer"] else "-"] for s, v in r.get("by_size", {}).items()]
+    rows += [[f"size {s}, E = 8, {v['steps']} steps", v["n"],
+              " / ".join(f"{d:.4f}" for d in v["by_layer"]) if v["by_layer"] else "-",
+              f"{np.mean(v['by_layer']):.4f}" if v["by_layer"] else "-"] for s, v in r.get("by_size_long", {}).items()]
     lines += _table(["runs", "n", "dropped per layer", "mean over layers"], rows)
+    if r.get("convergence"):
+        k = len(next(iter(r["convergence"].values()))[0])
+        lines += ["", f"How each layer's drops fall over training (mean dropped fraction in each of {k} equal parts of "
+                      "the run, over seeds):", ""]
+        lines += _table(["runs", "MoE layer"] + [f"part {i + 1}" for i in range(k)],
+                        [[label, m] + [f"{d:.4f}" for d in layer] for label, curve in r["convergence"].items()
+                         for m, layer in enumerate(curve)])
     if ident.get("by_experts"):
         top = ", ".join(f"{t!r} {share:.1%}" for t, share in ident["top_tokens"])
         lines += ["", f"Routing by token identity on the protocol's own training batches ({ident['batches']} batches, "
@@ -382,13 +392,27 @@ def section_drops(result) -> list[str]:
                          for name, v in ledgers.items() for l in v["layers"]])
         lines.append("")
     layered = [v["by_layer"] for v in list(r.get("by_experts", {}).values()) + list(r.get("by_size", {}).values())
+               + list(r.get("by_size_long", {}).values())
                if v["by_layer"] and len(v["by_layer"]) > 1 and max(v["by_layer"]) > 0]
     if layered:
         first = sum(b[0] == max(b) for b in layered)
-        lines.append(f"- The first MoE layer, whose router sees the token embedding plus one attention block, drops the "
-                     f"most in {first} of the {len(layered)} rows with drops; the last layer drops "
-                     f"{np.mean([b[-1] for b in layered]):.2%} on average over those rows, the first "
+        lines.append(f"- The first MoE layer drops the most in {first} of the {len(layered)} rows with drops above; the "
+                     f"last layer drops {np.mean([b[-1] for b in layered]):.2%} on average over those rows, the first "
                      f"{np.mean([b[0] for b in layered]):.2%}.")
+    conv = r.get("convergence") or {}
+
+    slow = [label for label, curve in conv.items() if len(curve) > 1
+            and all(curve[0][w] >= max(layer[w] for layer in curve[1:]) for w in range(1, len(curve[0])))]
+    if conv:
+        lines.append(f"- The first layer's drops fall the slowest: after the first part of training it drops the most of "
+                     f"its layers in every later part in {len(slow)} of the {len(conv)} groups of runs of the "
+                     "convergence table (DeepSeekMoE 16B keeps its first layer dense because there the load balance "
+                     "converges more slowly). A second-half average counts that slow settling"
+                     + "".join(f"; size {size}: {np.mean(r['by_size'][size]['by_layer']):.2%} over "
+                               f"{r['by_size'][size]['steps']} steps, {np.mean(v['by_layer']):.2%} over {v['steps']}"
+                               for size, v in r.get("by_size_long", {}).items()
+                               if v["by_layer"] and (r.get("by_size", {}).get(size) or {}).get("by_layer"))
+                     + ".")
     return lines + [""]
 
 

@@ -547,3 +547,17 @@ def test_final_ledgers_reads_the_last_steps_ledger_of_top1_runs(tmp_path):
     got = final_ledgers(specs, str(tmp_path))
     assert list(got) == [moe.name] and got[moe.name]["capacity"] == C
     assert got[moe.name]["layers"] == ledger_identity(ledger, capacity=C, group=S)
+
+
+def test_drops_per_layer_over_training_by_hand():
+    """analysis._windows_by_layer: per layer, the mean over runs of the logged drops in equal parts of training."""
+    from experiments.analysis import _windows_by_layer
+
+    a = {"steps": 6, "drop_curve_by_layer": [[1, [.6, .1]], [2, [.4, .1]], [3, [.3, 0]], [4, [.1, 0]], [5, [.2, 0]],
+                                             [6, [0, 0]]]}
+    b = {"steps": 6, "drop_curve_by_layer": [[s, [.1, 0]] for s in range(1, 7)]}
+    # parts (0, 2], (2, 4], (4, 6]: run a's first layer .5 .2 .1, run b's .1 .1 .1; second layers .1 0 0 and 0 0 0
+    got = _windows_by_layer([a, b], 3)
+    assert np.allclose(got, [[.3, .15, .1], [.05, 0, 0]])
+    assert _windows_by_layer([a, {"steps": 6, "drop_curve_by_layer": [[1, [.1]]]}], 3) is None  # layers differ
+    assert _windows_by_layer([a, {"steps": 6}], 3) is None  # a run without per-layer curves

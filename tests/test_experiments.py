@@ -286,7 +286,10 @@ def test_commands_for_a_pod_resolve_to_the_sweep_configs(tmp_path, capsys):
             resolved.add(spec.sweep)
             config = sweep_config.get_config(arg)
             assert json.dumps(config.to_dict(), sort_keys=True, default=str) == spec.fingerprint()
-    assert resolved == set(sweeps.SWEEPS)
+    # every sweep with runs at the pod scale (train_length has none there: each pod size already trains ~20 tokens
+    # per active parameter)
+    assert resolved == {name for name, sweep in sweeps.SWEEPS.items() if sweep.sweep(scales.get("pod"))}
+    assert resolved == set(sweeps.SWEEPS) - {"train_length"}
     with pytest.raises(ValueError, match="has no run"):
         sweep_config.get_config("pod,capacity,p1_E8_K1_G1_seed9")
 

@@ -5,6 +5,7 @@ The MoE-beats-dense claim is judged at equal steps at every size; at one budget 
 tokens per active parameter (cpu: 21 at s, 7.5 at m, 3.4 at l), and at s the MoE's lead grew from behind
 dense at ~4 tokens per parameter to -0.058 nats at 21. These runs measure whether the gap at a larger size
 grows the same way with more tokens (a cosine schedule to the longer end, not a longer run's midpoint).
+The pod scale has no `long_sizes`: its sizes already train ~20 tokens per active parameter each.
 """
 from __future__ import annotations
 

@@ -308,7 +308,7 @@ def analyse_drops(rows) -> dict:
     out["by_size_long"] = {size: {"by_layer": _layer_means([r for r in long if r["size"] == size]),
                                   "steps": next(r["steps"] for r in long if r["size"] == size),
                                   "n": sum(r["size"] == size for r in long)} for size in sorted({r["size"] for r in long})}
-    # how the drops of each layer fall over training: the base configuration, and the longer runs
+    # how the drops of each layer fall over training: the base configuration, every other size, the longer runs
     out["convergence"] = {}
     groups = [(f"size {moe[0]['size']}, {moe[0]['steps']} steps", [r for r in moe if r["E"] == 8])] if moe else []
     headline = moe[0]["size"] if moe else None

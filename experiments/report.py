@@ -400,14 +400,14 @@ def section_drops(result) -> list[str]:
                      f"last layer drops {np.mean([b[-1] for b in layered]):.2%} on average over those rows, the first "
                      f"{np.mean([b[0] for b in layered]):.2%}.")
     conv = r.get("convergence") or {}
-
     slow = [label for label, curve in conv.items() if len(curve) > 1
             and all(curve[0][w] >= max(layer[w] for layer in curve[1:]) for w in range(1, len(curve[0])))]
     if conv:
-        lines.append(f"- The first layer's drops fall the slowest: after the first part of training it drops the most of "
-                     f"its layers in every later part in {len(slow)} of the {len(conv)} groups of runs of the "
-                     "convergence table (DeepSeekMoE 16B keeps its first layer dense because there the load balance "
-                     "converges more slowly). A second-half average counts that slow settling"
+        lines.append(f"- After the first part of training the first layer drops the most of its layers in every later "
+                     f"part in {len(slow)} of the {len(conv)} groups of runs of the table over training"
+                     + (": its balance settles last (DeepSeekMoE 16B keeps its first layer dense because there the load "
+                        "balance converges more slowly)" if len(slow) == len(conv) else "")
+                     + ". A second-half average counts the settling of every layer"
                      + "".join(f"; size {size}: {np.mean(r['by_size'][size]['by_layer']):.2%} over "
                                f"{r['by_size'][size]['steps']} steps, {np.mean(v['by_layer']):.2%} over {v['steps']}"
                                for size, v in r.get("by_size_long", {}).items()

@@ -232,6 +232,24 @@ def analyse_learning_rate(rows) -> dict:
             "protocol": scale_point}
 
 
+def _paired_gap(dense: dict, moe: dict) -> tuple[list, dict]:
+    """dense, moe: seed -> {step: eval CE}. The seeds both have and, at every step all of them evaluated, MoE - dense
+    paired seed by seed: {step: {"mean", "std" (0 for one seed), "n"}}."""
+    seeds = sorted(set(dense) & set(moe))
+    steps = sorted(set.intersection(*(set(dense[s]) & set(moe[s]) for s in seeds))) if seeds else []
+    gap = {}
+    for step in steps:
+        d = np.array([moe[s][step] - dense[s][step] for s in seeds])
+        gap[int(step)] = {"mean": float(d.mean()), "std": float(d.std(ddof=1)) if len(d) > 1 else 0.0, "n": len(d)}
+    return seeds, gap
+
+
+def _curves_by_variant(runs) -> tuple[dict, dict]:
+    """Runs of a dense-vs-MoE sweep -> (dense, moe): seed -> {step: eval CE}."""
+    return tuple({r["seed"]: dict(map(tuple, r["eval_curve"])) for r in runs if r["variant"] == v}
+                 for v in ("dense", "moe"))
+
+
 def analyse_budget(rows) -> dict:
     """The token-budget diagnosis: MoE (8 experts, top-1) minus dense eval CE at every evaluation of the runs,
     paired seed by seed at the headline size (a seed fixes the data order; eval windows are the same for all),
@@ -241,24 +259,17 @@ def analyse_budget(rows) -> dict:
     moe = {r["seed"]: dict(map(tuple, r["eval_curve"])) for r in pts if r["E"] == 8}
     tokens = {r["seed"]: r["tokens_per_step"] for r in pts}
     active = next((r["params_active"] for r in pts if r["E"] == 8), None)
-    seeds = sorted(set(dense) & set(moe))
-    steps = sorted(set.intersection(*(set(dense[s]) & set(moe[s]) for s in seeds))) if seeds else []
-    headline = {}
-    for step in steps:
-        d = np.array([moe[s][step] - dense[s][step] for s in seeds])
-        headline[int(step)] = {"mean": float(d.mean()), "std": float(d.std(ddof=1)) if len(d) > 1 else 0.0,
-                               "n": len(d), "tokens": int(step * tokens[seeds[0]]),
-                               "tokens_per_active_param": step * tokens[seeds[0]] / active if active else None}
+    seeds, gap = _paired_gap(dense, moe)
+    headline = {step: dict(g, tokens=int(step * tokens[seeds[0]]),
+                           tokens_per_active_param=step * tokens[seeds[0]] / active if active else None)
+                for step, g in gap.items()}
     per_size, per_size_seeds = {}, {}
     sized = _ok(rows, "model_size")
     for size in sorted({r["size"] for r in sized}, key=lambda s: min(r["params_active"] for r in sized
                                                                         if r["size"] == s)):
-        curves = {(r["variant"], r["seed"]): dict(map(tuple, r["eval_curve"])) for r in sized if r["size"] == size}
-        pairs = [s for s in sorted({s for _, s in curves}) if ("dense", s) in curves and ("moe", s) in curves]
+        pairs, gap = _paired_gap(*_curves_by_variant([r for r in sized if r["size"] == size]))
         if pairs:
-            common = set.intersection(*(set(curves["dense", s]) & set(curves["moe", s]) for s in pairs))
-            per_size[size] = {int(step): float(np.mean([curves["moe", s][step] - curves["dense", s][step]
-                                                        for s in pairs])) for step in sorted(common)}
+            per_size[size] = {step: g["mean"] for step, g in gap.items()}
             per_size_seeds[size] = pairs
     return {"headline": headline, "seeds": seeds, "per_size": per_size, "per_size_seeds": per_size_seeds}
 
@@ -335,23 +346,20 @@ def analyse_train_length(rows) -> dict:
     long = _ok(rows, "train_length")
     short = _ok(rows, "model_size")
     for size in sorted({r["size"] for r in long}):
-        curves = {(r["variant"], r["seed"]): dict(map(tuple, r["eval_curve"])) for r in long if r["size"] == size}
-        seeds = [s for s in sorted({s for _, s in curves}) if ("dense", s) in curves and ("moe", s) in curves]
+        dense, moe = _curves_by_variant([r for r in long if r["size"] == size])
+        seeds, gap = _paired_gap(dense, moe)
         if not seeds:
             continue
-        steps = sorted(set.intersection(*(set(curves["dense", s]) & set(curves["moe", s]) for s in seeds)))
+        steps = list(gap)
         r0 = next(r for r in long if r["size"] == size and r["variant"] == "moe")
-        curve = {}
-        for step in steps:
-            d = np.array([curves["moe", s][step] - curves["dense", s][step] for s in seeds])
-            curve[int(step)] = {"mean": float(d.mean()), "std": float(d.std(ddof=1)) if len(d) > 1 else 0.0,
-                                "n": len(d), "tokens_per_active_param": step * r0["tokens_per_step"] / r0["params_active"]}
+        curve = {step: dict(g, tokens_per_active_param=step * r0["tokens_per_step"] / r0["params_active"])
+                 for step, g in gap.items()}
         ce = {(r["variant"], r["seed"]): r["final_eval_ce"] for r in short if r["size"] == size}
         base = [ce["moe", s] - ce["dense", s] for s in seeds if ("moe", s) in ce and ("dense", s) in ce]
         out[size] = {"steps": int(r0["steps"]), "seeds": seeds, "curve": curve,
                      "final": curve[steps[-1]] if steps else None,
-                     "dense": float(np.mean([curves["dense", s][steps[-1]] for s in seeds])),
-                     "moe": float(np.mean([curves["moe", s][steps[-1]] for s in seeds])),
+                     "dense": float(np.mean([dense[s][steps[-1]] for s in seeds])),
+                     "moe": float(np.mean([moe[s][steps[-1]] for s in seeds])),
                      "at_scale_steps": {"mean": float(np.mean(base)), "n": len(base),
                                         "std": float(np.std(base, ddof=1)) if len(base) > 1 else 0.0} if base else None}
     return out

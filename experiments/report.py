@@ -349,13 +349,15 @@ def section_drops(result) -> list[str]:
     lines = ["## Where the drops happen: per MoE layer, over training, and what byte tokens cost", "",
              "Dropped fraction in the second half of training at capacity factor 1.25 per MoE layer (first to last), "
              "mean over seeds:", ""]
-    rows = [[f"E = {E}", v["n"], " / ".join(f"{d:.4f}" for d in v["by_layer"]) if v["by_layer"] else "-",
-             f"{v['mean']:.4f}"] for E, v in r.get("by_experts", {}).items()]
-    rows += [[f"size {s}, E = 8", v["n"], " / ".join(f"{d:.4f}" for d in v["by_layer"]) if v["by_layer"] else "-",
-              f"{np.mean(v['by_layer']):.4f}" if v["by_layer"] else "-"] for s, v in r.get("by_size", {}).items()]
-    rows += [[f"size {s}, E = 8, {v['steps']} steps", v["n"],
-              " / ".join(f"{d:.4f}" for d in v["by_layer"]) if v["by_layer"] else "-",
-              f"{np.mean(v['by_layer']):.4f}" if v["by_layer"] else "-"] for s, v in r.get("by_size_long", {}).items()]
+    def row(label, v, mean=None):
+        layers = v["by_layer"]
+        mean = mean if mean is not None else np.mean(layers) if layers else None
+        return [label, v["n"], " / ".join(f"{d:.4f}" for d in layers) if layers else "-",
+                "-" if mean is None else f"{mean:.4f}"]
+
+    rows = [row(f"E = {E}", v, v["mean"]) for E, v in r.get("by_experts", {}).items()]
+    rows += [row(f"size {s}, E = 8", v) for s, v in r.get("by_size", {}).items()]
+    rows += [row(f"size {s}, E = 8, {v['steps']} steps", v) for s, v in r.get("by_size_long", {}).items()]
     lines += _table(["runs", "n", "dropped per layer", "mean over layers"], rows)
     if r.get("convergence"):
         k = len(next(iter(r["convergence"].values()))[0])

@@ -54,6 +54,9 @@ class Scale:
     group_size: Optional[int] = None  # tokens per routing group of token-choice MoEs (None: one sequence)
     health: dict = dataclasses.field(default_factory=dict)  # the run config's health section (ledger, pictures)
     long_sizes: tuple = ()  # sizes the train_length sweep trains for LONG_FACTOR x their steps (dense and MoE)
+    # the rate_check sweep's learning rate as a multiple of `train["learning_rate"]`: the best rate the
+    # learning_rate sweep found at this scale (None: not measured yet, no rate_check runs)
+    rate_check_factor: Optional[float] = None
 
     def axis(self, values, smoke=None) -> list:
         """A sweep axis at this scale: all values, or (smoke) `smoke` if given, else the first and the last."""
@@ -134,6 +137,7 @@ SMOKE = Scale(
     granularity_sizes=("xs", "s"),
     flops_matched_seeds=(0,),
     long_sizes=("xs",),
+    rate_check_factor=4.0,
     reduced=True,
     # runs of 8 steps: no routing ledger or routing picture at their evaluations (tests/test_ledger.py and
     # tests/test_health.py cover those); their compile and drawing would cost more than the training
@@ -167,6 +171,7 @@ CPU = Scale(
     flops_matched_seeds=(0, 1, 2),  # the headline granularity comparison (equal FLOPs): 3 seeds
     group_size=2048,
     long_sizes=("m",),  # claim 1's middle size at 2 x 1,200 steps: 15 tokens per active parameter, 0.98 epochs
+    rate_check_factor=4.0,  # 1.2e-2: the MoE's best rate in the learning_rate sweep, tied with dense's best
 )
 
 # Pod: 256 x 1024 tokens per step (262,144); steps ~ 20 tokens per dense-equivalent parameter (Hoffmann

@@ -365,6 +365,51 @@ def analyse_train_length(rows) -> dict:
     return out
 
 
+# rate_check: the comparisons the protocol judges, as (label, claim, better model, reference model)
+RATE_COMPARISONS = (("G1 - dense", 1, "G1", "dense"), ("G4 - G1 (per step)", 3, "G4", "G1"),
+                    ("G16 - G1 (per step)", 3, "G16", "G1"), ("fine_x4 - gshard", 4, "fine_x4", "gshard"))
+
+
+def _spread(values) -> dict | None:
+    """mean, sample sd (0 for one value) and n of `values` (None when empty)."""
+    values = np.asarray(list(values), float)
+    if not len(values):
+        return None
+    return {"mean": float(values.mean()), "std": float(values.std(ddof=1)) if len(values) > 1 else 0.0,
+            "n": len(values)}
+
+
+def _paired(a: dict, b: dict) -> dict | None:
+    """a, b: seed -> eval CE. a - b paired seed by seed over the seeds both have (None when none)."""
+    return _spread(a[s] - b[s] for s in sorted(set(a) & set(b)))
+
+
+def analyse_rate_check(rows) -> dict:
+    """The rate_check sweep: each variant at the higher rate beside the same configuration at the protocol's rate
+    (the run of the same name without its `_lr` part, from whichever sweep trained it), and the protocol's
+    comparisons (RATE_COMPARISONS) paired seed by seed at both rates."""
+    runs = _ok(rows, "rate_check")
+    if not runs:
+        return {}
+    by_name = {r["name"]: r for r in rows if r.get("status") == "ok"}
+    lr = runs[0]["learning_rate"]
+    high, low = {}, {}  # variant -> seed -> eval CE
+    for r in runs:
+        high.setdefault(r["variant"], {})[r["seed"]] = r["final_eval_ce"]
+        protocol = by_name.get(r["name"].replace(f"_lr{lr:g}_", "_"))
+        if protocol is not None:
+            low.setdefault(r["variant"], {})[r["seed"]] = protocol["final_eval_ce"]
+    out = {"learning_rate": lr, "variants": {}, "comparisons": {}}
+    for v, ce in high.items():
+        out["variants"][v] = {"high": _spread(ce.values()), "protocol": _spread(low.get(v, {}).values()),
+                              "change": _paired(ce, low.get(v, {}))}
+    for label, claim, a, b in RATE_COMPARISONS:
+        if a in high and b in high:
+            out["comparisons"][label] = {"claim": claim, "high": _paired(high[a], high[b]),
+                                         "protocol": _paired(low.get(a, {}), low.get(b, {}))}
+    return out
+
+
 def analyse(rows, *, bootstrap_n: int = 100, self_test: bool = True) -> dict:
     rows = [dict(r, name_wo_seed=r["name"].rsplit("_seed", 1)[0]) for r in rows]
     result = {
@@ -379,6 +424,7 @@ def analyse(rows, *, bootstrap_n: int = 100, self_test: bool = True) -> dict:
         "capacity": analyse_capacity(rows),
         "drops": analyse_drops(rows),
         "train_length": analyse_train_length(rows),
+        "rate_check": analyse_rate_check(rows),
         "routers": analyse_table(rows, "routers", "variant"),
         "aux_losses": {f"balance {r['balance_loss_coef']:g}, z {r['z_loss_coef']:g}": {
             k: r.get(k) for k in ("final_eval_ce", "dropped_fraction", "load_cv", "name")}
@@ -399,6 +445,14 @@ def _check(claim: str, passed, detail: str) -> dict:
 
 def _beyond(diff: float, noise: float) -> bool:
     return diff < -2 * noise
+
+
+def _at_rate(result: dict, claim: int) -> str:
+    """The rate_check sweep's comparisons of `claim` as a detail suffix ('' when it has none)."""
+    r = result.get("rate_check") or {}
+    parts = [f"{label} {c['high']['mean']:+.4f} (n={c['high']['n']})"
+             for label, c in r.get("comparisons", {}).items() if c["claim"] == claim and c.get("high")]
+    return f"; at learning rate {r['learning_rate']:g} (not part of the verdict): {', '.join(parts)}" if parts else ""
 
 
 def checks(result: dict) -> list[dict]:
@@ -426,7 +480,8 @@ def checks(result: dict) -> list[dict]:
         out.append(_check("MoE (8 experts, top-1) beats dense at each size",
                           all(_beyond(d, noise) and n >= MIN_SEEDS for d, n in sizes.values()),
                           f"MoE - dense {', '.join(parts)}; threshold -2 x {noise:.4f}, >= {MIN_SEEDS} seeds"
-                          + (f"; trained longer (not part of the verdict): {', '.join(longer)}" if longer else "")))
+                          + (f"; trained longer (not part of the verdict): {', '.join(longer)}" if longer else "")
+                          + _at_rate(result, 1)))
 
     # 2. Loss falls with the number of experts: Spearman <= -0.8 over >= 5 counts, Clark b < 0 (interval).
     r = result["num_experts"]
@@ -463,7 +518,8 @@ def checks(result: dict) -> list[dict]:
                           _beyond(diff, noise) and gamma_ok and min(matched[best]["n"], matched["1"]["n"]) >= MIN_SEEDS,
                           f"best G = {best}: {diff:+.4f} (n={matched[best]['n']}; threshold -2 x {noise:.4f}); "
                           f"gamma {fit['params']['gamma']:.3g}" + (f"; at a bound: {', '.join(bound)}" if bound
-                                                                     else " with every coefficient inside its bounds")))
+                                                                     else " with every coefficient inside its bounds")
+                          + _at_rate(result, 3)))
 
     # 4. DeepSeekMoE's ordering (Kendall tau >= 0.6) and fine-grained + shared beats GShard.
     sh = result["shared_experts"]["by_variant"]
@@ -478,7 +534,7 @@ def checks(result: dict) -> list[dict]:
         out.append(_check("DeepSeekMoE's ordering; fine-grained + shared beats GShard",
                           tau >= 0.6 and _beyond(diff, noise),
                           f"Kendall tau {tau:+.2f} (>= 0.6 wanted); fine_x4 - gshard {diff:+.4f} "
-                          f"(threshold -2 x {noise:.4f})"))
+                          f"(threshold -2 x {noise:.4f})" + _at_rate(result, 4)))
 
     # 5. Drops at capacity factor 1.25 (second half) <= 2 %; no balance loss: more drops and a worse load CV.
     cap = [c for c in result["capacity"] if c["capacity_factor"] == 1.25]

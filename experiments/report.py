@@ -341,6 +341,30 @@ def section_train_length(result) -> list[str]:
     return lines + [""]
 
 
+def _mean_sd(v: dict | None) -> str:
+    return "-" if not v else f"{v['mean']:+.4f} +- {v['std']:.4f} (n={v['n']})"
+
+
+def section_rate_check(result) -> list[str]:
+    r = result.get("rate_check") or {}
+    if not r.get("variants"):
+        return []
+    noise, lr = _noise(result), r["learning_rate"]
+    lines = [f"## The judged comparisons at learning rate {lr:g} (rate_check sweep)", "",
+             f"The models of claims 1, 3 and 4 at the headline size trained again at {lr:g} (the learning_rate sweep's "
+             "best rate), every seed; beside each, the same configuration at the protocol's rate. Differences are "
+             "paired seed by seed. The verdicts above stay on the protocol's rate.", ""]
+    lines += _table(["model", f"eval CE at {lr:g}", "eval CE at the protocol's rate", "change"],
+                    [[v, _mean_sd(x["high"]).lstrip("+"), _mean_sd(x["protocol"]).lstrip("+"), _mean_sd(x["change"])]
+                     for v, x in r["variants"].items()])
+    lines += [""]
+    lines += _table(["comparison (claim)", f"at {lr:g}", "at the protocol's rate", f"at {lr:g}: verdict"],
+                    [[f"{label} ({c['claim']})", _mean_sd(c["high"]), _mean_sd(c["protocol"]),
+                      _diff_verdict(c["high"]["mean"], noise) if c.get("high") else "-"]
+                     for label, c in r["comparisons"].items()])
+    return lines + [""]
+
+
 def section_drops(result) -> list[str]:
     r = result.get("drops", {})
     ident = result.get("identity_routing") or {}
@@ -449,7 +473,7 @@ def render(result: dict, rows: list[dict], *, scale, command: str, plot_paths: d
                   f"{nf['std']:.4f} nats (n={nf['n']}, mean {nf['mean']:.4f}). A difference counts when it exceeds "
                   "twice this; a fitted sign counts when its bootstrap 90 % interval excludes zero.", ""]
     lines += section_checks(result) + section_learning_rate(result) + section_budget(result)
-    lines += section_train_length(result)
+    lines += section_train_length(result) + section_rate_check(result)
     lines += section_experts(result, rows) + section_granularity(result) + section_model_size(result)
     lines += section_shared(result) + section_capacity(result) + section_drops(result)
     lines += section_simple(result, "routers", "Router strategies",

@@ -82,7 +82,8 @@ def test_smoke_plots_report_and_fit_self_test(smoke):
     report = (out / "report.md").read_text()
     for title in ("## Number of experts", "## Granularity", "### Joint law", "## Shared and fine-grained",
                   "## Capacity factor", "## Router strategies", "## Auxiliary-loss", "Krajewski Table 1",
-                  "## Where the drops happen", "## Training length at a larger size"):
+                  "## Where the drops happen", "## Training length at a larger size",
+                  "## The judged comparisons at learning rate"):
         assert title in report, title
     assert "Fit self-test" in report and "PASS" in report
     result = json.loads((out / "analysis.json").read_text())
@@ -287,9 +288,9 @@ def test_commands_for_a_pod_resolve_to_the_sweep_configs(tmp_path, capsys):
             config = sweep_config.get_config(arg)
             assert json.dumps(config.to_dict(), sort_keys=True, default=str) == spec.fingerprint()
     # every sweep with runs at the pod scale (train_length has none there: each pod size already trains ~20 tokens
-    # per active parameter)
+    # per active parameter; rate_check none until the pod's learning_rate sweep has picked a rate)
     assert resolved == {name for name, sweep in sweeps.SWEEPS.items() if sweep.sweep(scales.get("pod"))}
-    assert resolved == set(sweeps.SWEEPS) - {"train_length"}
+    assert resolved == set(sweeps.SWEEPS) - {"train_length", "rate_check"}
     with pytest.raises(ValueError, match="has no run"):
         sweep_config.get_config("pod,capacity,p1_E8_K1_G1_seed9")
 
@@ -503,6 +504,46 @@ def test_train_length_pairs_the_long_runs_by_seed(smoke):
     assert v["final"]["mean"] == pytest.approx(want) and v["final"]["n"] == 1
     short = {r["variant"]: r["final_eval_ce"] for r in rows if r["sweep"] == "model_size" and r["size"] == size}
     assert v["at_scale_steps"]["mean"] == pytest.approx(short["moe"] - short["dense"])
+
+
+def test_rate_check_pairs_each_model_with_its_protocol_run(smoke):
+    out, _, rows = smoke
+    r = json.loads((out / "analysis.json").read_text())["rate_check"]
+    ce = {r_["name"]: r_["final_eval_ce"] for r_ in rows}
+    lr = f"{r['learning_rate']:g}"
+    assert lr == f"{scales.get('smoke').train['learning_rate'] * 4:g}"
+    high = {v: ce[f"xs_{m}_lr{lr}_seed0"] for v, m in (("dense", "dense"), ("G1", "E8_K1_G1"))}
+    low = {v: ce[f"xs_{m}_seed0"] for v, m in (("dense", "dense"), ("G1", "E8_K1_G1"))}
+    (label, c), = r["comparisons"].items()
+    assert label == "G1 - dense" and c["claim"] == 1
+    assert c["high"]["mean"] == pytest.approx(high["G1"] - high["dense"]) and c["high"]["n"] == 1
+    assert c["protocol"]["mean"] == pytest.approx(low["G1"] - low["dense"])
+    for v in ("dense", "G1"):
+        assert r["variants"][v]["change"]["mean"] == pytest.approx(high[v] - low[v])
+
+
+def test_rate_check_by_hand():
+    """Seeds pair only where both runs exist; the protocol's run is the same name without its `_lr` part."""
+    from experiments.analysis import analyse_rate_check
+
+    def row(sweep, name, variant, seed, ce):
+        return {"sweep": sweep, "name": name, "variant": variant, "seed": seed, "final_eval_ce": ce,
+                "status": "ok", "learning_rate": 0.012 if sweep == "rate_check" else 0.003}
+
+    rows = [row("rate_check", f"s_dense_lr0.012_seed{s}", "dense", s, 1.80 + 0.01 * s) for s in (0, 1, 2)]
+    rows += [row("rate_check", f"s_E8_K1_G1_lr0.012_seed{s}", "G1", s, 1.70 + 0.02 * s) for s in (0, 1)]
+    rows += [row("model_size", f"s_dense_seed{s}", "dense", s, 1.85) for s in (0, 1, 2)]
+    rows += [row("num_experts", f"s_E8_K1_G1_seed{s}", None, s, 1.76 + 0.01 * s) for s in (0, 1, 2)]
+    r = analyse_rate_check(rows)
+    g1_dense = r["comparisons"]["G1 - dense"]
+    # seeds 0, 1: (1.70 - 1.80, 1.72 - 1.81) -> mean -0.095, sd 0.005 sqrt(2)
+    assert g1_dense["high"]["n"] == 2 and g1_dense["high"]["mean"] == pytest.approx(-0.095)
+    assert g1_dense["high"]["std"] == pytest.approx(0.005 * np.sqrt(2))
+    # the protocol's runs of the seeds trained at the higher rate (0, 1): 1.76 / 1.77 - 1.85
+    assert g1_dense["protocol"]["n"] == 2 and g1_dense["protocol"]["mean"] == pytest.approx(-0.085)
+    assert r["variants"]["G1"]["change"]["mean"] == pytest.approx(-0.055)  # (-0.06 - 0.05) / 2
+    assert r["variants"]["dense"]["high"] == pytest.approx({"mean": 1.81, "std": 0.01, "n": 3})
+    assert set(r["comparisons"]) == {"G1 - dense"}  # G4, G16, gshard, fine_x4 were not trained
 
 
 def test_ledger_identity_by_hand():

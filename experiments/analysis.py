@@ -394,15 +394,20 @@ def analyse_rate_check(rows) -> dict:
     by_name = {r["name"]: r for r in rows if r.get("status") == "ok"}
     lr = runs[0]["learning_rate"]
     high, low = {}, {}  # variant -> seed -> eval CE
+    drops = {}  # (variant, rate) -> second-half dropped fractions
     for r in runs:
         high.setdefault(r["variant"], {})[r["seed"]] = r["final_eval_ce"]
+        drops.setdefault((r["variant"], "high"), []).append(r.get("dropped_fraction"))
         protocol = by_name.get(r["name"].replace(f"_lr{lr:g}_", "_"))
         if protocol is not None:
             low.setdefault(r["variant"], {})[r["seed"]] = protocol["final_eval_ce"]
+            drops.setdefault((r["variant"], "protocol"), []).append(protocol.get("dropped_fraction"))
     out = {"learning_rate": lr, "variants": {}, "comparisons": {}}
     for v, ce in high.items():
         out["variants"][v] = {"high": _spread(ce.values()), "protocol": _spread(low.get(v, {}).values()),
-                              "change": _paired(ce, low.get(v, {}))}
+                              "change": _paired(ce, low.get(v, {})),
+                              "dropped": {rate: float(np.mean(d)) for rate in ("high", "protocol")
+                                          if (d := drops.get((v, rate))) and None not in d}}
     for label, claim, a, b in RATE_COMPARISONS:
         if a in high and b in high:
             out["comparisons"][label] = {"claim": claim, "high": _paired(high[a], high[b]),
@@ -553,6 +558,12 @@ def checks(result: dict) -> list[dict]:
             if v["by_layer"]:
                 where += (f"; size {size} trained {v['steps']} steps (not part of the verdict): "
                           f"{np.mean(v['by_layer']):.2%}, per layer {' / '.join(f'{d:.2%}' for d in v['by_layer'])}")
+        rate = result.get("rate_check") or {}
+        at_rate = (rate.get("variants", {}).get("G1") or {}).get("dropped", {})
+        if "high" in at_rate:
+            where += (f"; at learning rate {rate['learning_rate']:g} (not part of the verdict): {at_rate['high']:.2%} "
+                      f"over {rate['variants']['G1']['high']['n']} seeds, against {at_rate.get('protocol', float('nan')):.2%} "
+                      "at the protocol's rate")
         out.append(_check("drops at capacity factor 1.25 <= 2 %; no balance loss drops more", ok,
                           f"cf 1.25: {cap['dropped_fraction']:.2%} dropped in the second half{where}; without the balance "
                           f"loss {nobal['dropped_fraction']:.2%} (load CV {nobal['load_cv']:.3f}) vs "

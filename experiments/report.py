@@ -341,8 +341,9 @@ def section_train_length(result) -> list[str]:
     return lines + [""]
 
 
-def _mean_sd(v: dict | None) -> str:
-    return "-" if not v else f"{v['mean']:+.4f} +- {v['std']:.4f} (n={v['n']})"
+def _spread(v: dict | None, sign: str = "+") -> str:
+    """{"mean", "std", "n"} as 'mean +- sd (n=..)'; sign '+' prints the mean's sign (differences)."""
+    return "-" if not v else f"{v['mean']:{sign}.4f} +- {v['std']:.4f} (n={v['n']})"
 
 
 def section_rate_check(result) -> list[str]:
@@ -354,12 +355,15 @@ def section_rate_check(result) -> list[str]:
              f"The models of claims 1, 3 and 4 at the headline size trained again at {lr:g} (the learning_rate sweep's "
              "best rate), every seed; beside each, the same configuration at the protocol's rate. Differences are "
              "paired seed by seed. The verdicts above stay on the protocol's rate.", ""]
-    lines += _table(["model", f"eval CE at {lr:g}", "eval CE at the protocol's rate", "change"],
-                    [[v, _mean_sd(x["high"]).lstrip("+"), _mean_sd(x["protocol"]).lstrip("+"), _mean_sd(x["change"])]
+    pct = lambda x: "-" if x is None else f"{x:.2%}"
+    lines += _table(["model", f"eval CE at {lr:g}", "eval CE at the protocol's rate", "change",
+                     f"dropped (2nd half) at {lr:g} / protocol's rate"],
+                    [[v, _spread(x["high"], ""), _spread(x["protocol"], ""), _spread(x["change"]),
+                      f"{pct(x['dropped'].get('high'))} / {pct(x['dropped'].get('protocol'))}"]
                      for v, x in r["variants"].items()])
     lines += [""]
     lines += _table(["comparison (claim)", f"at {lr:g}", "at the protocol's rate", f"at {lr:g}: verdict"],
-                    [[f"{label} ({c['claim']})", _mean_sd(c["high"]), _mean_sd(c["protocol"]),
+                    [[f"{label} ({c['claim']})", _spread(c["high"]), _spread(c["protocol"]),
                       _diff_verdict(c["high"]["mean"], noise) if c.get("high") else "-"]
                      for label, c in r["comparisons"].items()])
     return lines + [""]

@@ -1,6 +1,6 @@
 """Sweeps, runner, FLOP accounting, fits, plots and report (experiments/).
 
-The smoke protocol trains every sweep's smoke runs (14 distinct tiny runs) once, in a subprocess with two
+The smoke protocol trains every sweep's smoke runs (22 distinct tiny runs) once, in a subprocess with two
 workers and XLA's backend optimisation off (compilation dominates runs of 8 steps); the other tests check the
 outputs, resumption, and the pieces without training.
 """

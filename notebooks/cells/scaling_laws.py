@@ -142,8 +142,9 @@ else:
 The gap between the 8-expert MoE and the dense model of equal active parameters, at every evaluation of
 the same runs: early in training (a few tokens per parameter) the MoE is not ahead; the CPU protocol
 trains 21 tokens per active parameter. Then the gap per model size, the same at twice the steps (the
-train_length sweep), where the drops happen (per MoE layer), and the protocol's claims, each judged from
-the table by `experiments/analysis.py` (a difference counts beyond twice the seed standard deviation).
+train_length sweep), the judged comparisons at a better learning rate (rate_check sweep), where the drops
+happen (per MoE layer), and the protocol's claims, each judged from the table by `experiments/analysis.py`
+(a difference counts beyond twice the seed standard deviation).
 """),
     code("""
 from experiments import analysis
@@ -169,6 +170,10 @@ for size, v in result["train_length"].items():  # the same models trained longer
     if v["final"] and v["at_scale_steps"]:
         print(f"size {size}, {v['steps']} steps: MoE - dense {v['final']['mean']:+.4f} +- {v['final']['std']:.4f} "
               f"(after the protocol's steps: {v['at_scale_steps']['mean']:+.4f})")
+for label, c in result["rate_check"].get("comparisons", {}).items():  # claims 1, 3, 4 at a better learning rate
+    if c["high"] and c["protocol"]:
+        print(f"{label}: {c['high']['mean']:+.4f} at lr {result['rate_check']['learning_rate']:g}, "
+              f"{c['protocol']['mean']:+.4f} at the protocol's rate")
 for E, v in result["drops"]["by_experts"].items():  # dropped in the second half, per MoE layer
     if v["by_layer"] and v["mean"] > 0:
         print(f"E = {E}: dropped per layer " + " / ".join(f"{d:.2%}" for d in v["by_layer"]))

@@ -232,6 +232,15 @@ def analyse_learning_rate(rows) -> dict:
             "protocol": scale_point}
 
 
+def _spread(values) -> dict | None:
+    """mean, sample sd (0 for one value) and n of `values` (None when empty)."""
+    values = np.asarray(list(values), float)
+    if not len(values):
+        return None
+    return {"mean": float(values.mean()), "std": float(values.std(ddof=1)) if len(values) > 1 else 0.0,
+            "n": len(values)}
+
+
 def _paired_gap(dense: dict, moe: dict) -> tuple[list, dict]:
     """dense, moe: seed -> {step: eval CE}. The seeds both have and, at every step all of them evaluated, MoE - dense
     paired seed by seed: {step: {"mean", "std" (0 for one seed), "n"}}."""
@@ -360,23 +369,13 @@ def analyse_train_length(rows) -> dict:
                      "final": curve[steps[-1]] if steps else None,
                      "dense": float(np.mean([dense[s][steps[-1]] for s in seeds])),
                      "moe": float(np.mean([moe[s][steps[-1]] for s in seeds])),
-                     "at_scale_steps": {"mean": float(np.mean(base)), "n": len(base),
-                                        "std": float(np.std(base, ddof=1)) if len(base) > 1 else 0.0} if base else None}
+                     "at_scale_steps": _spread(base)}
     return out
 
 
 # rate_check: the comparisons the protocol judges, as (label, claim, better model, reference model)
 RATE_COMPARISONS = (("G1 - dense", 1, "G1", "dense"), ("G4 - G1 (per step)", 3, "G4", "G1"),
                     ("G16 - G1 (per step)", 3, "G16", "G1"), ("fine_x4 - gshard", 4, "fine_x4", "gshard"))
-
-
-def _spread(values) -> dict | None:
-    """mean, sample sd (0 for one value) and n of `values` (None when empty)."""
-    values = np.asarray(list(values), float)
-    if not len(values):
-        return None
-    return {"mean": float(values.mean()), "std": float(values.std(ddof=1)) if len(values) > 1 else 0.0,
-            "n": len(values)}
 
 
 def _paired(a: dict, b: dict) -> dict | None:

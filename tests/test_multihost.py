@@ -64,7 +64,9 @@ def test_two_processes_with_an_expert_axis_across_them_match_one_process(eight_d
     multi_cfg = write_config(tmp_path / "multi.py", data_dir, 2, address)
     make_lm_data(load_config(multi_cfg).data)  # build the corpus once, before two processes would race for it
 
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu",
+    # 4 devices per process; the backend optimisation level of this process (conftest: off), as the reference's
+    opt = [f for f in os.environ.get("XLA_FLAGS", "").split() if f.startswith("--xla_backend_optimization_level")]
+    env = dict(os.environ, XLA_FLAGS=" ".join(["--xla_force_host_platform_device_count=4", *opt]), JAX_PLATFORMS="cpu",
                JAX_DEFAULT_MATMUL_PRECISION="highest", PYTHONPATH=REPO)
     workdir = tmp_path / "multi"
     procs = [subprocess.Popen(

@@ -375,7 +375,8 @@ def analyse_train_length(rows) -> dict:
 
 # rate_check: the comparisons the protocol judges, as (label, claim, better model, reference model)
 RATE_COMPARISONS = (("G1 - dense", 1, "G1", "dense"), ("G4 - G1 (per step)", 3, "G4", "G1"),
-                    ("G16 - G1 (per step)", 3, "G16", "G1"), ("fine_x4 - gshard", 4, "fine_x4", "gshard"))
+                    ("G16 - G1 (per step)", 3, "G16", "G1"), ("G4 - G1 (equal FLOPs)", 3, "G4@flops", "G1"),
+                    ("G16 - G1 (equal FLOPs)", 3, "G16@flops", "G1"), ("fine_x4 - gshard", 4, "fine_x4", "gshard"))
 
 
 def _paired(a: dict, b: dict) -> dict | None:

@@ -29,6 +29,14 @@ def _useful_per_step(spec: RunSpec) -> float:
     return run_flops(build_run_config(spec.config))["per_step"]["useful_flops"]
 
 
+def flops_matched_steps(scale: Scale, size: str, model: dict) -> int:
+    """Steps at which `model` spends the useful training FLOPs (router counted) of the scale's base MoE at `size`
+    over the scale's steps."""
+    reference = _useful_per_step(make_spec(NAME, scale, size=size, seed=0, axes={}, model=scale.model(size)))
+    per_step = _useful_per_step(make_spec(NAME, scale, size=size, seed=0, axes={}, model=model))
+    return round(scale.steps(size) * reference / per_step)
+
+
 def sweep(scale: Scale) -> list[RunSpec]:
     specs = []
     for size in scale.axis(scale.granularity_sizes):
@@ -38,11 +46,9 @@ def sweep(scale: Scale) -> list[RunSpec]:
                 specs.append(make_spec(NAME, scale, size=size, seed=seed, axes={"G": G, "budget": "steps"},
                                        model=scale.model(size, granularity=G)))
     size = scale.headline
-    reference = _useful_per_step(make_spec(NAME, scale, size=size, seed=0, axes={}, model=scale.model(size)))
     for G in scale.axis(GRANULARITY):
         model = scale.model(size, granularity=G)
-        per_step = _useful_per_step(make_spec(NAME, scale, size=size, seed=0, axes={}, model=model))
-        steps = round(scale.steps(size) * reference / per_step)
+        steps = flops_matched_steps(scale, size, model)
         for seed in scale.flops_matched_seeds:
             specs.append(make_spec(NAME, scale, size=size, seed=seed, axes={"G": G, "budget": "flops"},
                                    model=model, steps=steps))

@@ -18,7 +18,7 @@ from experiments import fit, runner, scales, sweep_config, sweeps
 from experiments.collect import aggregate, loss_at
 from experiments.flops import run_flops
 from experiments.spec import make_spec
-from experiments.sweeps import granularity, shared_experts
+from experiments.sweeps import granularity, rate_check, shared_experts
 from moe_jax.params import count_params
 from moe_jax.train.metrics import read_jsonl
 from moe_jax.train.run_config import build_run_config
@@ -520,6 +520,26 @@ def test_rate_check_pairs_each_model_with_its_protocol_run(smoke):
     assert c["protocol"]["mean"] == pytest.approx(low["G1"] - low["dense"])
     for v in ("dense", "G1"):
         assert r["variants"][v]["change"]["mean"] == pytest.approx(high[v] - low[v])
+
+
+def test_rate_check_runs_the_judged_models_at_the_best_rate():
+    """cpu: each model of claims 1, 3 and 4 at the rate x 4 (the learning_rate sweep's x 4 point is its seed-0 run);
+    G4@flops and G16@flops are the granularity sweep's FLOP-matched runs at that rate; no pod runs."""
+    cpu = scales.get("cpu")
+    specs = sweeps.specs("rate_check", cpu)
+    lr = cpu.train["learning_rate"] * cpu.rate_check_factor
+    assert {s.axes["variant"] for s in specs} == set(rate_check.VARIANTS)
+    assert all(s.config.train.learning_rate == pytest.approx(lr) and s.axes["seed"] in cpu.seeds for s in specs)
+    lr_runs = {s.name for s in sweeps.specs("learning_rate", cpu)}
+    assert {s.name for s in specs if s.axes["seed"] == 0 and s.axes["variant"] in ("dense", "G1")} <= lr_runs
+    matched = {s.config.model.granularity: s.steps for s in sweeps.specs("granularity", cpu)
+               if s.axes["budget"] == "flops"}
+    for s in specs:
+        G = s.config.model.granularity
+        want = matched[G] if s.axes["variant"].endswith("@flops") else cpu.steps("s")
+        assert s.steps == want, s.name
+    assert matched[16] < matched[4] < cpu.steps("s")
+    assert not sweeps.specs("rate_check", scales.get("pod"))
 
 
 def test_rate_check_by_hand():

@@ -379,6 +379,17 @@ RATE_COMPARISONS = (("G1 - dense", 1, "G1", "dense"), ("G4 - G1 (per step)", 3, 
                     ("G16 - G1 (equal FLOPs)", 3, "G16@flops", "G1"), ("fine_x4 - gshard", 4, "fine_x4", "gshard"))
 
 
+DEEPSEEK_ORDER = ("dense", "hash", "switch", "gshard", "fine_x4")  # fine_x4 stands for DeepSeekMoE
+
+
+def _deepseek_tau(means: dict, published: dict) -> float | None:
+    """Kendall tau between our mean losses and DeepSeekMoE's Table 1 over DEEPSEEK_ORDER (None if one is missing)."""
+    if not all(v in means for v in DEEPSEEK_ORDER):
+        return None
+    return float(stats.kendalltau([means[v] for v in DEEPSEEK_ORDER],
+                                  [published["deepseekmoe" if v == "fine_x4" else v] for v in DEEPSEEK_ORDER])[0])
+
+
 def _paired(a: dict, b: dict) -> dict | None:
     """a, b: seed -> eval CE. a - b paired seed by seed over the seeds both have (None when none)."""
     return _spread(a[s] - b[s] for s in sorted(set(a) & set(b)))
@@ -408,6 +419,8 @@ def analyse_rate_check(rows) -> dict:
                               "change": _paired(ce, low.get(v, {})),
                               "dropped": {rate: float(np.mean(d)) for rate in ("high", "protocol")
                                           if (d := drops.get((v, rate))) and None not in d}}
+    out["kendall_tau"] = {rate: _deepseek_tau({v: x[rate]["mean"] for v, x in out["variants"].items() if x[rate]},
+                                              PUBLISHED["deepseekmoe_table1"]) for rate in ("high", "protocol")}
     for label, claim, a, b in RATE_COMPARISONS:
         if a in high and b in high:
             out["comparisons"][label] = {"claim": claim, "high": _paired(high[a], high[b]),
@@ -457,6 +470,8 @@ def _at_rate(result: dict, claim: int) -> str:
     r = result.get("rate_check") or {}
     parts = [f"{label} {c['high']['mean']:+.4f} (n={c['high']['n']})"
              for label, c in r.get("comparisons", {}).items() if c["claim"] == claim and c.get("high")]
+    if claim == 4 and (r.get("kendall_tau") or {}).get("high") is not None:
+        parts.insert(0, f"Kendall tau {r['kendall_tau']['high']:+.2f}")
     return f"; at learning rate {r['learning_rate']:g} (not part of the verdict): {', '.join(parts)}" if parts else ""
 
 
@@ -529,12 +544,10 @@ def checks(result: dict) -> list[dict]:
     # 4. DeepSeekMoE's ordering (Kendall tau >= 0.6) and fine-grained + shared beats GShard.
     sh = result["shared_experts"]["by_variant"]
     pub = result["published"]["deepseekmoe_table1"]
-    common = [v for v in ("dense", "hash", "switch", "gshard", "fine_x4") if v in sh]
-    if noise is None or len(common) < 5:
+    tau = _deepseek_tau({v: x["mean"] for v, x in sh.items()}, pub)
+    if noise is None or tau is None:
         out.append(_check("DeepSeekMoE's ordering; fine-grained + shared beats GShard", None, "runs missing"))
     else:
-        tau = float(stats.kendalltau([sh[v]["mean"] for v in common],
-                                     [pub["deepseekmoe" if v == "fine_x4" else v] for v in common])[0])
         diff = sh["fine_x4"]["mean"] - sh["gshard"]["mean"]
         out.append(_check("DeepSeekMoE's ordering; fine-grained + shared beats GShard",
                           tau >= 0.6 and _beyond(diff, noise),
@@ -559,11 +572,11 @@ def checks(result: dict) -> list[dict]:
                 where += (f"; size {size} trained {v['steps']} steps (not part of the verdict): "
                           f"{np.mean(v['by_layer']):.2%}, per layer {' / '.join(f'{d:.2%}' for d in v['by_layer'])}")
         rate = result.get("rate_check") or {}
-        at_rate = (rate.get("variants", {}).get("G1") or {}).get("dropped", {})
-        if "high" in at_rate:
-            where += (f"; at learning rate {rate['learning_rate']:g} (not part of the verdict): {at_rate['high']:.2%} "
-                      f"over {rate['variants']['G1']['high']['n']} seeds, against {at_rate.get('protocol', float('nan')):.2%} "
-                      "at the protocol's rate")
+        g1 = rate.get("variants", {}).get("G1") or {}
+        if "high" in g1.get("dropped", {}):
+            high, protocol = g1["dropped"]["high"], g1["dropped"].get("protocol", float("nan"))
+            where += (f"; at learning rate {rate['learning_rate']:g} (not part of the verdict): {high:.2%} over "
+                      f"{g1['high']['n']} seeds, against {protocol:.2%} at the protocol's rate")
         out.append(_check("drops at capacity factor 1.25 <= 2 %; no balance loss drops more", ok,
                           f"cf 1.25: {cap['dropped_fraction']:.2%} dropped in the second half{where}; without the balance "
                           f"loss {nobal['dropped_fraction']:.2%} (load CV {nobal['load_cv']:.3f}) vs "

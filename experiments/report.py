@@ -353,8 +353,10 @@ def section_rate_check(result) -> list[str]:
     noise, lr = _noise(result), r["learning_rate"]
     lines = [f"## The judged comparisons at learning rate {lr:g} (rate_check sweep)", "",
              f"The models of claims 1, 3 and 4 at the headline size trained again at {lr:g} (the learning_rate sweep's "
-             "best rate), every seed; beside each, the same configuration at the protocol's rate. Differences are "
-             "paired seed by seed. The verdicts above stay on the protocol's rate.", ""]
+             "best rate), every seed; beside each, the same configuration at the protocol's rate. G4@flops and "
+             "G16@flops train fewer steps, so that they spend the training FLOPs of G = 1 (router counted), as the "
+             "granularity sweep's FLOP-matched runs. Differences are paired seed by seed. The verdicts above stay on "
+             "the protocol's rate.", ""]
     pct = lambda x: "-" if x is None else f"{x:.2%}"
     lines += _table(["model", f"eval CE at {lr:g}", "eval CE at the protocol's rate", "change",
                      f"dropped (2nd half) at {lr:g} / protocol's rate"],
@@ -366,6 +368,11 @@ def section_rate_check(result) -> list[str]:
                     [[f"{label} ({c['claim']})", _spread(c["high"]), _spread(c["protocol"]),
                       _diff_verdict(c["high"]["mean"], noise) if c.get("high") else "-"]
                      for label, c in r["comparisons"].items()])
+    tau = r.get("kendall_tau") or {}
+    if tau.get("high") is not None:
+        lines += ["", f"- Kendall tau against DeepSeekMoE's ordering (dense, hash, switch, gshard, fine_x4) at {lr:g}: "
+                      f"{tau['high']:+.2f}; at the protocol's rate, the same runs' seeds: "
+                      + (f"{tau['protocol']:+.2f}." if tau.get("protocol") is not None else "-.")]
     return lines + [""]
 
 

@@ -564,6 +564,12 @@ def test_rate_check_by_hand():
     assert r["variants"]["G1"]["change"]["mean"] == pytest.approx(-0.055)  # (-0.06 - 0.05) / 2
     assert r["variants"]["dense"]["high"] == pytest.approx({"mean": 1.81, "std": 0.01, "n": 3})
     assert set(r["comparisons"]) == {"G1 - dense"}  # G4, G16, gshard, fine_x4 were not trained
+    assert r["kendall_tau"] == {"high": None, "protocol": None}  # hash, switch, gshard, fine_x4 missing
+    # DeepSeekMoE's five: published order dense > hash > switch > gshard > fine_x4; ours swaps hash and switch
+    ce = {"hash": 1.74, "switch": 1.75, "gshard": 1.72, "fine_x4": 1.70}
+    rows += [row("rate_check", f"s_{v}_lr0.012_seed0", v, 0, c) for v, c in ce.items()]
+    tau = analyse_rate_check(rows)["kendall_tau"]
+    assert tau["high"] == pytest.approx(0.8) and tau["protocol"] is None  # 9 of 10 pairs concordant
 
 
 def test_ledger_identity_by_hand():

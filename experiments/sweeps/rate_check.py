@@ -9,7 +9,8 @@ the models of the comparisons the protocol judges:
   G4, G16         claim 3 (granularity at equal total and active parameters; G = 4 was the per-step best), per
                   step, and G4@flops, G16@flops at the FLOPs of G = 1 (the steps of the granularity sweep's
                   FLOP-matched runs): claim 3 is judged at equal FLOPs
-  gshard, fine_x4 claim 4's last comparison (fine-grained + shared against top-2 of 16)
+  gshard, fine_x4 claim 4 (fine-grained + shared against top-2 of 16), and with hash and switch (16 experts,
+  hash, switch    top-1) and dense, the five models of its ordering against DeepSeekMoE's Table 1
 The seed-0 dense and G1 runs are the learning_rate sweep's x 4 points (same configuration, same name). The
 verdicts stay on the protocol's rate; this measures whether each comparison changes at the better rate.
 The pod scale has no factor until its own learning_rate sweep has picked one: no runs there.
@@ -21,7 +22,7 @@ from experiments.spec import RunSpec, make_spec
 from experiments.sweeps import granularity, shared_experts
 
 NAME = "rate_check"
-VARIANTS = ("dense", "G1", "G4", "G16", "G4@flops", "G16@flops", "gshard", "fine_x4")
+VARIANTS = ("dense", "G1", "G4", "G16", "G4@flops", "G16@flops", "gshard", "fine_x4", "hash", "switch")
 
 
 def variant_model(scale: Scale, size: str, variant: str) -> dict:

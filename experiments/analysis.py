@@ -5,7 +5,8 @@
 Every number comes from the rows (or, for "published", from the papers: the table or figure is
 named in each key of `PUBLISHED`); a comparison that lacks the points it needs says so in "skipped"
 instead of fitting fewer points than the law has coefficients. `checks(result)` turns the numbers
-into the protocol's pass / not-met verdicts.
+into the protocol's pass / not-met verdicts. The diagnoses beside the judged sweeps (token budget, where the
+drops happen, training length, the rate check) are in experiments/diagnostics.py.
 """
 from __future__ import annotations
 
@@ -16,21 +17,19 @@ from scipy import stats
 
 from experiments import fit as fit_lib
 from experiments.collect import aggregate, loss_at
+from experiments.collect import finished as _ok
+from experiments.diagnostics import (DEEPSEEK_TABLE1, analyse_budget, analyse_drops, analyse_rate_check,
+                                     analyse_train_length, deepseek_tau)
 
 PUBLISHED = {
     "krajewski_table1": fit_lib.KRAJEWSKI,
     "clark_table3_s_base": fit_lib.CLARK_S_BASE,
-    "deepseekmoe_table1": {"dense": 2.060, "hash": 1.932, "switch": 1.881, "gshard": 1.867, "deepseekmoe": 1.808},
+    "deepseekmoe_table1": DEEPSEEK_TABLE1,
     "st_moe_drop_rate": {0.75: 0.106, 1.25: 0.003},
     "switch_table1": "capacity factor 1.0 / 1.25 / 2.0 change quality little; dropped tokens typically < 1 %",
     "switch_fig4": "loss falls steadily with the number of experts at equal compute (2 -> 256 experts)",
 }
 MIN_SEEDS = 3  # seeds a headline comparison needs before its verdict can hold
-
-
-def _ok(rows, sweep, **where):
-    return [r for r in rows if r["sweep"] == sweep and r.get("status") == "ok"
-            and all(r.get(k) == v for k, v in where.items())]
 
 
 def _by(rows, key, value="final_eval_ce"):
@@ -232,202 +231,6 @@ def analyse_learning_rate(rows) -> dict:
             "protocol": scale_point}
 
 
-def _spread(values) -> dict | None:
-    """mean, sample sd (0 for one value) and n of `values` (None when empty)."""
-    values = np.asarray(list(values), float)
-    if not len(values):
-        return None
-    return {"mean": float(values.mean()), "std": float(values.std(ddof=1)) if len(values) > 1 else 0.0,
-            "n": len(values)}
-
-
-def _paired_gap(dense: dict, moe: dict) -> tuple[list, dict]:
-    """dense, moe: seed -> {step: eval CE}. The seeds both have and, at every step all of them evaluated, MoE - dense
-    paired seed by seed: {step: {"mean", "std" (0 for one seed), "n"}}."""
-    seeds = sorted(set(dense) & set(moe))
-    steps = sorted(set.intersection(*(set(dense[s]) & set(moe[s]) for s in seeds))) if seeds else []
-    gap = {}
-    for step in steps:
-        d = np.array([moe[s][step] - dense[s][step] for s in seeds])
-        gap[int(step)] = {"mean": float(d.mean()), "std": float(d.std(ddof=1)) if len(d) > 1 else 0.0, "n": len(d)}
-    return seeds, gap
-
-
-def _curves_by_variant(runs) -> tuple[dict, dict]:
-    """Runs of a dense-vs-MoE sweep -> (dense, moe): seed -> {step: eval CE}."""
-    return tuple({r["seed"]: dict(map(tuple, r["eval_curve"])) for r in runs if r["variant"] == v}
-                 for v in ("dense", "moe"))
-
-
-def analyse_budget(rows) -> dict:
-    """The token-budget diagnosis: MoE (8 experts, top-1) minus dense eval CE at every evaluation of the runs,
-    paired seed by seed at the headline size (a seed fixes the data order; eval windows are the same for all),
-    and per size from the model-size sweep (the mean of the paired differences over its seeds)."""
-    pts = _ok(rows, "num_experts")
-    dense = {r["seed"]: dict(map(tuple, r["eval_curve"])) for r in pts if r["E"] == 1}
-    moe = {r["seed"]: dict(map(tuple, r["eval_curve"])) for r in pts if r["E"] == 8}
-    tokens = {r["seed"]: r["tokens_per_step"] for r in pts}
-    active = next((r["params_active"] for r in pts if r["E"] == 8), None)
-    seeds, gap = _paired_gap(dense, moe)
-    headline = {step: dict(g, tokens=int(step * tokens[seeds[0]]),
-                           tokens_per_active_param=step * tokens[seeds[0]] / active if active else None)
-                for step, g in gap.items()}
-    per_size, per_size_seeds = {}, {}
-    sized = _ok(rows, "model_size")
-    for size in sorted({r["size"] for r in sized}, key=lambda s: min(r["params_active"] for r in sized
-                                                                        if r["size"] == s)):
-        pairs, gap = _paired_gap(*_curves_by_variant([r for r in sized if r["size"] == size]))
-        if pairs:
-            per_size[size] = {step: g["mean"] for step, g in gap.items()}
-            per_size_seeds[size] = pairs
-    return {"headline": headline, "seeds": seeds, "per_size": per_size, "per_size_seeds": per_size_seeds}
-
-
-def _layer_means(runs) -> list[float] | None:
-    """Per MoE layer, the mean over `runs` of their second-half drop rates (None when a run lacks them)."""
-    per = [r.get("dropped_by_layer") for r in runs]
-    if not per or any(p is None for p in per) or len({len(p) for p in per}) != 1:
-        return None
-    return [float(v) for v in np.mean(per, axis=0)]
-
-
-DROP_WINDOWS = 6  # equal parts of training over which the per-layer drop rates are averaged
-
-
-def _windows_by_layer(runs, windows: int) -> list[list[float]] | None:
-    """[layer][window]: the mean over `runs` and the logged steps in each of `windows` equal parts of training of
-    each MoE layer's dropped fraction (None when a run lacks per-layer curves or the runs differ in layers)."""
-    per_run = []
-    for r in runs:
-        curve = r.get("drop_curve_by_layer")
-        if not curve:
-            return None
-        edges = np.linspace(0, r["steps"], windows + 1)
-        per_run.append([[float(np.mean([d[m] for step, d in curve if lo < step <= hi] or [np.nan]))
-                         for lo, hi in zip(edges[:-1], edges[1:])] for m in range(len(curve[0][1]))])
-    if not per_run or len({len(p) for p in per_run}) != 1:
-        return None
-    return [[float(v) for v in row] for row in np.nanmean(np.array(per_run), axis=0)]
-
-
-def analyse_drops(rows) -> dict:
-    """Where the second-half drops happen: per MoE layer for every expert count of the expert sweep and every
-    size of the model-size sweep (means over seeds), and the hash-routed runs' measured rate per expert count."""
-    out = {"by_experts": {}, "by_size": {}, "hash": {}}
-    moe = [r for r in _ok(rows, "num_experts") if r["E"] > 1]
-    for E in sorted({r["E"] for r in moe}):
-        here = [r for r in moe if r["E"] == E]
-        out["by_experts"][str(E)] = {"by_layer": _layer_means(here), "mean": float(np.mean(
-            [r["dropped_fraction"] for r in here])), "n": len(here)}
-    sized = [r for r in _ok(rows, "model_size") if r["variant"] == "moe"]
-    for size in sorted({r["size"] for r in sized}, key=lambda s: min(r["params_active"] for r in sized
-                                                                      if r["size"] == s)):
-        here = [r for r in sized if r["size"] == size]
-        out["by_size"][size] = {"by_layer": _layer_means(here), "n": len(here), "steps": here[0]["steps"]}
-    long = [r for r in _ok(rows, "train_length") if r["variant"] == "moe"]
-    out["by_size_long"] = {size: {"by_layer": _layer_means([r for r in long if r["size"] == size]),
-                                  "steps": next(r["steps"] for r in long if r["size"] == size),
-                                  "n": sum(r["size"] == size for r in long)} for size in sorted({r["size"] for r in long})}
-    # how the drops of each layer fall over training: the base configuration, every other size, the longer runs
-    out["convergence"] = {}
-    groups = [(f"size {moe[0]['size']}, {moe[0]['steps']} steps", [r for r in moe if r["E"] == 8])] if moe else []
-    headline = moe[0]["size"] if moe else None
-    groups += [(f"size {size}, {v['steps']} steps", [r for r in sized if r["size"] == size])
-               for size, v in out["by_size"].items() if size != headline]
-    groups += [(f"size {size}, {v['steps']} steps", [r for r in long if r["size"] == size])
-               for size, v in out["by_size_long"].items()]
-    for label, runs in groups:
-        curve = _windows_by_layer(runs, DROP_WINDOWS)
-        if curve:
-            out["convergence"][label] = curve
-    hashed = [r for r in _ok(rows, "routers") + _ok(rows, "shared_experts") if "_hash_" in r["name"]]
-    for E in sorted({r["experts"] for r in hashed}):
-        here = [r for r in hashed if r["experts"] == E]
-        out["hash"][str(E)] = {"dropped_fraction": float(np.mean([r["dropped_fraction"] for r in here])),
-                               "n": len({r["name"] for r in here})}
-    return out
-
-
-def analyse_train_length(rows) -> dict:
-    """Per size of the train_length sweep: MoE - dense paired seed by seed at every evaluation of the long runs,
-    beside the same pairs at the scale's steps (model-size sweep)."""
-    out = {}
-    long = _ok(rows, "train_length")
-    short = _ok(rows, "model_size")
-    for size in sorted({r["size"] for r in long}):
-        dense, moe = _curves_by_variant([r for r in long if r["size"] == size])
-        seeds, gap = _paired_gap(dense, moe)
-        if not seeds:
-            continue
-        steps = list(gap)
-        r0 = next(r for r in long if r["size"] == size and r["variant"] == "moe")
-        curve = {step: dict(g, tokens_per_active_param=step * r0["tokens_per_step"] / r0["params_active"])
-                 for step, g in gap.items()}
-        ce = {(r["variant"], r["seed"]): r["final_eval_ce"] for r in short if r["size"] == size}
-        base = [ce["moe", s] - ce["dense", s] for s in seeds if ("moe", s) in ce and ("dense", s) in ce]
-        out[size] = {"steps": int(r0["steps"]), "seeds": seeds, "curve": curve,
-                     "final": curve[steps[-1]] if steps else None,
-                     "dense": float(np.mean([dense[s][steps[-1]] for s in seeds])),
-                     "moe": float(np.mean([moe[s][steps[-1]] for s in seeds])),
-                     "at_scale_steps": _spread(base)}
-    return out
-
-
-# rate_check: the comparisons the protocol judges, as (label, claim, better model, reference model)
-RATE_COMPARISONS = (("G1 - dense", 1, "G1", "dense"), ("G4 - G1 (per step)", 3, "G4", "G1"),
-                    ("G16 - G1 (per step)", 3, "G16", "G1"), ("G4 - G1 (equal FLOPs)", 3, "G4@flops", "G1"),
-                    ("G16 - G1 (equal FLOPs)", 3, "G16@flops", "G1"), ("fine_x4 - gshard", 4, "fine_x4", "gshard"))
-
-
-DEEPSEEK_ORDER = ("dense", "hash", "switch", "gshard", "fine_x4")  # fine_x4 stands for DeepSeekMoE
-
-
-def _deepseek_tau(means: dict, published: dict) -> float | None:
-    """Kendall tau between our mean losses and DeepSeekMoE's Table 1 over DEEPSEEK_ORDER (None if one is missing)."""
-    if not all(v in means for v in DEEPSEEK_ORDER):
-        return None
-    return float(stats.kendalltau([means[v] for v in DEEPSEEK_ORDER],
-                                  [published["deepseekmoe" if v == "fine_x4" else v] for v in DEEPSEEK_ORDER])[0])
-
-
-def _paired(a: dict, b: dict) -> dict | None:
-    """a, b: seed -> eval CE. a - b paired seed by seed over the seeds both have (None when none)."""
-    return _spread(a[s] - b[s] for s in sorted(set(a) & set(b)))
-
-
-def analyse_rate_check(rows) -> dict:
-    """The rate_check sweep: each variant at the higher rate beside the same configuration at the protocol's rate
-    (the run of the same name without its `_lr` part, from whichever sweep trained it), and the protocol's
-    comparisons (RATE_COMPARISONS) paired seed by seed at both rates."""
-    runs = _ok(rows, "rate_check")
-    if not runs:
-        return {}
-    by_name = {r["name"]: r for r in rows if r.get("status") == "ok"}
-    lr = runs[0]["learning_rate"]
-    high, low = {}, {}  # variant -> seed -> eval CE
-    drops = {}  # (variant, rate) -> second-half dropped fractions
-    for r in runs:
-        high.setdefault(r["variant"], {})[r["seed"]] = r["final_eval_ce"]
-        drops.setdefault((r["variant"], "high"), []).append(r.get("dropped_fraction"))
-        protocol = by_name.get(r["name"].replace(f"_lr{lr:g}_", "_"))
-        if protocol is not None:
-            low.setdefault(r["variant"], {})[r["seed"]] = protocol["final_eval_ce"]
-            drops.setdefault((r["variant"], "protocol"), []).append(protocol.get("dropped_fraction"))
-    out = {"learning_rate": lr, "variants": {}, "comparisons": {}}
-    for v, ce in high.items():
-        out["variants"][v] = {"high": _spread(ce.values()), "protocol": _spread(low.get(v, {}).values()),
-                              "change": _paired(ce, low.get(v, {})),
-                              "dropped": {rate: float(np.mean(d)) for rate in ("high", "protocol")
-                                          if (d := drops.get((v, rate))) and None not in d}}
-    out["kendall_tau"] = {rate: _deepseek_tau({v: x[rate]["mean"] for v, x in out["variants"].items() if x[rate]},
-                                              PUBLISHED["deepseekmoe_table1"]) for rate in ("high", "protocol")}
-    for label, claim, a, b in RATE_COMPARISONS:
-        if a in high and b in high:
-            out["comparisons"][label] = {"claim": claim, "high": _paired(high[a], high[b]),
-                                         "protocol": _paired(low.get(a, {}), low.get(b, {}))}
-    return out
-
-
 def analyse(rows, *, bootstrap_n: int = 100, self_test: bool = True) -> dict:
     rows = [dict(r, name_wo_seed=r["name"].rsplit("_seed", 1)[0]) for r in rows]
     result = {
@@ -544,7 +347,7 @@ def checks(result: dict) -> list[dict]:
     # 4. DeepSeekMoE's ordering (Kendall tau >= 0.6) and fine-grained + shared beats GShard.
     sh = result["shared_experts"]["by_variant"]
     pub = result["published"]["deepseekmoe_table1"]
-    tau = _deepseek_tau({v: x["mean"] for v, x in sh.items()}, pub)
+    tau = deepseek_tau({v: x["mean"] for v, x in sh.items()}, pub)
     if noise is None or tau is None:
         out.append(_check("DeepSeekMoE's ordering; fine-grained + shared beats GShard", None, "runs missing"))
     else:

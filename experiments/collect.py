@@ -180,6 +180,12 @@ def write_table(rows: list[dict], out: str) -> tuple[str, str]:
     return csv_path, json_path
 
 
+def finished(rows: list[dict], sweep: str, **where) -> list[dict]:
+    """The rows of `sweep` whose run finished (status ok) and whose fields equal `where`."""
+    return [r for r in rows if r["sweep"] == sweep and r.get("status") == "ok"
+            and all(r.get(k) == v for k, v in where.items())]
+
+
 def aggregate(rows: list[dict], by: tuple, value: str = "final_eval_ce") -> list[dict]:
     """Mean, sample std (ddof=1; 0 with one seed) and n of `value` over the finished rows sharing `by`."""
     groups: dict[tuple, list[float]] = {}

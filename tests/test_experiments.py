@@ -544,7 +544,7 @@ def test_rate_check_runs_the_judged_models_at_the_best_rate():
 
 def test_rate_check_by_hand():
     """Seeds pair only where both runs exist; the protocol's run is the same name without its `_lr` part."""
-    from experiments.analysis import analyse_rate_check
+    from experiments.diagnostics import analyse_rate_check
 
     def row(sweep, name, variant, seed, ce):
         return {"sweep": sweep, "name": name, "variant": variant, "seed": seed, "final_eval_ce": ce,
@@ -620,8 +620,8 @@ def test_final_ledgers_reads_the_last_steps_ledger_of_top1_runs(tmp_path):
 
 
 def test_drops_per_layer_over_training_by_hand():
-    """analysis._windows_by_layer: per layer, the mean over runs of the logged drops in equal parts of training."""
-    from experiments.analysis import _windows_by_layer
+    """diagnostics._windows_by_layer: per layer, the mean over runs of the logged drops in equal parts of training."""
+    from experiments.diagnostics import _windows_by_layer
 
     a = {"steps": 6, "drop_curve_by_layer": [[1, [.6, .1]], [2, [.4, .1]], [3, [.3, 0]], [4, [.1, 0]], [5, [.2, 0]],
                                              [6, [0, 0]]]}

@@ -118,7 +118,7 @@ class Scale:
 # MoE fields a sweep may set beyond the ones `Scale.model` fills in.
 MOE_EXTRA_FIELDS = frozenset({
     "overflow", "num_shared_experts", "shared_d_ff", "priority", "grouping", "score_fn",
-    "normalize_topk", "expert_backend", "use_correction_bias", "topk_order", "group_size"})
+    "normalize_topk", "expert_backend", "use_correction_bias", "topk_order", "group_size", "first_dense_layers"})
 # Training fields a sweep may set (the learning-rate sweep); the rest come from the scale.
 TRAIN_OVERRIDES = frozenset({"learning_rate", "warmup_steps"})
 

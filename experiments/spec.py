@@ -28,6 +28,7 @@ LABELS = {
     "shared_d_ff": "sharedF", "balance_loss_coef": "bal", "z_loss_coef": "z", "router": "",
     "overflow": "", "grouping": "", "min_capacity": "mincap", "group_size": "S",
     "learning_rate": "lr", "warmup_steps": "warmup", "expert_backend": "", "topk_order": "",
+    "first_dense_layers": "FD",
 }
 _FIRST = ("num_experts", "num_experts_per_token", "granularity")
 

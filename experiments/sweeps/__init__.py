@@ -7,11 +7,11 @@
 from __future__ import annotations
 
 from experiments.spec import RunSpec
-from experiments.sweeps import (aux_losses, capacity, granularity, learning_rate, model_size, num_experts, rate_check,
-                                routers, shared_experts, train_length)
+from experiments.sweeps import (aux_losses, capacity, first_dense, granularity, learning_rate, model_size, num_experts,
+                                rate_check, routers, shared_experts, train_length)
 
 SWEEPS = {m.NAME: m for m in (learning_rate, num_experts, granularity, model_size, shared_experts, capacity, routers,
-                              aux_losses, train_length, rate_check)}
+                              aux_losses, train_length, rate_check, first_dense)}
 
 
 def parse(names) -> list[str]:

@@ -18,8 +18,8 @@ from scipy import stats
 from experiments import fit as fit_lib
 from experiments.collect import aggregate, loss_at
 from experiments.collect import finished as _ok
-from experiments.diagnostics import (DEEPSEEK_TABLE1, analyse_budget, analyse_drops, analyse_rate_check,
-                                     analyse_train_length, deepseek_tau)
+from experiments.diagnostics import (DEEPSEEK_TABLE1, analyse_budget, analyse_drops, analyse_first_dense,
+                                     analyse_rate_check, analyse_train_length, deepseek_tau)
 
 PUBLISHED = {
     "krajewski_table1": fit_lib.KRAJEWSKI,
@@ -54,6 +54,18 @@ def noise_floor(rows) -> dict | None:
     groups = [g for g in aggregate(list(unique.values()), by=("name_wo_seed",)) if g["n"] > 1]
     base = [g for g in groups if g["name_wo_seed"].endswith("_E8_K1_G1")]
     return max(base or groups, key=lambda g: g["n"], default=None)
+
+
+def pooled_noise(rows) -> dict | None:
+    """The seed sd pooled over every configuration with more than one seed (each run once): sqrt(sum (n - 1) s^2 /
+    sum (n - 1)), with its degrees of freedom; a check on the base configuration's estimate from its few seeds."""
+    unique = {r["name"]: r for r in rows if r.get("status") == "ok"}
+    groups = [g for g in aggregate(list(unique.values()), by=("name_wo_seed",)) if g["n"] > 1]
+    df = sum(g["n"] - 1 for g in groups)
+    if not df:
+        return None
+    return {"std": float(np.sqrt(sum((g["n"] - 1) * g["std"] ** 2 for g in groups) / df)), "df": df,
+            "configurations": len(groups)}
 
 
 def analyse_experts(rows, bootstrap_n: int) -> dict:
@@ -246,6 +258,7 @@ def analyse(rows, *, bootstrap_n: int = 100, self_test: bool = True) -> dict:
         "drops": analyse_drops(rows),
         "train_length": analyse_train_length(rows),
         "rate_check": analyse_rate_check(rows),
+        "first_dense": analyse_first_dense(rows),
         "routers": analyse_table(rows, "routers", "variant"),
         "aux_losses": {f"balance {r['balance_loss_coef']:g}, z {r['z_loss_coef']:g}": {
             k: r.get(k) for k in ("final_eval_ce", "dropped_fraction", "load_cv", "name")}
@@ -254,8 +267,14 @@ def analyse(rows, *, bootstrap_n: int = 100, self_test: bool = True) -> dict:
     }
     if self_test:
         result["self_test"] = fit_lib.self_test()
+    result["noise_floor_pooled"] = pooled_noise(rows)
     result = _jsonable(result)
     result["checks"] = checks(result)
+    pooled, nf = result["noise_floor_pooled"], result["noise_floor"]
+    if pooled and nf:  # the same checks against the pooled sd: do the verdicts hinge on the noise estimate?
+        again = checks({**result, "noise_floor": {**nf, "std": pooled["std"]}})
+        pooled["verdicts_that_change"] = [i for i, (a, b) in enumerate(zip(result["checks"], again), 1)
+                                          if a["pass"] != b["pass"]]
     return result
 
 
@@ -380,6 +399,10 @@ def checks(result: dict) -> list[dict]:
             high, protocol = g1["dropped"]["high"], g1["dropped"].get("protocol", float("nan"))
             where += (f"; at learning rate {rate['learning_rate']:g} (not part of the verdict): {high:.2%} over "
                       f"{g1['high']['n']} seeds, against {protocol:.2%} at the protocol's rate")
+        for size, v in (result.get("first_dense") or {}).items():
+            if v.get("dropped") and v.get("base_dropped"):
+                where += (f"; first layer dense, size {size} (not part of the verdict): {v['dropped']['mean']:.2%} "
+                          f"(n={v['dropped']['n']}) against {v['base_dropped']['mean']:.2%}")
         out.append(_check("drops at capacity factor 1.25 <= 2 %; no balance loss drops more", ok,
                           f"cf 1.25: {cap['dropped_fraction']:.2%} dropped in the second half{where}; without the balance "
                           f"loss {nobal['dropped_fraction']:.2%} (load CV {nobal['load_cv']:.3f}) vs "

@@ -4,6 +4,7 @@
     analyse_drops         second-half drops per MoE layer, and how each layer's drops fall over training
     analyse_train_length  MoE - dense of the train_length sweep's longer runs
     analyse_rate_check    the judged comparisons again at the rate_check sweep's learning rate
+    analyse_first_dense   the base MoE with its first layer dense: drops and loss beside the base MoE and dense
 
 experiments/analysis.py calls each of them into its result and judges the claims.
 """
@@ -211,4 +212,35 @@ def analyse_rate_check(rows) -> dict:
         if a in high and b in high:
             out["comparisons"][label] = {"claim": claim, "high": _paired(high[a], high[b]),
                                          "protocol": _paired(low.get(a, {}), low.get(b, {}))}
+    return out
+
+
+def analyse_first_dense(rows) -> dict:
+    """Per size of the first_dense sweep: its runs' second-half drops (mean over their MoE layers, and per layer)
+    beside the base MoE's of the same size and seeds (the run of the same name without `_FD<n>`), and its eval CE
+    minus the base MoE's and minus the dense model's, paired seed by seed."""
+    by_name = {r["name"]: r for r in rows if r.get("status") == "ok"}
+    out = {}
+    runs = _ok(rows, "first_dense")
+    for size in sorted({r["size"] for r in runs}, key=lambda s: min(r["params_active"] for r in runs
+                                                                     if r["size"] == s)):
+        here = [r for r in runs if r["size"] == size]
+        label = f"_FD{here[0]['first_dense_layers']}_"
+        base = {r["seed"]: b for r in here if (b := by_name.get(r["name"].replace(label, "_")))}
+        dense = {r["seed"]: d for r in here if (d := by_name.get(f"{size}_dense_seed{r['seed']}"))}
+        ce = {r["seed"]: r["final_eval_ce"] for r in here}
+        out[size] = {
+            "n": len(here), "steps": here[0]["steps"], "first_dense_layers": here[0]["first_dense_layers"],
+            "eval_ce": _spread(ce.values()),
+            "minus_base": _paired(ce, {s: b["final_eval_ce"] for s, b in base.items()}),
+            "minus_dense": _paired(ce, {s: d["final_eval_ce"] for s, d in dense.items()}),
+            "dropped": _spread(r["dropped_fraction"] for r in here if r.get("dropped_fraction") is not None),
+            "by_layer": _layer_means(here),
+            "base_dropped": _spread(b["dropped_fraction"] for b in base.values()
+                                    if b.get("dropped_fraction") is not None),
+            "base_by_layer": _layer_means(list(base.values())),
+            "convergence": _windows_by_layer(here, DROP_WINDOWS),
+            "params_total": here[0]["params_total"], "base_params_total": next(
+                (b["params_total"] for b in base.values()), None),
+        }
     return out

@@ -29,7 +29,6 @@ paths relative to --out), upcycling.png, report.md. Finished runs are skipped wh
 """
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
@@ -128,7 +127,6 @@ def train_all(scale, size: str, seed: int, extra_fraction: float, out: str, arms
     if not is_finished(base_dir, base["steps"]):
         train(build_run_config(base["config"]), base_dir, log=quiet)
     log(f"[upcycling] base {base['name']}: done ({time.perf_counter() - t0:.0f}s)")
-    base_run = build_run_config(base["config"])
     rows = {"base": {**{k: base[k] for k in ("name", "steps", "flops_per_step")},
                      "workdir": os.path.relpath(base_dir, out), "eval_curve": _eval_curve(base_dir)}}
     for spec in arms:

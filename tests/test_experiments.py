@@ -1,6 +1,6 @@
 """Sweeps, runner, FLOP accounting, fits, plots and report (experiments/).
 
-The smoke protocol trains every sweep's smoke runs (22 distinct tiny runs) once, in a subprocess with two
+The smoke protocol trains every sweep's smoke runs (23 distinct tiny runs) once, in a subprocess with two
 workers and XLA's backend optimisation off (compilation dominates runs of 8 steps); the other tests check the
 outputs, resumption, and the pieces without training.
 """
@@ -18,7 +18,7 @@ from experiments import fit, runner, scales, sweep_config, sweeps
 from experiments.collect import aggregate, loss_at
 from experiments.flops import run_flops
 from experiments.spec import make_spec
-from experiments.sweeps import granularity, rate_check, shared_experts
+from experiments.sweeps import granularity, shared_experts
 from moe_jax.params import count_params
 from moe_jax.train.metrics import read_jsonl
 from moe_jax.train.run_config import build_run_config
@@ -64,8 +64,8 @@ def test_smoke_every_run_finishes_and_learns(smoke):
         workdir = out / "runs" / r["name"]
         assert (workdir / "training.png").exists() and not (workdir / "routing.png").exists(), r["name"]
         assert not (workdir / "ledgers").exists(), r["name"]
-    for sweep in sweeps.SWEEPS:  # smoke: 2 points per axis
-        assert len({r["name"] for r in rows if r["sweep"] == sweep}) >= 2, sweep
+    for sweep in sweeps.SWEEPS:  # smoke: 2 points per axis (first_dense has none: one run per size and seed)
+        assert len({r["name"] for r in rows if r["sweep"] == sweep}) >= (1 if sweep == "first_dense" else 2), sweep
     header = open(out / "results.csv").readline().strip().split(",")
     for column in ("sweep", "name", "seed", "final_eval_ce", "flops_useful", "flops_router", "flops_executed",
                    "dropped_fraction", "params_total", "params_active"):
@@ -521,113 +521,15 @@ def test_rate_check_pairs_each_model_with_its_protocol_run(smoke):
     for v in ("dense", "G1"):
         assert r["variants"][v]["change"]["mean"] == pytest.approx(high[v] - low[v])
 
-
-def test_rate_check_runs_the_judged_models_at_the_best_rate():
-    """cpu: each model of claims 1, 3 and 4 at the rate x 4 (the learning_rate sweep's x 4 point is its seed-0 run);
-    G4@flops and G16@flops are the granularity sweep's FLOP-matched runs at that rate; no pod runs."""
-    cpu = scales.get("cpu")
-    specs = sweeps.specs("rate_check", cpu)
-    lr = cpu.train["learning_rate"] * cpu.rate_check_factor
-    assert {s.axes["variant"] for s in specs} == set(rate_check.VARIANTS)
-    assert all(s.config.train.learning_rate == pytest.approx(lr) and s.axes["seed"] in cpu.seeds for s in specs)
-    lr_runs = {s.name for s in sweeps.specs("learning_rate", cpu)}
-    assert {s.name for s in specs if s.axes["seed"] == 0 and s.axes["variant"] in ("dense", "G1")} <= lr_runs
-    matched = {s.config.model.granularity: s.steps for s in sweeps.specs("granularity", cpu)
-               if s.axes["budget"] == "flops"}
-    for s in specs:
-        G = s.config.model.granularity
-        want = matched[G] if s.axes["variant"].endswith("@flops") else cpu.steps("s")
-        assert s.steps == want, s.name
-    assert matched[16] < matched[4] < cpu.steps("s")
-    assert not sweeps.specs("rate_check", scales.get("pod"))
-
-
-def test_rate_check_by_hand():
-    """Seeds pair only where both runs exist; the protocol's run is the same name without its `_lr` part."""
-    from experiments.diagnostics import analyse_rate_check
-
-    def row(sweep, name, variant, seed, ce):
-        return {"sweep": sweep, "name": name, "variant": variant, "seed": seed, "final_eval_ce": ce,
-                "status": "ok", "learning_rate": 0.012 if sweep == "rate_check" else 0.003}
-
-    rows = [row("rate_check", f"s_dense_lr0.012_seed{s}", "dense", s, 1.80 + 0.01 * s) for s in (0, 1, 2)]
-    rows += [row("rate_check", f"s_E8_K1_G1_lr0.012_seed{s}", "G1", s, 1.70 + 0.02 * s) for s in (0, 1)]
-    rows += [row("model_size", f"s_dense_seed{s}", "dense", s, 1.85) for s in (0, 1, 2)]
-    rows += [row("num_experts", f"s_E8_K1_G1_seed{s}", None, s, 1.76 + 0.01 * s) for s in (0, 1, 2)]
-    r = analyse_rate_check(rows)
-    g1_dense = r["comparisons"]["G1 - dense"]
-    # seeds 0, 1: (1.70 - 1.80, 1.72 - 1.81) -> mean -0.095, sd 0.005 sqrt(2)
-    assert g1_dense["high"]["n"] == 2 and g1_dense["high"]["mean"] == pytest.approx(-0.095)
-    assert g1_dense["high"]["std"] == pytest.approx(0.005 * np.sqrt(2))
-    # the protocol's runs of the seeds trained at the higher rate (0, 1): 1.76 / 1.77 - 1.85
-    assert g1_dense["protocol"]["n"] == 2 and g1_dense["protocol"]["mean"] == pytest.approx(-0.085)
-    assert r["variants"]["G1"]["change"]["mean"] == pytest.approx(-0.055)  # (-0.06 - 0.05) / 2
-    assert r["variants"]["dense"]["high"] == pytest.approx({"mean": 1.81, "std": 0.01, "n": 3})
-    assert set(r["comparisons"]) == {"G1 - dense"}  # G4, G16, gshard, fine_x4 were not trained
-    assert r["kendall_tau"] == {"high": None, "protocol": None}  # hash, switch, gshard, fine_x4 missing
-    # DeepSeekMoE's five: published order dense > hash > switch > gshard > fine_x4; ours swaps hash and switch
-    ce = {"hash": 1.74, "switch": 1.75, "gshard": 1.72, "fine_x4": 1.70}
-    rows += [row("rate_check", f"s_{v}_lr0.012_seed0", v, 0, c) for v, c in ce.items()]
-    tau = analyse_rate_check(rows)["kendall_tau"]
-    assert tau["high"] == pytest.approx(0.8) and tau["protocol"] is None  # 9 of 10 pairs concordant
-
-
-def test_ledger_identity_by_hand():
-    """Eight tokens (ids 3 3 3 7 7 9 3 7), one top-1 layer over 3 experts, groups of 4, capacity 1."""
-    from experiments.identity_routing import ledger_identity
-    from moe_jax.ledger import Ledger
-
-    expert = np.asarray([0, 0, 1, 2, 2, 2, 0, 1], np.int32)[None, :, None]
-    ones = np.ones(expert.shape, np.float32)
-    ledger = Ledger(tokens=np.asarray([[3, 3, 3, 7, 7, 9, 3, 7]], np.int32), layers=np.asarray([2], np.int32),
-                    expert=expert, weight=ones, dropped=np.zeros(expert.shape, bool), score=ones,
-                    correction_bias=np.zeros((1, 3), np.float32), num_experts=3, batch_size=1)
-    (layer,) = ledger_identity(ledger, capacity=1, group=4)
-    # id 3 -> expert 0 three times of four, id 7 -> expert 2 twice of three, id 9 -> expert 2: (3 + 2 + 1) / 8
-    assert layer["layer"] == 2 and layer["majority"] == pytest.approx(0.75)
-    assert layer["top_token_to_one_expert"] == pytest.approx(0.75)  # the most frequent id, 3
-    assert layer["largest_load"] == pytest.approx(3 / 8)  # experts 0 and 2 take 3 tokens each
-    assert layer["busiest_top_tokens"] == [[3, 1.0]]  # expert 0 (the first of the two): id 3 only
-    # groups [0 0 1 2] and [2 2 0 1]: loads (2, 1, 1) and (1, 1, 2), one token over capacity 1 in each
-    assert layer["dropped_at_capacity"] == pytest.approx(0.25)
-    with pytest.raises(ValueError, match="groups of 3"):
-        ledger_identity(ledger, capacity=1, group=3)
-
-
-def test_final_ledgers_reads_the_last_steps_ledger_of_top1_runs(tmp_path):
-    from experiments.identity_routing import final_ledgers, ledger_identity
-    from experiments.spec import workdir_of
-    from moe_jax.ledger import Ledger, ledger_path
-
-    scale = scales.get("smoke")
-    specs = sweeps.specs("num_experts", scale)
-    moe = next(s for s in specs if s.axes["E"] > 1)
-    run = build_run_config(moe.config)
-    S, C = run.model.moe.tokens_per_group(4, 32), run.model.moe.capacity(32, True)
-    rng = np.random.default_rng(0)
-    expert = rng.integers(0, run.model.moe.num_routed_experts, (1, 2 * S, 1)).astype(np.int32)
-    ones = np.ones(expert.shape, np.float32)
-    ledger = Ledger(tokens=rng.integers(0, 256, (2, S)).astype(np.int32), layers=np.asarray([0], np.int32),
-                    expert=expert, weight=ones, dropped=np.zeros(expert.shape, bool), score=ones,
-                    correction_bias=np.zeros((1, run.model.moe.num_routed_experts), np.float32),
-                    num_experts=run.model.moe.num_routed_experts, batch_size=2)
-    ledger.save(ledger_path(workdir_of(str(tmp_path), moe.name), moe.steps - 1))  # not the last step: ignored
-    assert final_ledgers(specs, str(tmp_path)) == {}
-    ledger.save(ledger_path(workdir_of(str(tmp_path), moe.name), moe.steps))
-    got = final_ledgers(specs, str(tmp_path))
-    assert list(got) == [moe.name] and got[moe.name]["capacity"] == C
-    assert got[moe.name]["layers"] == ledger_identity(ledger, capacity=C, group=S)
-
-
-def test_drops_per_layer_over_training_by_hand():
-    """diagnostics._windows_by_layer: per layer, the mean over runs of the logged drops in equal parts of training."""
-    from experiments.diagnostics import _windows_by_layer
-
-    a = {"steps": 6, "drop_curve_by_layer": [[1, [.6, .1]], [2, [.4, .1]], [3, [.3, 0]], [4, [.1, 0]], [5, [.2, 0]],
-                                             [6, [0, 0]]]}
-    b = {"steps": 6, "drop_curve_by_layer": [[s, [.1, 0]] for s in range(1, 7)]}
-    # parts (0, 2], (2, 4], (4, 6]: run a's first layer .5 .2 .1, run b's .1 .1 .1; second layers .1 0 0 and 0 0 0
-    got = _windows_by_layer([a, b], 3)
-    assert np.allclose(got, [[.3, .15, .1], [.05, 0, 0]])
-    assert _windows_by_layer([a, {"steps": 6, "drop_curve_by_layer": [[1, [.1]]]}], 3) is None  # layers differ
-    assert _windows_by_layer([a, {"steps": 6}], 3) is None  # a run without per-layer curves
+def test_first_dense_pairs_with_the_base_moe_and_dense_runs(smoke):
+    out, _, rows = smoke
+    (size, v), = json.loads((out / "analysis.json").read_text())["first_dense"].items()
+    ce = {r["name"]: r for r in rows}
+    fd, base, dense = ce[f"{size}_E8_K1_G1_FD1_seed0"], ce[f"{size}_E8_K1_G1_seed0"], ce[f"{size}_dense_seed0"]
+    assert v["minus_base"]["mean"] == pytest.approx(fd["final_eval_ce"] - base["final_eval_ce"])
+    assert v["minus_dense"]["mean"] == pytest.approx(fd["final_eval_ce"] - dense["final_eval_ce"])
+    assert len(v["by_layer"]) == len(v["base_by_layer"]) - 1  # one MoE layer fewer
+    # active: the dense model's plus one router (the base MoE has one per layer); total: one MoE layer fewer
+    assert dense["params_active"] < fd["params_active"] < base["params_active"]
+    assert fd["params_total"] < base["params_total"]
+    assert "## The first layer dense (first_dense sweep)" in (out / "report.md").read_text()

@@ -5,8 +5,8 @@ load balance settles last (second half of training, size s: 4.7 % there, 1.1 % i
 claim 5 (<= 2 % dropped) from holding. DeepSeekMoE 16B keeps its first layer dense for this reason (the load
 balance of the first layer converges slowly). This sweep trains the base MoE (8 experts, top-1) with
 `first_dense_layers=1` at the headline size and at the scale's `long_sizes` (cpu: s, with one MoE layer, and m,
-with two), every seed: active parameters equal the base MoE's and the dense model's (one expert = the dense FFN),
-total parameters are those of one MoE layer fewer. The drops, per layer, and the loss are compared with the base
+with two), every seed: active parameters are the base MoE's less one router (one expert = the dense FFN), total
+parameters those of one MoE layer fewer. The drops, per layer, and the loss are compared with the base
 MoE and the dense model of the same size and seed; the verdict of claim 5 stays on the base configuration.
 """
 from __future__ import annotations

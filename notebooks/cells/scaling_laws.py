@@ -143,7 +143,7 @@ The gap between the 8-expert MoE and the dense model of equal active parameters,
 the same runs: early in training (a few tokens per parameter) the MoE is not ahead; the CPU protocol
 trains 21 tokens per active parameter. Then the gap per model size, the same at twice the steps (the
 train_length sweep), the judged comparisons at a better learning rate (rate_check sweep), where the drops
-happen (per MoE layer), and the protocol's claims, each judged from the table by `experiments/analysis.py`
+happen (per MoE layer) and what a dense first layer does to them (first_dense sweep), and the protocol's claims, each judged from the table by `experiments/analysis.py`
 (a difference counts beyond twice the seed standard deviation).
 """),
     code("""
@@ -177,6 +177,10 @@ for label, c in result["rate_check"].get("comparisons", {}).items():  # claims 1
 for E, v in result["drops"]["by_experts"].items():  # dropped in the second half, per MoE layer
     if v["by_layer"] and v["mean"] > 0:
         print(f"E = {E}: dropped per layer " + " / ".join(f"{d:.2%}" for d in v["by_layer"]))
+for size, v in result["first_dense"].items():  # the first layer dense (first_dense sweep): its drops, its loss
+    if v["dropped"] and v["base_dropped"] and v["minus_base"]:
+        print(f"size {size}, first layer dense: dropped {v['dropped']['mean']:.2%} (base MoE "
+              f"{v['base_dropped']['mean']:.2%}), eval CE minus the base MoE {v['minus_base']['mean']:+.4f}")
 verdict = {True: "holds", False: "not met", None: "not measured here"}
 for c in result["checks"]:
     print(f"- {c['claim']}: {verdict[c['pass']]} ({c['detail']})")

@@ -180,7 +180,8 @@ def analyse_model_size(rows) -> dict:
         for variant, g in _by(here, "variant").items():
             r0 = next(r for r in here if r["variant"] == variant)
             v[variant] = {"final_eval_ce": g["mean"], "std": g["std"], "n": g["n"],
-                          "params_total": r0["params_total"], "params_active": r0["params_active"]}
+                          "params_total": r0["params_total"], "params_active": r0["params_active"],
+                          "tokens_per_active_param": r0["tokens"] / r0["params_active"]}
         ce = {(r["variant"], r["seed"]): r["final_eval_ce"] for r in here}
         paired = [ce[("moe", s)] - ce[("dense", s)] for s in sorted({r["seed"] for r in here})
                   if ("moe", s) in ce and ("dense", s) in ce]

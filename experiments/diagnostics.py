@@ -5,6 +5,7 @@
     analyse_train_length  MoE - dense of the train_length sweep's longer runs
     analyse_rate_check    the judged comparisons again at the rate_check sweep's learning rate
     analyse_first_dense   the base MoE with its first layer dense: drops and loss beside the base MoE and dense
+    explain_unmet         for each claim not met, what those measurements say about it (text from the numbers)
 
 experiments/analysis.py calls each of them into its result and judges the claims.
 """
@@ -244,3 +245,72 @@ def analyse_first_dense(rows) -> dict:
                 (b["params_total"] for b in base.values()), None),
         }
     return out
+
+
+def explain_unmet(result: dict) -> dict[int, list[str]]:
+    """Claim number -> sentences, for each claim `analysis.checks` found not met: the measurements of the
+    diagnostic sweeps that bear on it, written from `result` (no number is typed in here)."""
+    nf = result.get("noise_floor")
+    unmet = {i for i, c in enumerate(result.get("checks", ()), 1) if c["pass"] is False}
+    if not nf or not unmet:
+        return {}
+    thr = 2 * nf["std"]
+    out: dict[int, list[str]] = {}
+    if 1 in unmet:
+        lines = out.setdefault(1, [])
+        for size, v in result.get("model_size", {}).items():
+            d, moe = v.get("moe_minus_dense"), v.get("moe", {})
+            if d is not None and d >= -thr and moe.get("tokens_per_active_param"):
+                lines.append(f"size {size} trains {moe['tokens_per_active_param']:.1f} tokens per active parameter; "
+                             f"its MoE - dense {d:+.4f} is within 2 x the noise floor ({thr:.4f})")
+        headline = result.get("budget", {}).get("headline", {})
+        first = next((g["tokens_per_active_param"] for g in headline.values() if g["mean"] < -thr), None)
+        if first:
+            lines.append(f"at the headline size the MoE first leads beyond that at {first:.1f} tokens per active "
+                         "parameter (budget table: its lead grows with the tokens trained)")
+        for size, v in result.get("train_length", {}).items():
+            if v.get("final"):
+                f = v["final"]
+                lines.append(f"size {size} trained {v['steps']} steps ({f['tokens_per_active_param']:.1f} tokens per "
+                             f"parameter): MoE - dense {f['mean']:+.4f} (n={f['n']}), "
+                             + ("beyond" if f["mean"] < -thr else "within") + " the noise")
+    gains = []  # (difference, label): every granularity comparison G > 1 - G = 1 measured
+    g = result.get("granularity", {})
+    for size, by_g in g.get("per_step", {}).items():
+        gains += [(v["mean"] - by_g["1"]["mean"], f"G = {G} per step, size {size} (n={v['n']})")
+                  for G, v in by_g.items() if G != "1" and "1" in by_g]
+    matched = g.get("matched_flops_runs", {})
+    gains += [(v["mean"] - matched["1"]["mean"], f"G = {G} at equal FLOPs (n={v['n']})")
+              for G, v in matched.items() if G != "1" and "1" in matched]
+    rate = result.get("rate_check") or {}
+    gains += [(c["high"]["mean"], f"{label} at learning rate {rate['learning_rate']:g} (n={c['high']['n']})")
+              for label, c in rate.get("comparisons", {}).items() if c["claim"] == 3 and c.get("high")]
+    if gains and unmet & {3, 6}:
+        best, label = min(gains)
+        text = (f"the largest gain of a finer granularity over G = 1 in any of the {len(gains)} comparisons measured "
+                f"is {best:+.4f} ({label}), " + ("within" if best >= -thr else "beyond")
+                + f" 2 x the noise floor ({thr:.4f}); the L(G) and joint-law exponents are fitted to differences "
+                "of that size")
+        for claim in sorted(unmet & {3, 6}):
+            out.setdefault(claim, []).append(text)
+    if 4 in unmet:
+        sh = result.get("shared_experts", {}).get("by_variant", {})
+        if "fine_x4" in sh and "gshard" in sh:
+            diff = sh["fine_x4"]["mean"] - sh["gshard"]["mean"]
+            parts = [f"fine_x4 - gshard {diff:+.4f} at the protocol's rate"]
+            c = rate.get("comparisons", {}).get("fine_x4 - gshard")
+            if c and c.get("high"):
+                parts.append(f"{c['high']['mean']:+.4f} +- {c['high']['std']:.4f} at {rate['learning_rate']:g}")
+            out.setdefault(4, []).append(", ".join(parts) + f"; the threshold is {thr:.4f}")
+    if 5 in unmet:
+        lines = out.setdefault(5, [])
+        layers = (result.get("drops", {}).get("by_experts", {}).get("8") or {}).get("by_layer")
+        if layers and len(layers) > 1:
+            lines.append(f"the first MoE layer drops {layers[0]:.2%} in the second half, the others "
+                         + " / ".join(f"{d:.2%}" for d in layers[1:]))
+        for size, v in (result.get("first_dense") or {}).items():
+            if v.get("dropped") and v.get("base_dropped"):
+                lines.append(f"with the first layer dense, size {size} drops {v['dropped']['mean']:.2%} (n="
+                             f"{v['dropped']['n']}) against the base MoE's {v['base_dropped']['mean']:.2%}"
+                             + (f", eval CE {v['minus_base']['mean']:+.4f} against it" if v.get("minus_base") else ""))
+    return {k: v for k, v in out.items() if v}

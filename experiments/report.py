@@ -25,6 +25,7 @@ from scipy import stats
 from experiments import analysis as analysis_lib
 from experiments import identity_routing, plots
 from experiments.collect import collect, write_table
+from experiments.diagnostics import explain_unmet
 
 
 def _f(x, digits=4) -> str:
@@ -276,6 +277,17 @@ def section_checks(result) -> list[str]:
     return lines + [""]
 
 
+def section_unmet(result) -> list[str]:
+    """For each claim not met, the measurements beside it (diagnostics.explain_unmet, written from the numbers)."""
+    why = explain_unmet(result)
+    if not why:
+        return []
+    lines = ["## The claims not met, and what the measurements beside them say", ""]
+    for claim, sentences in sorted(why.items()):
+        lines.append(f"- Claim {claim}: " + "; ".join(sentences) + ".")
+    return lines + [""]
+
+
 def section_learning_rate(result) -> list[str]:
     r = result.get("learning_rate", {})
     if not r.get("runs"):
@@ -392,9 +404,10 @@ def section_first_dense(result) -> list[str]:
     layers = lambda v: "-" if not v else " / ".join(f"{d:.2%}" for d in v)
     lines = ["## The first layer dense (first_dense sweep)", "",
              "The base MoE (8 experts, top-1) with its first layer dense, as DeepSeekMoE and DeepSeek-V2/V3 build "
-             "theirs: the active parameters of the base MoE less one router, one MoE layer fewer. Dropped fraction in the second half of training at "
-             "capacity factor 1.25 (mean over MoE layers, then over seeds; per MoE layer, first to last) beside the "
-             "base MoE of the same seeds; eval CE differences paired seed by seed. Claim 5 stays judged on the base "
+             "theirs: the active parameters of the base MoE less one router, one MoE layer fewer. Dropped fraction in "
+             "the second half of training at capacity factor 1.25 (mean over MoE layers, then over seeds; per MoE "
+             "layer, first to last) beside the base MoE of the same seeds; eval CE differences paired seed by seed. "
+             "Claim 5 stays judged on the base "
              "configuration.", ""]
     lines += _table(["size", "steps", "eval CE", "minus base MoE", "minus dense", "dropped (2nd half)",
                      "per MoE layer", "base MoE dropped", "base MoE per layer"],
@@ -525,7 +538,7 @@ def render(result: dict, rows: list[dict], *, scale, command: str, plot_paths: d
                       + (f"the verdicts of claims {', '.join(map(str, changed))} change." if changed
                          else "no verdict changes.")]
         lines += [""]
-    lines += section_checks(result) + section_learning_rate(result) + section_budget(result)
+    lines += section_checks(result) + section_unmet(result) + section_learning_rate(result) + section_budget(result)
     lines += section_train_length(result) + section_rate_check(result)
     lines += section_experts(result, rows) + section_granularity(result) + section_model_size(result)
     lines += section_shared(result) + section_capacity(result) + section_drops(result)

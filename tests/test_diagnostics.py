@@ -180,3 +180,35 @@ def test_pooled_noise_by_hand():
     assert got["df"] == 3 and got["configurations"] == 2
     assert got["std"] == pytest.approx(np.sqrt((2 * 0.04 + 0.005) / 3))
     assert pooled_noise([row("z_seed0", 3.0)]) is None
+
+
+def test_explain_unmet_by_hand():
+    """Sentences only for the claims checks found not met, from the numbers of the result."""
+    from experiments.diagnostics import explain_unmet
+
+    check = lambda ok: {"claim": "c", "pass": ok, "detail": ""}
+    result = {
+        "noise_floor": {"std": 0.01},  # threshold 0.02
+        "checks": [check(False), check(True), check(False), check(None), check(False), check(False)],
+        "model_size": {"s": {"moe_minus_dense": -0.05, "moe": {"tokens_per_active_param": 20.0}},
+                       "l": {"moe_minus_dense": -0.01, "moe": {"tokens_per_active_param": 3.0}}},
+        "budget": {"headline": {"100": {"mean": 0.01, "tokens_per_active_param": 2.0},
+                                "200": {"mean": -0.03, "tokens_per_active_param": 4.0}}},
+        "train_length": {"l": {"steps": 400, "final": {"mean": -0.03, "n": 3, "tokens_per_active_param": 6.0}}},
+        "granularity": {"per_step": {"s": {"1": {"mean": 1.70, "n": 3}, "2": {"mean": 1.69, "n": 3},
+                                           "4": {"mean": 1.72, "n": 3}}},
+                        "matched_flops_runs": {"1": {"mean": 1.70, "n": 3}, "2": {"mean": 1.695, "n": 3}}},
+        "drops": {"by_experts": {"8": {"by_layer": [0.05, 0.01]}}},
+        "first_dense": {"s": {"dropped": {"mean": 0.008, "n": 3}, "base_dropped": {"mean": 0.03},
+                              "minus_base": {"mean": 0.002}}},
+    }
+    why = explain_unmet(result)
+    assert set(why) == {1, 3, 5, 6}  # 2 holds, 4 is not measured
+    assert len(why[1]) == 3 and "size l trains 3.0 tokens" in why[1][0] and "size s" not in why[1][0]
+    assert "at 4.0 tokens per active parameter" in why[1][1]  # the first evaluation beyond -0.02
+    assert "-0.0300 (n=3), beyond the noise" in why[1][2]
+    # three comparisons (G = 2, 4 per step, G = 2 at equal FLOPs): the largest gain is G = 2 per step, -0.01
+    assert why[3] == why[6] and "3 comparisons" in why[3][0] and "is -0.0100 (G = 2 per step, size s" in why[3][0]
+    assert "within 2 x the noise floor (0.0200)" in why[3][0]
+    assert "drops 5.00% in the second half, the others 1.00%" in why[5][0] and "0.80% (n=3)" in why[5][1]
+    assert explain_unmet({**result, "checks": [check(True)] * 6}) == {}

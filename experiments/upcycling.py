@@ -279,8 +279,8 @@ def main(argv=None) -> int:
         p.error(f"--seeds={args.seeds}: give comma-separated integers, e.g. --seeds=0,1,2")
     if not seeds or len(set(seeds)) != len(seeds):
         p.error(f"--seeds={args.seeds}: give at least one seed, each once")
-    out = os.path.abspath(args.out)
-    os.makedirs(out, exist_ok=True)
+    out = os.path.normpath(os.path.expanduser(args.out))  # as given: the runs' configs record the dense base's
+    os.makedirs(out, exist_ok=True)                         # workdir under it (relative stays relative)
     by_seed = {str(seed): train_all(scale, size, seed, args.extra_fraction, out, arms) for seed in seeds}
     summary = summarise(by_seed)
     with open(os.path.join(out, "results.json"), "w") as f:

@@ -1,4 +1,5 @@
 """The training loop: learning, determinism, exact kill-and-resume, the NaN guard, checkpoint safety."""
+import dataclasses
 import json
 import os
 
@@ -10,6 +11,7 @@ from configs import base
 from moe_jax.train import loop as loop_lib
 from moe_jax.train.metrics import read_jsonl
 from moe_jax.train.run_config import build_run_config, run_record
+from moe_jax.upcycle import UpcycleConfig
 
 
 def tiny_run(tmp_path, steps=12, **train):
@@ -92,6 +94,11 @@ def test_run_record_writes_the_home_directory_as_tilde_and_reads_back(tmp_path, 
     record = run_record(run)
     assert record["data"]["data_dir"] == "~/data"
     assert run_record(tiny_run(tmp_path))["data"]["data_dir"] == str(tmp_path / "data")  # outside home: as given
+    # an upcycled run's source: a relative path as given (a committed results folder names no machine's path)
+    for given, recorded in (("runs/./dense", "runs/dense"), (str(tmp_path / "home" / "dense"), "~/dense"),
+                            ("/elsewhere/dense", "/elsewhere/dense")):
+        up = dataclasses.replace(run, upcycle=UpcycleConfig(from_workdir=given))
+        assert run_record(up)["upcycle"]["from_workdir"] == recorded
     (tmp_path / "w").mkdir()
     (tmp_path / "w" / "config.json").write_text(json.dumps(record))
     loaded = load_run_config(str(tmp_path / "w"))

@@ -23,9 +23,10 @@ def test_arms_get_equal_extra_flops():
 
 def test_smoke_protocol(tmp_path, monkeypatch):
     monkeypatch.setenv("MOE_JAX_DATA_DIR", str(tmp_path / "data"))
+    monkeypatch.chdir(tmp_path)  # a relative --out, as the committed results are made from the repository root
     out = tmp_path / "up"
     # two arms keep it cheap; test_arms_get_equal_extra_flops checks the others' budgets
-    assert upcycling.main(["--scale=smoke", f"--out={out}", "--extra_fraction=0.25",
+    assert upcycling.main(["--scale=smoke", "--out=up", "--extra_fraction=0.25",
                            "--arms=dense_continued,upcycled"]) == 0
     results = json.loads((out / "results.json").read_text())
     assert list(results["seeds"]) == ["0"]  # the smoke scale's seeds
@@ -38,6 +39,9 @@ def test_smoke_protocol(tmp_path, monkeypatch):
     assert set(rows) == {"base", "dense_continued", "upcycled"}
     for arm in ("dense_continued", "upcycled"):
         assert rows[arm]["workdir"] == f"runs/{rows[arm]['name']}" and rows[arm]["eval_curve"], arm
+        # each arm's recorded config names the dense base as given: under the relative --out, no machine's path
+        recorded = json.loads((out / rows[arm]["workdir"] / "config.json").read_text())
+        assert recorded["upcycle"]["from_workdir"] == f"up/runs/{rows['base']['name']}", arm
     summary = results["summary"]
     assert summary["upcycled"]["n"] == 1 and summary["dense_continued"]["minus_dense_continued_mean"] == 0.0
     assert summary["upcycled"]["minus_dense_continued_mean"] == pytest.approx(

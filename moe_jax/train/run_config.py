@@ -334,13 +334,20 @@ def home_relative(path: str) -> str:
     return path
 
 
+def recorded_path(path: str) -> str:
+    """A path as a record writes it: a relative one as given (relative to the directory the command ran in, as it
+    is read back), an absolute one with the home directory as `~` (`home_relative`)."""
+    path = os.path.expanduser(path)
+    return home_relative(path) if os.path.isabs(path) else os.path.normpath(path)
+
+
 def run_record(run: RunConfig) -> dict:
     """The run as the training loop writes it to a workdir's `config.json`: what `load_run_config`
     (moe_jax.train.restore) reads back and the experiment runner compares a new run with.
 
     {"name", "model": `model_record`, "data", "train", "mesh", "health"} and, for an upcycled run, "upcycle";
-    JSON-able. data.data_dir and upcycle.from_workdir / from_hf are written with the home directory as `~`
-    (`home_relative`).
+    JSON-able. data.data_dir is written with the home directory as `~` (`home_relative`); upcycle.from_workdir /
+    from_hf as `recorded_path` does (relative paths as given, so a results folder names no machine's directories).
     """
     data = dict(dataclasses.asdict(run.data), data_dir=home_relative(run.data.data_dir))
     record = {"name": run.name, "model": model_record(run.model), "data": data,
@@ -348,6 +355,6 @@ def run_record(run: RunConfig) -> dict:
               "health": dataclasses.asdict(run.health)}
     if run.upcycle is not None:
         record["upcycle"] = dict(dataclasses.asdict(run.upcycle), **{
-            key: home_relative(os.path.abspath(os.path.expanduser(getattr(run.upcycle, key))))
+            key: recorded_path(getattr(run.upcycle, key))
             for key in ("from_workdir", "from_hf") if getattr(run.upcycle, key)})
     return record

@@ -47,11 +47,16 @@ def _fit_record(f: fit_lib.Fit) -> dict:
             "at_bound": list(f.at_bound)}
 
 
+def _seed_groups(rows) -> list[dict]:
+    """Mean, sd and n of eval CE per configuration (name without the seed) with more than one seed finished."""
+    unique = {r["name"]: r for r in rows if r.get("status") == "ok"}  # a run shared by sweeps counts once
+    return [g for g in aggregate(list(unique.values()), by=("name_wo_seed",)) if g["n"] > 1]
+
+
 def noise_floor(rows) -> dict | None:
     """Seed spread of the base configuration (8 experts, top-1, G = 1 at the headline size; else the
     configuration with the most seeds): the scale of a real difference."""
-    unique = {r["name"]: r for r in rows if r.get("status") == "ok"}  # a run shared by sweeps counts once
-    groups = [g for g in aggregate(list(unique.values()), by=("name_wo_seed",)) if g["n"] > 1]
+    groups = _seed_groups(rows)
     base = [g for g in groups if g["name_wo_seed"].endswith("_E8_K1_G1")]
     return max(base or groups, key=lambda g: g["n"], default=None)
 
@@ -59,8 +64,7 @@ def noise_floor(rows) -> dict | None:
 def pooled_noise(rows) -> dict | None:
     """The seed sd pooled over every configuration with more than one seed (each run once): sqrt(sum (n - 1) s^2 /
     sum (n - 1)), with its degrees of freedom; a check on the base configuration's estimate from its few seeds."""
-    unique = {r["name"]: r for r in rows if r.get("status") == "ok"}
-    groups = [g for g in aggregate(list(unique.values()), by=("name_wo_seed",)) if g["n"] > 1]
+    groups = _seed_groups(rows)
     df = sum(g["n"] - 1 for g in groups)
     if not df:
         return None

@@ -407,8 +407,7 @@ def section_first_dense(result) -> list[str]:
              "theirs: the active parameters of the base MoE less one router, one MoE layer fewer. Dropped fraction in "
              "the second half of training at capacity factor 1.25 (mean over MoE layers, then over seeds; per MoE "
              "layer, first to last) beside the base MoE of the same seeds; eval CE differences paired seed by seed. "
-             "Claim 5 stays judged on the base "
-             "configuration.", ""]
+             "Claim 5 stays judged on the base configuration.", ""]
     lines += _table(["size", "steps", "eval CE", "minus base MoE", "minus dense", "dropped (2nd half)",
                      "per MoE layer", "base MoE dropped", "base MoE per layer"],
                     [[size, v["steps"], _spread(v["eval_ce"], ""), _spread(v["minus_base"]),
